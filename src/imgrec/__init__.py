@@ -1,0 +1,41 @@
+"""imgrec: train, evaluate, explain and serve image classifiers.
+
+The small public API:
+    imgrec.train("mnist")                      -> TrainResult (.bundle)
+    imgrec.evaluate("runs/mnist", "mnist")     -> EvalReport
+    imgrec.Predictor.load("imagenet").predict(["cat.jpg"])
+    imgrec.load("runs/mnist")                  -> Bundle (metadata; torch-free)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load", "train", "evaluate", "Predictor"]
+
+
+def load(model=None):
+    """A bundle's metadata from a folder or a pretrained name (torch-free)."""
+    from .zoo import open_bundle
+
+    return open_bundle(model)
+
+
+def train(data: str, **options):
+    from .train.loop import train as _train
+
+    return _train(data, **options)
+
+
+def evaluate(model, data, split: str = "test", **options):
+    from .evaluate import evaluate_bundle
+
+    return evaluate_bundle(model, data, split, **options)
+
+
+def __getattr__(name: str):
+    if name == "Predictor":
+        from .predict import Predictor
+
+        return Predictor
+    raise AttributeError(name)

@@ -1,0 +1,159 @@
+"""The preprocessing contract: how a decoded image becomes the model's input tensor.
+
+Implemented once, here, and used by training-time evaluation, prediction, serving and ONNX
+export alike, so a served or exported model sees exactly what it saw in training. Torch-free
+(NumPy and Pillow), so the serve path runs without torch; `normalize` also accepts torch
+tensors, which is how the training loop normalises whole batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from .errors import BundleError
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects. Stored in the bundle's `imgrec.json` under "preprocess".
+
+    resize: "squash" resizes the whole image to input_size (Keras' flow_from_directory);
+    "shorter" resizes the short side to `resize_to` and centre-crops input_size (ImageNet).
+    invert: "auto" inverts dark-on-light images for light-on-dark models (MNIST-style photos
+    of digits: the workshops' `img = 1 - img`); "yes" always; "no" never.
+    """
+
+    input_size: int
+    channels: int = 3
+    resize: Literal["squash", "shorter"] = "squash"
+    resize_to: int | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
+    invert: Literal["auto", "yes", "no"] = "no"
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise BundleError(f"preprocess.channels must be 1 or 3, not {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise BundleError("preprocess mean/std must have one value per channel")
+        if self.interpolation not in _RESAMPLE:
+            raise BundleError(f"unknown interpolation {self.interpolation!r}")
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known["mean"] = tuple(known.get("mean", (0.5,) * known.get("channels", 3)))
+        known["std"] = tuple(known.get("std", (0.5,) * known.get("channels", 3)))
+        return cls(**known)
+
+    def replace(self, **changes: Any) -> Preprocess:
+        return Preprocess.from_dict({**self.to_dict(), **changes})
+
+    # -- the pipeline --------------------------------------------------------------------
+    @property
+    def draft_size(self) -> tuple[int, int]:
+        """The smallest decode size that keeps full quality for this contract (JPEG draft)."""
+        side = self.resize_to or self.input_size
+        return (side, side)
+
+    def resize_image(self, img: Image.Image) -> Image.Image:
+        """Resize (and crop) a decoded image to input_size x input_size."""
+        resample = _RESAMPLE[self.interpolation]
+        size = self.input_size
+        if self.resize == "squash":
+            if img.size != (size, size):
+                img = img.resize((size, size), resample, reducing_gap=3.0)
+            return img
+        short = self.resize_to or size
+        w, h = img.size
+        scale = short / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), resample, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+
+    def should_invert(self, pixels: np.ndarray, invert: str | None = None) -> bool:
+        """Whether to invert this uint8 HxWxC image: 'auto' looks at the border, which is
+        background in a photo of a digit; a light border means dark-on-light."""
+        mode = invert or self.invert
+        if mode == "yes":
+            return True
+        if mode == "no":
+            return False
+        border = np.concatenate(
+            [pixels[0].ravel(), pixels[-1].ravel(), pixels[:, 0].ravel(), pixels[:, -1].ravel()]
+        )
+        return float(border.mean()) > 127.0
+
+    def to_uint8(self, img: Image.Image, invert: str | None = None) -> np.ndarray:
+        """A decoded image -> uint8 array C x H x W, resized and (if needed) inverted."""
+        img = self.resize_image(img)
+        pixels = np.asarray(img, dtype=np.uint8)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if self.should_invert(pixels, invert):
+            pixels = 255 - pixels
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def normalize(self, batch: Any) -> Any:
+        """uint8 batch N x C x H x W (NumPy array or torch tensor) -> float32, scaled and
+        standardised. The single place mean/std are applied."""
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
+        if isinstance(batch, np.ndarray):
+            return (batch.astype(np.float32) - mean) / std
+        import torch  # training/eval only; the serve path passes NumPy arrays
+
+        mean_t = torch.as_tensor(mean, device=batch.device)
+        std_t = torch.as_tensor(std, device=batch.device)
+        return (batch.float() - mean_t) / std_t
+
+    def __call__(self, img: Image.Image, invert: str | None = None) -> np.ndarray:
+        """One decoded image -> float32 C x H x W model input."""
+        return self.normalize(self.to_uint8(img, invert)[None])[0]
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_input(source, contract: Preprocess, invert: str | None = None, max_pixels: int | None = None):
+    """Decode a file or bytes and apply the contract: uint8 C x H x W. The one path from an
+    image on disk or on the wire to model pixels (train, evaluate, predict, serve)."""
+    from .images import MAX_PIXELS, decode_image
+
+    img = decode_image(source, contract.channels, max_pixels or MAX_PIXELS, contract.draft_size)
+    return contract.to_uint8(img, invert)
+
+
+def fit_arrays(images: np.ndarray, contract: Preprocess) -> np.ndarray:
+    """In-memory uint8 N x C x H x W images at another size or channel count than the
+    contract's go through the contract once, image by image (same code as files)."""
+    if images.shape[-1] == contract.input_size and images.shape[1] == contract.channels:
+        return images
+    out = np.empty((len(images), contract.channels, contract.input_size, contract.input_size),
+                   np.uint8)
+    for i, img in enumerate(images):
+        pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+        pil = pil.convert("L" if contract.channels == 1 else "RGB")
+        out[i] = contract.to_uint8(pil, invert="no")
+    return out

@@ -1,0 +1,242 @@
+"""Turn a DATA argument into labelled splits.
+
+DATA is a built-in name (mnist, fashion-mnist, cifar10), a folder (`DIR/<class>/*` split
+stratified with a seed, or `DIR/{train,validation|val|valid,test}/<class>/*`), a CSV of
+`path,label[,split]`, or a pixel CSV (`label,pixel1..pixelN`, Sign-Language-MNIST / Kaggle).
+Small datasets live in memory as uint8 arrays; folders and path CSVs stay as file lists that
+a DataLoader streams.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..images import is_image_path
+from .builtins import BUILTINS, load_arrays
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "val": "val",
+                 "valid": "val", "test": "test", "testing": "test"}
+
+
+@dataclass
+class Split:
+    """One split: labels, plus either in-memory pixels or file paths."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None  # uint8 N x C x H x W
+    paths: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(
+            self.labels[idx],
+            None if self.images is None else self.images[idx],
+            None if self.paths is None else [self.paths[i] for i in idx],
+        )
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    channels: int
+    splits: dict[str, Split]
+    in_memory: bool
+    native_size: int | None = None  # side of in-memory images
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> tuple[str, Split]:
+        """A split by name; 'test' falls back to 'val' (and says so) when there is no test."""
+        name = SPLIT_ALIASES.get(name, name)
+        if name in self.splits:
+            return name, self.splits[name]
+        if name == "test" and "val" in self.splits:
+            return "val", self.splits["val"]
+        raise DataError(
+            f"{self.name} has no {name!r} split", f"choose one of {', '.join(self.splits)}"
+        )
+
+    def fingerprint(self) -> str:
+        """A short hash of the classes, split sizes and file names (ties results to data)."""
+        h = hashlib.sha256(self.name.encode())
+        h.update("|".join(self.classes).encode())
+        for key in sorted(self.splits):
+            s = self.splits[key]
+            h.update(f"{key}:{len(s)}:".encode())
+            h.update(np.ascontiguousarray(s.labels).tobytes())
+            if s.paths is not None:
+                h.update("\n".join(s.paths).encode())
+            elif s.images is not None:
+                h.update(hashlib.sha256(s.images[:: max(1, len(s) // 64)].tobytes()).digest())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+        return f"{self.name}: {len(self.classes)} classes, {sizes}"
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held_out) with about `fraction` of each class held out."""
+    rng = np.random.default_rng(seed)
+    rest, held = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n = math.floor(len(idx) * fraction + 0.5) if len(idx) > 1 else 0
+        held.append(idx[:n])
+        rest.append(idx[n:])
+    return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held))
+
+
+def _carve(splits: dict[str, Split], val_fraction: float, test_fraction: float, seed: int) -> None:
+    """Add the missing validation/test splits, stratified, from train."""
+    if "test" not in splits and test_fraction > 0:
+        rest, held = stratified_split(splits["train"].labels, test_fraction, seed)
+        splits["test"], splits["train"] = splits["train"].subset(held), splits["train"].subset(rest)
+    if "val" not in splits and val_fraction > 0:
+        rest, held = stratified_split(splits["train"].labels, val_fraction, seed + 1)
+        splits["val"], splits["train"] = splits["train"].subset(held), splits["train"].subset(rest)
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    out = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_path(p))
+        out[d.name] = files
+    return out
+
+
+def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
+    subdirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
+    split_dirs = {SPLIT_ALIASES[k]: v for k, v in subdirs.items() if k in SPLIT_ALIASES}
+    if "train" in split_dirs:
+        per_split = {s: _class_files(d) for s, d in split_dirs.items()}
+    else:
+        per_split = {"train": _class_files(path)}
+    classes = sorted(set().union(*[set(v) for v in per_split.values()]))
+    if len(classes) < 2:
+        raise DataError(
+            f"{path}: found {len(classes)} class folder(s); a folder dataset needs at least two",
+            "lay it out as DIR/<class>/*.jpg or DIR/train/<class>/*.jpg",
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, by_class in per_split.items():
+        paths = [str(f) for c in classes for f in by_class.get(c, [])]
+        labels = np.array([index[c] for c in classes for _ in by_class.get(c, [])], np.int64)
+        if len(paths):
+            splits[split] = Split(labels, paths=paths)
+    if "train" not in splits:
+        raise DataError(f"{path}: no images found", "put .jpg/.png files in the class folders")
+    _carve(splits, val_fraction, test_fraction if "val" not in split_dirs else 0.0, seed)
+    return Dataset(path.name, classes, 3, splits, in_memory=False, source=str(path))
+
+
+def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable CSV ({e})") from None
+    if not rows:
+        raise DataError(f"{path}: empty CSV", "write one `path,label` row per image")
+    header = [h.strip().lower() for h in rows[0]]
+    if header and header[0] == "label" and len(header) > 1 and header[1].startswith("pixel"):
+        return _pixel_csv(path, rows, val_fraction, test_fraction, seed)
+    if header[:2] == ["path", "label"] or header[:2] == ["filename", "label"]:
+        rows = rows[1:]
+    if any(len(r) < 2 for r in rows):
+        raise DataError(f"{path}: every row needs a path and a label", "write `path,label` rows")
+    classes = sorted({r[1].strip() for r in rows})
+    index = {c: i for i, c in enumerate(classes)}
+    by_split: dict[str, list[tuple[str, int]]] = {}
+    for r in rows:
+        p = Path(r[0].strip())
+        p = p if p.is_absolute() else path.parent / p
+        split = SPLIT_ALIASES.get(r[2].strip().lower(), "train") if len(r) > 2 else "train"
+        by_split.setdefault(split, []).append((str(p), index[r[1].strip()]))
+    splits = {
+        s: Split(np.array([y for _, y in v], np.int64), paths=[p for p, _ in v])
+        for s, v in by_split.items()
+    }
+    _carve(splits, val_fraction, test_fraction, seed)
+    return Dataset(path.stem, classes, 3, splits, in_memory=False, source=str(path))
+
+
+def _read_pixel_csv(path: Path, rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        arr = np.array(rows[1:], dtype=np.int64)
+    except ValueError:
+        raise DataError(f"{path}: pixel CSV has non-numeric values") from None
+    n_pixels = arr.shape[1] - 1
+    side = math.isqrt(n_pixels)
+    if side * side != n_pixels:
+        raise DataError(f"{path}: {n_pixels} pixel columns is no square image")
+    return arr[:, 1:].clip(0, 255).astype(np.uint8).reshape(-1, 1, side, side), arr[:, 0]
+
+
+def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
+    """Sign-Language-MNIST / Kaggle digit layout: label,pixel1..pixelN, one image per row.
+    A sibling file with 'test' in place of 'train' in its name is the test split."""
+    x, y = _read_pixel_csv(path, rows)
+    splits = {"train": Split(y, images=x)}
+    if "train" in path.name:
+        test_path = path.with_name(path.name.replace("train", "test"))
+        if test_path.is_file():
+            with test_path.open(newline="") as f:
+                tx, ty = _read_pixel_csv(test_path, list(csv.reader(f)))
+            splits["test"] = Split(ty, images=tx)
+    labels = sorted(set(np.concatenate([s.labels for s in splits.values()]).tolist()))
+    sign = "sign" in path.name.lower() and max(labels) < 26
+    classes = [chr(65 + i) if sign else str(i) for i in labels]
+    remap = np.full(max(labels) + 1, -1, np.int64)
+    remap[labels] = np.arange(len(labels))
+    for s in splits.values():
+        s.labels = remap[s.labels]
+    _carve(splits, val_fraction, test_fraction, seed)
+    return Dataset(path.stem, classes, 1, splits, in_memory=True, native_size=x.shape[-1],
+                   source=str(path))
+
+
+def _builtin(name: str, data_dir, val_fraction: float, seed: int) -> Dataset:
+    spec = BUILTINS[name]
+    tx, ty, vx, vy = load_arrays(name, data_dir)
+    splits = {"train": Split(ty, images=tx), "test": Split(vy, images=vx)}
+    _carve(splits, val_fraction, 0.0, seed)
+    return Dataset(name, list(spec.classes), tx.shape[1], splits, in_memory=True,
+                   native_size=tx.shape[-1], source=f"builtin:{name}")
+
+
+def load_dataset(
+    data: str,
+    data_dir: str | Path | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+) -> Dataset:
+    """Resolve DATA (built-in name, folder or CSV) into a Dataset."""
+    key = data.lower()
+    if key in BUILTINS and not Path(data).exists():
+        return _builtin(key, data_dir, val_fraction, seed)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return _folder(path, val_fraction, test_fraction, seed)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _csv(path, val_fraction, test_fraction, seed)
+    if path.is_file():
+        raise DataError(f"{data}: a dataset is a folder or a .csv file, not this file")
+    raise DataError(
+        f"{data!r} is neither a built-in dataset ({', '.join(BUILTINS)}) nor an existing "
+        f"folder or CSV file",
+        "check the spelling or the path",
+    )

@@ -1,0 +1,65 @@
+"""Errors a user can cause and fix. The CLI prints them as one line and exits with status 2;
+the server answers them as a 4xx JSON error. Each message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ImgrecError(Exception):
+    """Base of every user-facing error: `message` says what is wrong, `hint` what to do."""
+
+    exit_code = 2
+    http_status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}. {self.hint}" if self.hint else self.message
+
+
+class DataError(ImgrecError):
+    """A dataset that cannot be found, read or split."""
+
+    code = "bad_data"
+
+
+class ModelError(ImgrecError):
+    """An unknown architecture, missing weights, or an unusable model."""
+
+    code = "bad_model"
+
+
+class BundleError(ImgrecError):
+    """A bundle directory that is missing files, too new, or inconsistent."""
+
+    code = "bad_bundle"
+
+
+class InputError(ImgrecError):
+    """An input given to predict/serve that cannot be used."""
+
+    code = "bad_input"
+
+
+class UnreadableImage(InputError):
+    """Bytes that are not a decodable image (corrupt, truncated, not an image)."""
+
+    http_status = 422
+    code = "unreadable_image"
+
+
+class NotAnImage(UnreadableImage):
+    """Bytes whose content is no image format we know."""
+
+    http_status = 415
+    code = "unsupported_media_type"
+
+
+class ImageTooLarge(UnreadableImage):
+    """An image whose pixel count exceeds the limit (decompression-bomb guard)."""
+
+    http_status = 413
+    code = "image_too_large"

@@ -1,0 +1,210 @@
+"""Prediction: a Predictor turns images into top-k labels with probabilities.
+
+It reads only the bundle. Engines: ONNX Runtime when the bundle has model.onnx (fast on the
+CPU, and torch-free, which the serve path needs), else PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .contract import load_input
+from .errors import InputError, UnreadableImage
+from .images import is_image_path
+from .zoo import open_bundle
+
+URL_TIMEOUT_S = 15.0
+URL_MAX_BYTES = 20 * 1024 * 1024
+
+
+@dataclass
+class Prediction:
+    label: str
+    index: int
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "probability": self.probability}
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class TorchEngine:
+    """Runs the bundle's network in PyTorch (training-side machines, GPU)."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, device: Any = None):
+        import torch
+
+        from .bundle import load_model
+
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(bundle).to(self.device)
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device)
+            if self.channels_last:
+                t = t.contiguous(memory_format=torch.channels_last)
+            return self.model(t).float().cpu().numpy()
+
+
+class OnnxEngine:
+    """Runs model.onnx in ONNX Runtime: several times faster than eager PyTorch on a CPU."""
+
+    name = "onnx"
+
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(bundle.onnx_path), opts,
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x.astype(np.float32, copy=False)})[0]
+
+
+def make_engine(bundle: Bundle, engine: str = "auto", device: Any = None, threads: int | None = None):
+    if engine == "onnx" or (engine == "auto" and bundle.onnx_path.is_file()
+                            and (device in (None, "cpu"))):
+        if not bundle.onnx_path.is_file():
+            raise InputError(f"{bundle.path}: no model.onnx", "run `imgrec export MODEL` first")
+        return OnnxEngine(bundle, threads)
+    if engine not in ("auto", "torch"):
+        raise InputError(f"unknown engine {engine!r}", "use auto, onnx or torch")
+    return TorchEngine(bundle, device)
+
+
+class Predictor:
+    """Load once, predict many: `Predictor.load("runs/mnist").predict_paths(["7.png"])`."""
+
+    def __init__(self, bundle: Bundle, engine: str = "auto", device: Any = None,
+                 threads: int | None = None):
+        self.bundle = bundle
+        self.contract = bundle.preprocess
+        self.classes = bundle.classes
+        self.engine = make_engine(bundle, engine, device, threads)
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, engine: str = "auto", device: Any = None,
+             threads: int | None = None) -> Predictor:
+        return cls(open_bundle(model, need_weights=engine == "torch"), engine, device, threads)
+
+    # -- core ------------------------------------------------------------------------------
+    def logits(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 N x C x H x W (already through the contract) -> logits N x classes."""
+        return self.engine(self.contract.normalize(pixels))
+
+    def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        out = [softmax(self.logits(pixels[i : i + batch_size]), self.bundle.temperature)
+               for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+        k = max(1, min(k, len(self.classes)))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [[Prediction(self.classes[j], int(j), float(p[j])) for j in row]
+                for row, p in zip(order, probs, strict=True)]
+
+    def prepare(self, source: str | Path | bytes, invert: str | None = None) -> np.ndarray:
+        """Decode + contract for one input (file path, URL or bytes)."""
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            source = fetch_url(source)
+        return load_input(source, self.contract, invert)
+
+    def predict(self, sources: list, top_k: int = 5, invert: str | None = None,
+                batch_size: int = 32) -> list[list[Prediction] | UnreadableImage]:
+        """Predictions for each source, or the UnreadableImage/InputError explaining why not."""
+        results: list[Any] = [None] * len(sources)
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            prepared = decode_many(lambda s: self.prepare(s, invert), chunk)
+            good = [(i, p) for i, p in enumerate(prepared) if isinstance(p, np.ndarray)]
+            for i, p in enumerate(prepared):
+                if not isinstance(p, np.ndarray):
+                    results[start + i] = p
+            if good:
+                probs = self.probabilities(np.stack([p for _, p in good]))
+                for (i, _), preds in zip(good, self.top_k(probs, top_k), strict=True):
+                    results[start + i] = preds
+        return results
+
+
+def decode_many(fn, sources: list) -> list:
+    """Run fn over sources in threads (Pillow releases the GIL while decoding); an
+    InputError becomes the item's result instead of stopping the batch."""
+
+    def safe(s):
+        try:
+            return fn(s)
+        except InputError as e:
+            return e
+
+    if len(sources) <= 1:
+        return [safe(s) for s in sources]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(safe, sources))
+
+
+def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """Download an image with a timeout and a size cap."""
+    req = urllib.request.Request(url, headers={"User-Agent": "imgrec"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            length = r.headers.get("Content-Length")
+            if length and int(length) > max_bytes:
+                raise InputError(f"{url}: {int(length):,} bytes is over the {max_bytes:,} cap")
+            data = r.read(max_bytes + 1)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"{url}: cannot fetch ({e})", "check the address and the network") from None
+    if len(data) > max_bytes:
+        raise InputError(f"{url}: larger than the {max_bytes:,}-byte cap")
+    return data
+
+
+def expand_inputs(inputs: Iterable[str]) -> Iterator[str]:
+    """Files as given, folders recursively (image files only, sorted), URLs as given."""
+    for item in inputs:
+        if item.startswith(("http://", "https://")):
+            yield item
+            continue
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
+            if not files:
+                raise InputError(f"{item}: the folder holds no image files")
+            yield from (str(p) for p in files)
+        else:
+            yield item
+
+
+def sample_photos() -> list[str]:
+    """The photos bundled with imgrec (used when predict is given no input)."""
+    folder = Path(__file__).parent / "samples"
+    return [str(p) for p in sorted(folder.glob("*.jpg"))]

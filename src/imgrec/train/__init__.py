@@ -1,0 +1,1 @@
+"""Training: the loop, augmentation, recipes and the training record."""

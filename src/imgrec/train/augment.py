@@ -1,0 +1,110 @@
+"""Batch augmentation: the workshops' ImageDataGenerator (rotation, width/height shift, zoom,
+horizontal flip) applied to a whole batch at once, with an independent draw per image.
+
+torchvision's v2 transforms draw one set of parameters per call, so per-image randomness on a
+batch would need a Python loop; one affine_grid + grid_sample does the batch in one kernel, on
+the CPU or the GPU, for in-memory and streamed data alike (airbench's approach).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ImgrecError
+
+PRESETS: dict[str, dict[str, float]] = {
+    "none": {},
+    "flip": {"flip": 1.0},
+    "light": {"flip": 1.0, "shift": 0.1},
+    "digits": {"rotation": 10.0, "shift": 0.1, "zoom": 0.1},
+    "standard": {"rotation": 15.0, "shift": 0.1, "zoom": 0.15, "flip": 1.0},
+    "strong": {"rotation": 30.0, "shift": 0.2, "zoom": 0.25, "flip": 1.0, "brightness": 0.2},
+}
+KEYS = ("rotation", "width_shift", "height_shift", "shift", "zoom", "flip", "brightness")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """rotation in degrees; shifts and zoom as fractions of the size; flip on/off;
+    brightness as a fraction (multiplicative)."""
+
+    rotation: float = 0.0
+    width_shift: float = 0.0
+    height_shift: float = 0.0
+    zoom: float = 0.0
+    flip: bool = False
+    brightness: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return any(v for v in asdict(self).values())
+
+    def describe(self) -> str:
+        parts = [f"{k}={v:g}" for k, v in asdict(self).items() if v and k != "flip"]
+        return ",".join((["flip"] if self.flip else []) + parts) or "none"
+
+    @classmethod
+    def parse(cls, spec: str | None) -> Augment:
+        """'standard', 'rotation=15,shift=0.1,flip', or a preset with overrides:
+        'standard,zoom=0.3'. The workshops' rescale=1/255 is the preprocessing contract."""
+        values: dict[str, float] = {}
+        for raw in (spec or "none").split(","):
+            item = raw.strip().lower().replace("-", "_")
+            if not item:
+                continue
+            if item in PRESETS:
+                values.update(PRESETS[item])
+                continue
+            key, _, val = item.partition("=")
+            if key in ("horizontal_flip", "hflip"):
+                key = "flip"
+            if key not in KEYS:
+                raise ImgrecError(
+                    f"unknown augmentation {raw.strip()!r}",
+                    f"use a preset ({', '.join(PRESETS)}) or key=value with key in "
+                    f"{', '.join(KEYS)}",
+                )
+            try:
+                values[key] = float(val) if val else 1.0
+            except ValueError:
+                raise ImgrecError(f"augmentation {key} needs a number, not {val!r}") from None
+            if values[key] < 0 or (key in ("shift", "width_shift", "height_shift", "zoom",
+                                           "brightness") and values[key] >= 1):
+                raise ImgrecError(f"augmentation {key}={val} is out of range",
+                                  "shifts, zoom and brightness are fractions in [0, 1)")
+        shift = values.pop("shift", 0.0)
+        values.setdefault("width_shift", shift)
+        values.setdefault("height_shift", shift)
+        values["flip"] = bool(values.get("flip", 0.0))
+        return cls(**values)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float N x C x H x W (pixel values 0..255). Returns the augmented batch."""
+        if not self.active:
+            return x
+        n, dev = x.shape[0], x.device
+
+        def uniform(r: float) -> torch.Tensor:
+            return (torch.rand(n, device=dev) * 2 - 1) * r
+
+        if self.rotation or self.width_shift or self.height_shift or self.zoom or self.flip:
+            angle = uniform(math.radians(self.rotation))
+            scale = 1.0 + uniform(self.zoom)
+            flip = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0) if self.flip else 1.0
+            cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+            theta = torch.zeros(n, 2, 3, device=dev)
+            theta[:, 0, 0] = cos * flip
+            theta[:, 0, 1] = -sin
+            theta[:, 1, 0] = sin * flip
+            theta[:, 1, 1] = cos
+            theta[:, 0, 2] = uniform(2 * self.width_shift)
+            theta[:, 1, 2] = uniform(2 * self.height_shift)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.brightness:
+            x = (x * (1.0 + uniform(self.brightness)).view(n, 1, 1, 1)).clamp_(0, 255)
+        return x

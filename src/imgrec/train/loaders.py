@@ -1,0 +1,89 @@
+"""Batches for training and evaluation, as uint8 N x C x H x W tensors plus labels.
+
+In-memory data (MNIST-sized) is indexed a batch at a time on the training device, no
+DataLoader. Files stream through a DataLoader whose workers decode with the one safe decoder;
+an unreadable file is skipped, counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from ..contract import Preprocess, fit_arrays, load_input
+from ..data.datasets import Split
+from ..errors import UnreadableImage
+
+
+class FileImages(TorchDataset):
+    """(uint8 C x H x W tensor, label), or (None, label, path, reason) for a bad file."""
+
+    def __init__(self, paths: list[str], labels: np.ndarray, contract: Preprocess):
+        self.paths, self.labels, self.contract = paths, labels, contract
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            pixels = load_input(self.paths[i], self.contract, invert="no")
+            return torch.from_numpy(pixels), int(self.labels[i]), None
+        except UnreadableImage as e:
+            return None, int(self.labels[i]), (self.paths[i], e.message)
+
+
+def _collate(items):
+    good = [(x, y) for x, y, bad in items if bad is None]
+    skipped = [bad for _, _, bad in items if bad is not None]
+    if good:
+        x = torch.stack([g[0] for g in good])
+        y = torch.tensor([g[1] for g in good], dtype=torch.long)
+    else:
+        x, y = None, None
+    return x, y, skipped
+
+
+class Batches:
+    """An iterable of (x uint8, y, skipped) batches over one split."""
+
+    def __init__(self, split: Split, contract: Preprocess, batch_size: int, shuffle: bool,
+                 device: torch.device, seed: int = 0, workers: int | None = None):
+        self.split, self.batch_size, self.shuffle, self.device = split, batch_size, shuffle, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.in_memory = split.images is not None
+        if self.in_memory:
+            images = fit_arrays(split.images, contract)
+            self.x = torch.from_numpy(images).to(device)
+            self.y = torch.from_numpy(split.labels).to(device)
+        else:
+            if workers is None:
+                workers = min(4, os.cpu_count() or 1) if len(split) >= 64 else 0
+            self.loader = DataLoader(
+                FileImages(split.paths, split.labels, contract), batch_size=batch_size,
+                shuffle=shuffle, num_workers=workers, collate_fn=_collate,
+                generator=self.generator, persistent_workers=workers > 0,
+                pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+            )
+
+    def __len__(self) -> int:
+        return (len(self.split) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        if self.in_memory:
+            n = len(self.y)
+            order = (torch.randperm(n, generator=self.generator).to(self.device)
+                     if self.shuffle else torch.arange(n, device=self.device))
+            for i in range(0, n, self.batch_size):
+                idx = order[i : i + self.batch_size]
+                yield self.x[idx], self.y[idx], []
+            return
+        for x, y, skipped in self.loader:
+            if x is not None:
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+            yield x, y, skipped

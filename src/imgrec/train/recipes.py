@@ -1,0 +1,35 @@
+"""Default recipes: what `imgrec train DATA` does when the user names nothing else.
+
+Each built-in dataset gets imgrec's fastest accurate recipe (measured by benchmarks/), not
+necessarily a workshop model. Explicit options always win over a recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "mnist": {"model": "fast-cnn", "model_args": {"width": 16}, "epochs": 3, "batch_size": 256,
+              "lr": 2e-2, "augment": "none", "label_smoothing": 0.1, "val_fraction": 0.0},
+    "fashion-mnist": {"model": "fast-cnn", "model_args": {"width": 32}, "epochs": 5,
+                      "batch_size": 256, "lr": 2e-2, "augment": "flip", "label_smoothing": 0.1,
+                      "val_fraction": 0.0},
+    "cifar10": {"model": "res-cnn", "epochs": 10, "batch_size": 256, "lr": 2e-2,
+                "augment": "flip,shift=0.125", "label_smoothing": 0.2, "val_fraction": 0.0},
+    "memory": {"model": "fast-cnn", "epochs": 10, "batch_size": 128, "lr": 1e-2,
+               "augment": "none", "label_smoothing": 0.1},
+    "folder": {"model": "small-cnn", "epochs": 20, "batch_size": 32, "lr": 1e-3,
+               "augment": "standard", "label_smoothing": 0.1},
+}
+
+GENERIC = {"optimizer": "adamw", "weight_decay": 5e-4, "patience": 5, "val_fraction": 0.1,
+           "test_fraction": 0.1}
+
+
+BUILTIN_RECIPES = ("mnist", "fashion-mnist", "cifar10")
+
+
+def recipe_for(key: str) -> dict[str, Any]:
+    """The recipe for a built-in dataset name, 'memory' (pixel CSVs) or 'folder'; GENERIC
+    alone for anything else (used before the data is loaded)."""
+    return {**GENERIC, **RECIPES.get(key, {})}
