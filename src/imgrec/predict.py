@@ -74,13 +74,14 @@ class OnnxEngine:
 
     name = "onnx"
 
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, path: Path | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(bundle.onnx_path), opts,
+        self.path = Path(path or bundle.onnx_path)  # serve may pick model.int8.onnx
+        self.session = ort.InferenceSession(str(self.path), opts,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
@@ -88,7 +89,10 @@ class OnnxEngine:
         return self.session.run(None, {self.input_name: x.astype(np.float32, copy=False)})[0]
 
 
-def make_engine(bundle: Bundle, engine: str = "auto", device: Any = None, threads: int | None = None):
+def make_engine(bundle: Bundle, engine: Any = "auto", device: Any = None,
+                threads: int | None = None):
+    if not isinstance(engine, str):  # an engine object already built (serve picks the file)
+        return engine
     if engine == "onnx" or (engine == "auto" and bundle.onnx_path.is_file()
                             and (device in (None, "cpu"))):
         if not bundle.onnx_path.is_file():

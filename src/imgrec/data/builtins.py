@@ -177,7 +177,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = int(np.prod(shape)) + 4 + 4 * ndim
     if len(data) != expected:
         raise DataError(f"{path}: truncated ({len(data)} of {expected} bytes)", "replace it")
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:

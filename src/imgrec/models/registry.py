@@ -41,7 +41,8 @@ MODELS: dict[str, ModelInfo] = {
     "mlp": ModelInfo("mlp", "workshop dense net: Dense 512 relu, dropout 0.5", _scratch("mlp"), 28),
     "cnn": ModelInfo("cnn", "workshop MNIST CNN: Conv32-Pool-Conv64-Pool-Conv64-Dense64",
                      _scratch("cnn"), 28),
-    "cifar-cnn": ModelInfo("cifar-cnn", "workshop CIFAR-10 CNN: 2x(Conv-Conv-Pool-Dropout), Dense 512",
+    "cifar-cnn": ModelInfo("cifar-cnn",
+                           "workshop CIFAR-10 CNN: 2x(Conv-Conv-Pool-Dropout), Dense 512",
                            _scratch("cifar_cnn"), 32),
     "small-cnn": ModelInfo("small-cnn", "workshop cats-vs-dogs CNN: 3x(Conv-ReLU-Pool), Dense 256",
                            _scratch("small_cnn"), 150),
@@ -54,10 +55,33 @@ for _n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
     MODELS[_n] = ModelInfo(_n, f"EfficientNet-{_n[-5:].title()} (timm), ImageNet weights offline",
                            _lite(_n), None)
 
+
+def _transfer(**kw):
+    from .pretrained import TransferNet
+
+    return TransferNet(**kw)
+
+
+MODELS["transfer"] = ModelInfo("transfer", "a pretrained backbone + a new MLP head "
+                               "(written by --mode features/finetune --head mlp)", _transfer, None)
+
 ALIASES = {"imagenet": "efficientnet_lite0", "efficientnet-lite0": "efficientnet_lite0",
            "efficientnet-lite1": "efficientnet_lite1", "efficientnet-lite2": "efficientnet_lite2",
            "small_cnn": "small-cnn", "cifar_cnn": "cifar-cnn", "fast_cnn": "fast-cnn",
            "res_cnn": "res-cnn"}
+
+#: The workshops' Keras MobileNet(alpha=...) / VGG16 / Xception choices -> timm variants
+#: (docs/transfer.md); the resolution is --image-size.
+WORKSHOP_ALIASES = {
+    "mobilenet": "mobilenetv2_100", "mobilenet_1.0": "mobilenetv2_100",
+    "mobilenet_0.75": "mobilenetv2_075", "mobilenet_0.5": "mobilenetv2_050",
+    "mobilenet_0.35": "mobilenetv2_035", "mobilenetv2": "mobilenetv2_100",
+    "mobilenet_v2": "mobilenetv2_100", "mobilenetv3": "mobilenetv3_large_100",
+    "mobilenet_v3": "mobilenetv3_large_100", "mobilenetv3_large": "mobilenetv3_large_100",
+    "mobilenetv3_small": "mobilenetv3_small_100", "mobilenet_v1": "mobilenetv1_100",
+    "xception": "legacy_xception", "vgg": "vgg16",
+}
+ALIASES.update(WORKSHOP_ALIASES)
 
 
 def _timm_names() -> list[str]:
@@ -68,7 +92,7 @@ def _timm_names() -> list[str]:
 
 def resolve_model_name(name: str) -> str:
     """A registry or timm name, or a ModelError listing the close matches."""
-    name = ALIASES.get(name, name)
+    name = ALIASES.get(name, ALIASES.get(name.lower().replace("-", "_"), name))
     if name in MODELS:
         return name
     timm_names = _timm_names()

@@ -97,18 +97,21 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 def fast_cnn(
-    in_channels: int, num_classes: int, image_size: int, width: int = 32, depth: int = 3
+    in_channels: int, num_classes: int, image_size: int, width: int = 16, depth: int = 3
 ) -> nn.Module:
-    """imgrec's fast small-image net (the default recipe for MNIST-sized data): conv-BN-ReLU
-    stages that double the width and halve the resolution, global max pooling, one linear
-    layer. BatchNorm and the one-cycle schedule let it converge in a couple of epochs."""
+    """imgrec's fast small-image net (the default recipe for MNIST-sized data): stages of
+    conv -> max-pool -> BatchNorm -> ReLU that double the width and halve the resolution, then
+    global max pooling and one linear layer. Pooling before BatchNorm and ReLU (as airbench
+    does) runs them on a quarter of the pixels, which halves a CPU training step; BatchNorm and
+    the one-cycle schedule let it converge in a few epochs."""
     layers: list[nn.Module] = []
     c = in_channels
     for i in range(depth):
         out = width * 2 ** min(i, 2)
-        layers += [_conv_bn(c, out)]
+        layers.append(nn.Conv2d(c, out, 3, padding=1, bias=False))
         if i < depth - 1:
-            layers += [nn.MaxPool2d(2)]
+            layers.append(nn.MaxPool2d(2))
+        layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         c = out
     layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
     return Sequential(nn.Sequential(*layers), nn.Linear(c, num_classes))

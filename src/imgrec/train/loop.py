@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ class TrainConfig:
 
     data: str
     model: str | None = None
-    mode: str = "scratch"
+    mode: str | None = None  # None/"auto": pretrained backbone + image files -> features
     epochs: int | None = None
     image_size: int | None = None
     batch_size: int | None = None
@@ -64,6 +65,10 @@ class TrainConfig:
     quiet: bool = False
     tensorboard: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False  # timm hub weights for --model (transfer modes)
+    weights: str | None = None  # a local safetensors / state-dict file for --model
+    head: str = "linear"  # transfer head: linear or mlp
+    augment_views: int = 0  # cached augmented views per training image (features mode)
 
 
 @dataclass
@@ -130,6 +135,14 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
     raise ImgrecError(f"unknown optimizer {name!r}", f"choose one of {', '.join(OPTIMIZERS)}")
 
 
+def _one_cycle(opt, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle over `steps` optimizer steps. Warm-up is a quarter of the run but at least
+    1.5 steps: OneCycleLR divides by zero when its warm-up phase ends on step 0 (<= 4 steps)."""
+    total = max(2, steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
+                                               pct_start=max(0.25, 1.5 / total))
+
+
 def _class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor | None:
     """Balanced weights when the largest class is over 1.5x the smallest (or when asked)."""
     counts = np.bincount(labels, minlength=n).astype(np.float64)
@@ -161,6 +174,7 @@ def _validate(cfg: TrainConfig) -> None:
     for bad, message in checks:
         if bad:
             raise ImgrecError(message)
+    Augment.parse(cfg.augment)  # a bad --augment fails before the data is loaded
 
 
 class Trainer:
@@ -168,10 +182,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         _validate(cfg)
-        if cfg.mode != "scratch":
-            from .transfer import check_mode
+        from .transfer import check_mode, setup_transfer
 
-            check_mode(cfg)
+        check_mode(cfg)
         self.cfg = cfg
         seed_everything(cfg.seed)
         self.recipe = r = recipe_for(cfg.data.lower())
@@ -199,9 +212,16 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.out = Path(cfg.out or Path("runs") / f"{self.ds.name}-{self.model_name}")
         self.contract = _contract_for(self.model_name, self.ds, self.image_size, cfg.invert)
+        setup_transfer(self)  # sets self.mode; transfer modes: backbone, contract, defaults
 
     # ------------------------------------------------------------------------------------
     def _build(self) -> torch.nn.Module:
+        if self.mode == "finetune":  # the backbone + a head warmed up on cached features
+            from .transfer import prepare_finetune
+
+            self.transfer = prepare_finetune(self)
+            self.arch = self.transfer.arch
+            return self.transfer.model
         args = {"in_channels": self.ds.channels, "num_classes": len(self.ds.classes),
                 "image_size": self.image_size, **self.model_args}
         model = build_model(self.model_name, **args)
@@ -209,6 +229,10 @@ class Trainer:
         return model
 
     def run(self) -> TrainResult:
+        if self.mode == "features":
+            from .transfer import run_features
+
+            return run_features(self)
         cfg, ds = self.cfg, self.ds
         t0 = time.time()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -228,10 +252,12 @@ class Trainer:
                         cfg.seed, cfg.workers)
         val = (Batches(ds.splits["val"], self.contract, max(256, self.batch_size), False,
                        self.device, cfg.seed, cfg.workers) if "val" in ds.splits else None)
-        opt = _optimizer(self.optimizer_name, model.parameters(), self.lr, self.weight_decay)
-        steps = self.epochs * len(train)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps,
-                                                    pct_start=0.25)
+        params = (self.transfer.param_groups(model, self.lr, self.weight_decay)
+                  if self.transfer is not None else model.parameters())
+        opt = _optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+        max_lr = [g["lr"] for g in opt.param_groups]  # per group: discriminative rates
+        sched = _one_cycle(opt, max_lr if len(max_lr) > 1 else self.lr,
+                           self.epochs * len(train))
         weights = _class_weights(ds.splits["train"].labels, len(ds.classes), cfg.class_weights,
                                  self.device)
         if weights is not None:
@@ -243,11 +269,14 @@ class Trainer:
         history: list[dict] = []
         skipped: dict[str, str] = {}
         best = {"acc": -1.0, "loss": math.inf, "epoch": 0, "state": None}
+        if self.transfer is not None and val is not None:
+            best = self.transfer.initial_best(model)  # the warmed-up network is epoch 0
         start_epoch = 1
         ckpt_path = self.out / CHECKPOINT
         if cfg.resume:
             start_epoch, history, best, skipped = self._resume(ckpt_path, model, opt, sched)
         tb = TensorBoard(self.out) if cfg.tensorboard else None
+        self._tb = tb
         stopped_early = interrupted = False
         bad_epochs = 0
 
@@ -270,6 +299,8 @@ class Trainer:
                 history.append(row)
                 if tb:
                     tb.epoch(row)
+                    if val is not None:
+                        tb.confusion(getattr(self, "_val_confusion", None), ds.classes, epoch)
                 score = (row.get("val_acc", tr_acc), -row.get("val_loss", tr_loss))
                 if score > (best["acc"], -best["loss"]):
                     best = {"acc": score[0], "loss": -score[1], "epoch": epoch,
@@ -305,13 +336,15 @@ class Trainer:
 
             report = evaluate_bundle(bundle, ds, "test", device=self.device)
             test_metrics = report.summary()
+            skipped.update(report.skipped)  # bad files in the test split are reported too
             bundle.metrics = {"test": test_metrics}
+            bundle.training["skipped_files"] = len(skipped)
             bundle.write_meta()
             _say(cfg, f"test    accuracy {report.accuracy:.4f} on {report.n} images")
-        if skipped:
-            _say(cfg, f"skipped {len(skipped)} unreadable file(s):")
+        if skipped:  # a warning about the data, not progress: shown even with --quiet
+            print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
             for path, reason in sorted(skipped.items()):
-                _say(cfg, f"  {path}: {reason}")
+                print(f"  {path}: {reason}", file=sys.stderr, flush=True)
         return TrainResult(bundle, history, skipped, test_metrics, time.time() - t0,
                            stopped_early, interrupted)
 
@@ -328,6 +361,8 @@ class Trainer:
         from tqdm import tqdm
 
         model.train()
+        if self.transfer is not None:
+            self.transfer.train_mode(model)  # BatchNorm statistics frozen for small batches
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         seen = 0
@@ -338,6 +373,11 @@ class Trainer:
             if x is None:
                 sched.step() if sched.last_epoch < sched.total_steps - 1 else None
                 continue
+            tb = getattr(self, "_tb", None)
+            if tb is not None and not tb.has_batch:  # one batch, as the model sees it
+                cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):  # same training with or without
+                    tb.sample_batch(self.augment(x.float()), y, self.ds.classes, epoch)
             x = self._prep(x, True, channels_last)
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp):
                 logits = model(x)
@@ -368,6 +408,8 @@ class Trainer:
     def _evaluate(self, model, batches, amp, amp_dtype, skipped, channels_last):
         model.eval()
         total_loss, correct, seen = 0.0, 0, 0
+        n = len(self.ds.classes)
+        cm = torch.zeros(n * n, dtype=torch.long, device=self.device)  # for TensorBoard
         for x, y, bad in batches:
             skipped.update(dict(bad))
             if x is None:
@@ -376,14 +418,16 @@ class Trainer:
                 logits = model(self._prep(x, False, channels_last)).float()
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
+            cm += torch.bincount(y * n + logits.argmax(1), minlength=n * n)
             seen += len(y)
+        self._val_confusion = cm.view(n, n).cpu().numpy()
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
     # ------------------------------------------------------------------------------------
     def _fingerprint(self) -> dict:
         return {"data": self.ds.fingerprint(), "model": self.model_name,
                 "model_args": self.model_args, "image_size": self.image_size,
-                "epochs": self.epochs, "batch_size": self.batch_size}
+                "batch_size": self.batch_size}  # not epochs: `--resume --epochs N` extends
 
     def _checkpoint(self, path, model, opt, sched, epoch, history, best, skipped) -> None:
         """Everything needed to resume, written atomically (a crash keeps the last one)."""
@@ -416,7 +460,15 @@ class Trainer:
             )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        old_sched = state["scheduler"]
+        if old_sched.get("total_steps") == sched.total_steps:
+            sched.load_state_dict(old_sched)
+        else:  # --epochs changed: the one-cycle schedule stretches to the new length
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                target = min(int(old_sched.get("last_epoch", 0)), sched.total_steps - 1)
+                while sched.last_epoch < target:
+                    sched.step()
         torch.set_rng_state(state["rng"].cpu())
         best = {"acc": state["best_acc"], "loss": state["best_loss"],
                 "epoch": state["best_epoch"], "state": state["best_state"]}
@@ -430,7 +482,7 @@ class Trainer:
             "data": self.cfg.data, "dataset": self.ds.name, "data_fingerprint":
             self.ds.fingerprint(), "splits": {k: len(v) for k, v in self.ds.splits.items()},
             "val_fraction": self.val_fraction, "test_fraction": self.test_fraction,
-            "mode": self.cfg.mode, "epochs_run": len(history), "epochs": self.epochs,
+            "mode": self.mode, "epochs_run": len(history), "epochs": self.epochs,
             "best_epoch": best["epoch"], "batch_size": self.batch_size, "lr": self.lr,
             "optimizer": self.optimizer_name, "label_smoothing": self.label_smoothing,
             "augment": self.augment.describe(), "seed": self.cfg.seed,
@@ -438,6 +490,7 @@ class Trainer:
             "stopped_early": stopped_early, "interrupted": interrupted,
             "skipped_files": len(skipped), "imgrec_version": __version__,
             "torch_version": torch.__version__,
+            **(self.transfer.record if self.transfer is not None else {}),
         }
         bundle = Bundle(self.out, self.arch, list(self.ds.classes), self.contract,
                         training=training)

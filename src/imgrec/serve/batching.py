@@ -1,0 +1,115 @@
+"""Micro-batching: concurrent requests are coalesced into one batch for the inference engine.
+
+A network runs a batch of 8 images in far less than 8 times one image's time, and one
+inference thread per process keeps ONNX Runtime's own threads from fighting each other.
+Requests wait at most `max_wait_ms` for company; a batch never exceeds `max_batch`.
+Inference runs in this module's thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    future: Future
+
+
+class MicroBatcher:
+    """`await batcher.infer(pixels)` -> the model's output row for one uint8 C x H x W image.
+
+    `run` takes a uint8 N x C x H x W batch and returns N rows (for imgrec: probabilities).
+    `on_batch(size, seconds)` is told about every batch (metrics).
+    """
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16,
+                 max_wait_ms: float = 5.0,
+                 on_batch: Callable[[int, float], None] | None = None):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.run = run
+        self.max_batch = max_batch
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="imgrec-batcher", daemon=True)
+        self._thread.start()
+
+    # -- producers (any thread, or the event loop) --------------------------------------------
+    def submit(self, pixels: np.ndarray) -> Future:
+        """Queue one image; the Future gets its output row (or the engine's exception)."""
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._queue.put(_Item(pixels, fut))
+        return fut
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        return await asyncio.wrap_future(self.submit(pixels))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish what is queued, then stop the thread (graceful shutdown)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the inference thread -----------------------------------------------------------------
+    def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
+        """The first item plus whatever arrives within max_wait (up to max_batch)."""
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                item = self._queue.get(timeout=remaining) if remaining > 0 else \
+                    self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                stop = True
+                break
+            batch.append(item)
+        return batch, stop
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch, stop = self._collect(first)
+            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            start = time.perf_counter()
+            try:
+                out = self.run(np.stack([item.pixels for item in batch]))
+            except BaseException as e:  # the engine failed: every waiter hears why
+                for item in batch:
+                    item.future.set_exception(e)
+                continue
+            seconds = time.perf_counter() - start
+            for item, row in zip(batch, out, strict=True):
+                item.future.set_result(row)
+            if self.on_batch is not None:
+                self.on_batch(len(batch), seconds)

@@ -1,0 +1,138 @@
+"""The command line from outside: bad input is one `imgrec: error:` line on stderr and exit
+status 2, never a traceback; a tiny train -> evaluate -> predict run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from helpers import trained_shapes, truncated_jpeg
+
+from imgrec.cli import main
+
+
+def _one_error_line(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, (code, captured.err)
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("imgrec: error: ")
+    assert "Traceback" not in captured.err + captured.out
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    def refuse(*a, **k):
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def test_missing_path(capsys, tmp_path):
+    line = _one_error_line(capsys, main(["train", str(tmp_path / "nowhere")]))
+    assert "nowhere" in line and "folder or CSV" in line
+
+
+def test_unknown_dataset_name(capsys):
+    line = _one_error_line(capsys, main(["train", "mnsit"]))
+    assert "'mnsit'" in line and "mnist" in line
+
+
+def test_builtin_offline(capsys, tmp_path):
+    line = _one_error_line(capsys, main(["train", "mnist", "--data-dir", str(tmp_path)]))
+    assert "train-images-idx3-ubyte.gz" in line and str(tmp_path / "mnist") in line
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "many"], "--epochs"),
+    (["--optimizer", "foo"], "--optimizer"),
+    (["--augment", "bogus=1"], "bogus"),
+    (["--augment", "zoom=2"], "zoom"),
+    (["--image-size", "2"], "--image-size"),
+    (["--invert", "maybe"], "--invert"),
+    (["--no-such-flag"], "--no-such-flag"),
+])
+def test_invalid_train_flags(capsys, shapes, flags, needle):
+    line = _one_error_line(capsys, main(["train", str(shapes), *flags, "--quiet"]))
+    assert needle in line
+
+
+def test_unknown_option_and_command(capsys):
+    assert "--bogus" in _one_error_line(capsys, main(["predict", "--bogus", "x.jpg"]))
+    assert "frobnicate" in _one_error_line(capsys, main(["frobnicate"]))
+    assert "--top-k" in _one_error_line(capsys, main(["predict", "--top-k", "0", "x.jpg"]))
+
+
+def test_predict_non_image_and_truncated(capsys, tmp_path_factory, tmp_path):
+    bundle = trained_shapes(tmp_path_factory) / "bundle"
+    text = tmp_path / "notes.jpg"
+    text.write_text("just text")
+    line = _one_error_line(capsys, main(["predict", "--model", str(bundle), str(text)]))
+    assert "notes.jpg" in line and "not an image" in line
+    cut = truncated_jpeg(tmp_path / "cut.jpg")
+    line = _one_error_line(capsys, main(["predict", "--model", str(bundle), str(cut)]))
+    assert "cut.jpg" in line and "truncated" in line
+    line = _one_error_line(capsys, main(["predict", "--model", str(bundle), str(cut),
+                                         str(text)]))
+    assert "none of the 2 inputs" in line
+    line = _one_error_line(capsys, main(["predict", "--model", str(bundle),
+                                         str(tmp_path / "missing.png")]))
+    assert "missing.png" in line and "no such file" in line
+
+
+def test_nonexistent_bundle(capsys, shapes, tmp_path):
+    line = _one_error_line(capsys, main(["evaluate", str(tmp_path / "nobundle"), str(shapes)]))
+    assert "nobundle" in line and "bundle" in line
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    line = _one_error_line(capsys, main(["predict", "--model", str(broken), "x.jpg"]))
+    assert "imgrec.json is missing" in line
+
+
+def test_bare_command_shows_help(capsys):
+    assert main([]) == 0
+    assert "Usage" in capsys.readouterr().out
+
+
+def test_cli_train_evaluate_predict(capsys, shapes, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", str(shapes), "--model", "fast-cnn", "--epochs", "3", "--image-size",
+                 "32", "--batch-size", "16", "--augment", "none", "--workers", "0", "--out",
+                 str(out), "--json", "--no-tensorboard"])
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert summary["bundle"] == str(out) and summary["epochs_run"] == 3
+    assert summary["test"]["accuracy"] >= 0.75 and summary["skipped"] == {}
+    metrics = tmp_path / "m.json"
+    assert main(["evaluate", str(out), str(shapes), "--json", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["accuracy"] >= 0.75
+    capsys.readouterr()
+    img = sorted((shapes / "disc").glob("*.png"))[0]
+    assert main(["predict", "--model", str(out), str(img), "--top-k", "1"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{img}: ") and line.endswith("%")
+
+
+def test_real_entry_point_subprocess(tmp_path):
+    """The installed console script (or `python -m imgrec.cli`) behaves the same."""
+    exe = os.path.join(os.path.dirname(sys.executable), "imgrec")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "imgrec.cli"]
+    env = {**os.environ, "IMGREC_DATA": str(tmp_path)}
+    env.pop("IMGREC_DEBUG", None)
+    bad = subprocess.run([*cmd, "train", "no-such-data"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("imgrec: error: ")
+    assert "Traceback" not in bad.stderr
+    flag = subprocess.run([*cmd, "train", "mnist", "--epochs", "0"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert flag.returncode == 2 and flag.stderr.startswith("imgrec: error: ")
+    assert "--epochs" in flag.stderr and "Traceback" not in flag.stderr
+    ok = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "train" in ok.stdout

@@ -1,0 +1,116 @@
+"""The preprocessing contract: sizes, normalisation on NumPy and torch, invert, round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgrec.contract import Preprocess, fit_arrays, load_input
+from imgrec.errors import BundleError
+
+
+def _gradient(w: int, h: int) -> Image.Image:
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    return Image.fromarray(arr)
+
+
+def test_squash_keeps_whole_image():
+    c = Preprocess(input_size=16, resize="squash")
+    out = c.to_uint8(_gradient(64, 32))
+    assert out.shape == (3, 16, 16)
+    # The whole width is kept: the red ramp still runs from ~0 to ~255.
+    assert out[0, 8, 0] < 20 and out[0, 8, -1] > 235
+
+
+def test_shorter_then_centre_crop():
+    c = Preprocess(input_size=16, resize="shorter", resize_to=20)
+    out = c.to_uint8(_gradient(80, 40))  # -> 40x20 -> crop centre 16x16
+    assert out.shape == (3, 16, 16)
+    # Cropping drops both ends of the ramp: no near-black or near-white column survives.
+    assert 60 < out[0, 8, 0] < 128 < out[0, 8, -1] < 200
+
+
+def test_shorter_on_tall_image_and_small_image():
+    c = Preprocess(input_size=8, resize="shorter", resize_to=10)
+    assert c.to_uint8(_gradient(10, 50)).shape == (3, 8, 8)
+    assert c.to_uint8(_gradient(3, 3)).shape == (3, 8, 8)  # upscaled, never a short crop
+
+
+def test_normalize_numpy_and_torch_identical():
+    c = Preprocess(input_size=4, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    batch = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)
+    a = c.normalize(batch)
+    b = c.normalize(torch.from_numpy(batch))
+    assert a.dtype == np.float32 and b.dtype == torch.float32
+    np.testing.assert_allclose(a, b.numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a[0, 0, 0, 0], (batch[0, 0, 0, 0] / 255 - 0.485) / 0.229,
+                               atol=1e-5)
+
+
+def test_call_gives_float_chw():
+    c = Preprocess(input_size=6, channels=1, mean=(0.5,), std=(0.5,))
+    out = c(Image.new("L", (12, 12), 255))
+    assert out.shape == (1, 6, 6) and out.dtype == np.float32
+    np.testing.assert_allclose(out, 1.0, atol=1e-6)
+
+
+def _digit(dark_on_light: bool) -> Image.Image:
+    arr = np.full((28, 28), 240 if dark_on_light else 10, np.uint8)
+    arr[6:22, 12:16] = 20 if dark_on_light else 250  # a "1"
+    return Image.fromarray(arr, "L")
+
+
+def test_invert_auto_on_dark_on_light_digit():
+    c = Preprocess(input_size=28, channels=1, mean=(0.5,), std=(0.5,), invert="auto")
+    photo = c.to_uint8(_digit(dark_on_light=True))
+    mnist_like = c.to_uint8(_digit(dark_on_light=False))
+    # The photo is inverted to light-on-dark; an MNIST-style image is left alone.
+    assert photo[0, 0, 0] == 255 - 240 and photo[0, 10, 13] == 255 - 20
+    assert mnist_like[0, 0, 0] == 10 and mnist_like[0, 10, 13] == 250
+    # Explicit settings win over the contract's.
+    assert c.to_uint8(_digit(True), invert="no")[0, 0, 0] == 240
+    assert c.to_uint8(_digit(False), invert="yes")[0, 0, 0] == 245
+
+
+def test_to_dict_from_dict_round_trip():
+    c = Preprocess(input_size=224, channels=3, resize="shorter", resize_to=256,
+                   interpolation="bicubic", mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6),
+                   invert="auto")
+    d = c.to_dict()
+    assert d["mean"] == [0.1, 0.2, 0.3] and d["resize_to"] == 256
+    import json
+
+    assert Preprocess.from_dict(json.loads(json.dumps(d))) == c
+    assert Preprocess.from_dict({**d, "future_key": 1}) == c  # newer keys are ignored
+    assert c.replace(invert="no").invert == "no"
+
+
+@pytest.mark.parametrize("bad", [
+    {"input_size": 8, "channels": 2},
+    {"input_size": 8, "channels": 1},  # mean/std have three values
+    {"input_size": 8, "interpolation": "magic"},
+])
+def test_invalid_contract(bad):
+    with pytest.raises(BundleError):
+        Preprocess(**bad)
+
+
+def test_load_input_decodes_and_applies(tmp_path):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (30, 10), (255, 0, 0)).save(path)
+    c = Preprocess(input_size=8, channels=1, mean=(0.5,), std=(0.5,))
+    out = load_input(path, c)
+    assert out.shape == (1, 8, 8) and out.dtype == np.uint8
+    assert abs(int(out.mean()) - 76) <= 2  # luma of pure red
+
+
+def test_fit_arrays_resizes_and_passes_through():
+    c = Preprocess(input_size=8, channels=1, mean=(0.5,), std=(0.5,))
+    same = np.zeros((2, 1, 8, 8), np.uint8)
+    assert fit_arrays(same, c) is same
+    big = np.full((3, 1, 16, 16), 200, np.uint8)
+    out = fit_arrays(big, c)
+    assert out.shape == (3, 1, 8, 8) and np.all(out == 200)

@@ -1,0 +1,212 @@
+"""DATA resolution: folders (both layouts), CSVs, pixel CSVs, built-ins offline and from IDX."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import write_fake_mnist, write_idx, write_pixel_csv
+from PIL import Image
+
+from imgrec.data.builtins import read_idx
+from imgrec.data.datasets import load_dataset, stratified_split
+from imgrec.errors import DataError
+
+
+def _folder(root: Path, counts: dict[str, int], split: str = "") -> Path:
+    for cls, n in counts.items():
+        d = root / split / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4), (i, 0, 0)).save(d / f"{cls}{i}.png")
+    return root
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any download attempt fails as it would offline (and never touches the network)."""
+    calls = []
+
+    def refuse(url, *a, **k):
+        calls.append(getattr(url, "full_url", url))
+        raise OSError("network is unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    return calls
+
+
+def test_flat_folder_split_stratified_and_seeded(tmp_path):
+    root = _folder(tmp_path / "flat", {"cat": 40, "dog": 20, "eel": 10})
+    ds = load_dataset(str(root), val_fraction=0.2, test_fraction=0.1, seed=3)
+    assert ds.classes == ["cat", "dog", "eel"] and not ds.in_memory and ds.channels == 3
+    assert set(ds.splits) == {"train", "val", "test"}
+    assert sum(len(s) for s in ds.splits.values()) == 70
+    all_paths = [p for s in ds.splits.values() for p in s.paths]
+    assert len(set(all_paths)) == 70  # no image in two splits
+    test = Counter(ds.splits["test"].labels.tolist())
+    assert test == {0: 4, 1: 2, 2: 1}  # 10% of each class
+    val = Counter(ds.splits["val"].labels.tolist())
+    # classes kept in proportion: 20% of what is left of each class after the test split
+    assert all(abs(val[c] - 0.2 * n) <= 0.5 for c, n in {0: 36, 1: 18, 2: 9}.items())
+    for s in ds.splits.values():  # labels match the folder of each path
+        for p, y in zip(s.paths, s.labels, strict=True):
+            assert Path(p).parent.name == ds.classes[y]
+
+    same = load_dataset(str(root), val_fraction=0.2, test_fraction=0.1, seed=3)
+    other = load_dataset(str(root), val_fraction=0.2, test_fraction=0.1, seed=4)
+    assert same.splits["test"].paths == ds.splits["test"].paths
+    assert same.fingerprint() == ds.fingerprint()
+    assert other.splits["test"].paths != ds.splits["test"].paths
+
+
+def test_stratified_split_fractions():
+    labels = np.array([0] * 50 + [1] * 10)
+    rest, held = stratified_split(labels, 0.2, seed=0)
+    assert len(held) == 12 and Counter(labels[held].tolist()) == {0: 10, 1: 2}
+    assert len(np.intersect1d(rest, held)) == 0 and len(rest) + len(held) == 60
+
+
+@pytest.mark.parametrize("val_name", ["validation", "val", "valid"])
+def test_split_folder_layout(tmp_path, val_name):
+    root = tmp_path / "ws"
+    _folder(root, {"cats": 6, "dogs": 5}, "train")
+    _folder(root, {"cats": 2, "dogs": 2}, val_name)
+    _folder(root, {"cats": 3, "dogs": 1}, "test")
+    ds = load_dataset(str(root))
+    assert ds.classes == ["cats", "dogs"]
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 11, "val": 4, "test": 4}
+
+
+def test_split_layout_without_validation_carves_one(tmp_path):
+    root = tmp_path / "ws"
+    _folder(root, {"a": 10, "b": 10}, "train")
+    ds = load_dataset(str(root), val_fraction=0.2, test_fraction=0.1)
+    assert len(ds.splits["val"]) == 4 and len(ds.splits["train"]) + 4 <= 20
+
+
+def test_path_csv_with_and_without_split(tmp_path):
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    rows = ["path,label,split"]
+    for i in range(12):
+        Image.new("RGB", (4, 4)).save(img_dir / f"{i}.png")
+        rows.append(f"imgs/{i}.png,{'yes' if i % 2 else 'no'},"
+                    f"{'train' if i < 8 else 'validation' if i < 10 else 'test'}")
+    csv_path = tmp_path / "list.csv"
+    csv_path.write_text("\n".join(rows) + "\n")
+    ds = load_dataset(str(csv_path))
+    assert ds.classes == ["no", "yes"]
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 8, "val": 2, "test": 2}
+    assert all(Path(p).is_file() for p in ds.splits["train"].paths)  # relative to the CSV
+
+    plain = tmp_path / "plain.csv"
+    plain.write_text("".join(f"{img_dir / f'{i}.png'},c{i % 2}\n" for i in range(12)))
+    ds = load_dataset(str(plain), val_fraction=0.25, test_fraction=0.0)
+    assert ds.classes == ["c0", "c1"] and len(ds.splits["val"]) == 4
+
+
+def test_bad_csv(tmp_path):
+    empty = tmp_path / "e.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty CSV"):
+        load_dataset(str(empty))
+    short = tmp_path / "s.csv"
+    short.write_text("path,label\nonly_a_path.png\n")
+    with pytest.raises(DataError, match="path and a label"):
+        load_dataset(str(short))
+
+
+def test_sign_language_pixel_csv(tmp_path):
+    labels = [y for y in range(25) if y != 9]  # Sign-Language-MNIST: no J (9), no Z (25)
+    train = write_pixel_csv(tmp_path / "sign_mnist_train.csv", labels * 3, seed=0)
+    write_pixel_csv(tmp_path / "sign_mnist_test.csv", labels, seed=1)
+    ds = load_dataset(str(train), val_fraction=0.1)
+    assert ds.in_memory and ds.channels == 1 and ds.native_size == 28
+    assert len(ds.classes) == 24 and "J" not in ds.classes and ds.classes[:3] == ["A", "B", "C"]
+    assert ds.classes[9] == "K"  # label 10 is K, remapped to index 9
+    assert len(ds.splits["test"]) == 24
+    assert len(ds.splits["train"]) + len(ds.splits["val"]) == 72
+    x = ds.splits["test"].images
+    assert x.shape == (24, 1, 28, 28) and x.dtype == np.uint8
+    assert ds.splits["test"].labels.max() == 23
+
+
+def test_pixel_csv_not_square(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("label,pixel1,pixel2,pixel3\n1,0,0,0\n")
+    with pytest.raises(DataError, match="no square"):
+        load_dataset(str(path))
+
+
+def test_builtin_offline_error_names_files_and_folder(tmp_path, monkeypatch, no_network):
+    root = tmp_path / "empty-data"
+    root.mkdir()
+    monkeypatch.setenv("IMGREC_DATA", str(root))
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist")
+    msg = str(e.value)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        assert name in msg
+    assert str(root / "mnist") in msg
+    assert no_network  # a download was tried (and refused), nothing reached the network
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_builtin_mnist_from_idx(tmp_path, monkeypatch, no_network, gz):
+    write_fake_mnist(tmp_path, n_train=50, n_test=20, gz=gz)
+    monkeypatch.setenv("IMGREC_DATA", str(tmp_path))
+    ds = load_dataset("mnist", val_fraction=0.2)
+    assert ds.classes == [str(i) for i in range(10)] and ds.in_memory and ds.channels == 1
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 40, "test": 20, "val": 10}
+    assert ds.splits["test"].images.shape == (20, 1, 28, 28)
+    assert not no_network  # nothing was downloaded
+    # --data-dir wins over $IMGREC_DATA
+    monkeypatch.setenv("IMGREC_DATA", str(tmp_path / "elsewhere"))
+    assert len(load_dataset("mnist", data_dir=str(tmp_path)).splits["test"]) == 20
+
+
+def test_idx_reader_checks(tmp_path):
+    good = write_idx(tmp_path / "a", np.arange(12, dtype=np.uint8).reshape(3, 4))
+    assert read_idx(good).tolist() == np.arange(12).reshape(3, 4).tolist()
+    short = tmp_path / "b"
+    short.write_bytes(good.read_bytes()[:-2])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(short)
+    junk = tmp_path / "c"
+    junk.write_bytes(b"not an idx file at all")
+    with pytest.raises(DataError):
+        read_idx(junk)
+
+
+@pytest.mark.parametrize("name", ["mnsit", "imagenet-21k", "no/such/folder"])
+def test_unknown_dataset(name):
+    with pytest.raises(DataError) as e:
+        load_dataset(name)
+    assert "mnist" in str(e.value)  # the error lists the built-ins
+
+
+def test_folder_with_one_class(tmp_path):
+    root = _folder(tmp_path / "one", {"only": 5})
+    with pytest.raises(DataError, match="at least two"):
+        load_dataset(str(root))
+
+
+def test_not_a_dataset_file(tmp_path):
+    f = tmp_path / "x.txt"
+    f.write_text("x")
+    with pytest.raises(DataError, match="folder or a .csv"):
+        load_dataset(str(f))
+
+
+def test_split_lookup_falls_back_and_errors(tmp_path):
+    root = tmp_path / "ws"
+    _folder(root, {"a": 4, "b": 4}, "train")
+    _folder(root, {"a": 2, "b": 2}, "val")
+    ds = load_dataset(str(root))
+    assert ds.split("test")[0] == "val"
+    with pytest.raises(DataError):
+        ds.split("holdout")

@@ -1,0 +1,135 @@
+"""imgrec doctor: finds what is injected into a copy of cats-dogs-mini, and on the clean copy
+reports only what is really there; quarantine moves files out and undo puts them back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from imgrec.cli import main
+from imgrec.doctor import scan
+
+
+def _png_bomb(path: Path, side: int = 30000) -> None:
+    """A valid 1-bit side x side PNG, a few hundred KB on disk, written without allocating
+    the pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    row = b"\x00" * (1 + side // 8)
+    comp = zlib.compressobj(9)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1,
+                                                                          0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def data_copy(cats_dogs, tmp_path) -> Path:
+    dst = tmp_path / "cats-dogs"
+    shutil.copytree(cats_dogs, dst)
+    return dst
+
+
+def _by_path(report) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for i in report.issues:
+        out.setdefault(i.path, set()).add(i.kind)
+    return out
+
+
+def test_clean_copy_reports_only_what_is_there(data_copy):
+    t0 = time.time()
+    report = scan(data_copy)
+    assert time.time() - t0 < 20
+    assert report.files_scanned == 600
+    assert report.layout == "split"
+    assert report.classes == {"cat": {"train": 250, "val": 50, "total": 300},
+                              "dog": {"train": 250, "val": 50, "total": 300}}
+    assert report.imbalance_ratio == 1.0
+    # The one real finding: dog.74 and dog.180 are the same photo of four puppies (checked by
+    # eye), stored as different bytes. Nothing else.
+    assert [(i.path, i.kind) for i in report.issues] == [("train/dog/dog.74.jpg",
+                                                          "near-duplicate")]
+    assert "dog.180.jpg" in report.issues[0].detail
+    a = Image.open(data_copy / "train/dog/dog.74.jpg").convert("L").resize((32, 32))
+    b = Image.open(data_copy / "train/dog/dog.180.jpg").convert("L").resize((32, 32))
+    diff = sum(abs(x - y) for x, y in zip(a.getdata(), b.getdata(), strict=True)) / 1024
+    assert diff < 8  # mean absolute pixel difference: truly the same picture
+
+
+def test_finds_each_injected_problem(data_copy, tmp_path):
+    train_cat = data_copy / "train" / "cat"
+    val_cat = data_copy / "validation" / "cat"
+    photo = train_cat / "cat.1.jpg"
+    raw = photo.read_bytes()
+    (train_cat / "truncated.jpg").write_bytes(raw[: len(raw) // 2])
+    (train_cat / "notes.jpg").write_text("this is a text file, not a photo\n")
+    Image.open(train_cat / "cat.2.jpg").save(train_cat / "really_png.jpg", format="PNG")
+    shutil.copy(train_cat / "cat.3.jpg", val_cat / "copied_from_train.jpg")
+    _png_bomb(train_cat / "bomb.png")
+    assert (train_cat / "bomb.png").stat().st_size < 2_000_000
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(train_cat / "cat.4.jpg").save(data_copy / "train" / "dog" / "rotated.jpg",
+                                             exif=exif, quality=90)
+    t0 = time.time()
+    report = scan(data_copy)
+    seconds = time.time() - t0
+    assert seconds < 20
+    found = _by_path(report)
+    assert found["train/cat/truncated.jpg"] == {"truncated"}
+    assert found["train/cat/notes.jpg"] == {"not-image"}
+    # a PNG re-encoding of cat.2: misnamed, and truly a near duplicate of cat.2
+    assert found["train/cat/really_png.jpg"] == {"wrong-extension", "near-duplicate"}
+    assert any(i.path == "train/cat/really_png.jpg" and "cat.2.jpg" in i.detail
+               for i in report.issues if i.kind == "near-duplicate")
+    assert found["validation/cat/copied_from_train.jpg"] == {"leak"}
+    leak = next(i for i in report.issues if i.kind == "leak")
+    assert "train/cat/cat.3.jpg" in leak.detail and "same bytes" in leak.detail
+    assert found["train/cat/bomb.png"] == {"bomb"}
+    assert "30000x30000" in next(i.detail for i in report.issues if i.kind == "bomb")
+    assert found["train/dog/rotated.jpg"] >= {"exif-rotated"}
+    # a rotated copy of cat.4 is labelled dog: it is no duplicate (content is rotated)
+    assert "leak" not in found["train/dog/rotated.jpg"]
+    expected = {"train/cat/truncated.jpg", "train/cat/notes.jpg", "train/cat/really_png.jpg",
+                "validation/cat/copied_from_train.jpg", "train/cat/bomb.png",
+                "train/dog/rotated.jpg", "train/dog/dog.74.jpg"}
+    assert set(found) == expected
+    assert report.files_scanned == 606
+
+    # CLI: JSON schema, then quarantine and undo
+    out = tmp_path / "doctor.json"
+    qdir = tmp_path / "quarantine"
+    assert main(["doctor", str(data_copy), "--json", str(out), "--quarantine", str(qdir)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["files_scanned"] == 606
+    assert {"path", "kind", "detail"} == set(doc["issues"][0])
+    assert doc["classes"]["cat"]["train"] == 254  # 250 + truncated, text, PNG, bomb
+    moved = {"train/cat/truncated.jpg", "train/cat/notes.jpg", "train/cat/bomb.png",
+             "validation/cat/copied_from_train.jpg"}
+    for rel in moved:
+        assert not (data_copy / rel).exists() and (qdir / rel).is_file()
+    assert (data_copy / "train/cat/really_png.jpg").exists()  # readable: reported, not moved
+    manifest = json.loads((qdir / "manifest.json").read_text())
+    assert {Path(m["from"]).relative_to(data_copy.resolve()).as_posix()
+            for m in manifest["moved"]} == moved
+    assert main(["doctor", "--undo", str(qdir / "manifest.json")]) == 0
+    for rel in moved:
+        assert (data_copy / rel).is_file()
+    assert (train_cat / "truncated.jpg").read_bytes() == raw[: len(raw) // 2]
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert main(["doctor", str(tmp_path / "missing")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["doctor"]) == 2
+    assert main(["doctor", "--undo", str(tmp_path / "nope.json")]) == 2

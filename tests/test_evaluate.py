@@ -1,0 +1,122 @@
+"""Evaluation: metrics, the DESIGN.md JSON schema, the confusion PNG, confident mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import trained_shapes, truncated_jpeg
+
+from imgrec.cli import main
+from imgrec.errors import DataError
+from imgrec.evaluate import EvalReport, evaluate_bundle
+
+DESIGN_KEYS = {"accuracy", "top5_accuracy", "n", "labels", "confusion_matrix", "per_class"}
+
+
+def _report(n_classes: int, probs: np.ndarray, y_true: list[int]) -> EvalReport:
+    labels = [f"c{i}" for i in range(n_classes)]
+    return EvalReport(labels, np.array(y_true), probs.astype(np.float32),
+                      [f"img{i}" for i in range(len(y_true))], "test", "toy")
+
+
+def test_metrics_by_hand():
+    probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])
+    rep = _report(3, probs, [0, 1, 1, 0])
+    assert rep.accuracy == 0.5 and rep.n == 4
+    assert rep.top5_accuracy is None  # only with more than 5 classes
+    assert rep.confusion().tolist() == [[1, 0, 1], [1, 1, 0], [0, 0, 0]]
+    pc = rep.per_class()
+    assert pc["c0"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert pc["c1"]["precision"] == 1.0 and pc["c1"]["recall"] == 0.5
+    assert pc["c2"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    table = rep.table()
+    assert "precision" in table and "confusion matrix" in table and "c2" in table
+
+
+def test_mistakes_sorted_by_confidence():
+    probs = np.array([[0.2, 0.8], [0.45, 0.55], [0.05, 0.95], [0.9, 0.1], [0.3, 0.7]])
+    rep = _report(2, probs, [0, 0, 0, 0, 1])
+    wrong = rep.mistakes(10)
+    assert [m["input"] for m in wrong] == ["img2", "img0", "img1"]
+    assert [m["probability"] for m in wrong] == sorted((m["probability"] for m in wrong),
+                                                       reverse=True)
+    assert wrong[0] == {"input": "img2", "true": "c0", "predicted": "c1",
+                        "probability": pytest.approx(0.95)}
+    assert len(rep.mistakes(1)) == 1
+
+
+def test_top5_with_more_than_five_classes():
+    rng = np.random.default_rng(0)
+    probs = rng.random((50, 7))
+    y = rng.integers(0, 7, 50)
+    rep = _report(7, probs, y.tolist())
+    top5 = np.argsort(-probs, 1)[:, :5]
+    assert rep.top5_accuracy == pytest.approx(float((top5 == y[:, None]).any(1).mean()))
+    assert rep.top5_accuracy >= rep.accuracy
+    assert _report(5, rng.random((4, 5)), [0, 1, 2, 3]).top5_accuracy is None
+
+
+def test_evaluate_bundle_json_schema_and_png(tmp_path_factory, tmp_path):
+    base = trained_shapes(tmp_path_factory)
+    rep = evaluate_bundle(base / "bundle", str(base / "shapes"), "test")
+    assert rep.split == "test" and rep.n == 8 and rep.accuracy >= 0.75
+
+    out = tmp_path / "m.json"
+    rep.write_json(out)
+    data = json.loads(out.read_text())
+    assert DESIGN_KEYS <= set(data)
+    assert isinstance(data["accuracy"], float) and 0 <= data["accuracy"] <= 1
+    assert data["top5_accuracy"] is None  # two classes
+    assert data["n"] == 8 and data["labels"] == ["disc", "square"]
+    cm = data["confusion_matrix"]
+    assert len(cm) == 2 and all(len(r) == 2 for r in cm) and sum(map(sum, cm)) == 8
+    assert sum(cm[i][i] for i in range(2)) / 8 == pytest.approx(data["accuracy"])
+    assert set(data["per_class"]) == {"disc", "square"}
+    for m in data["per_class"].values():
+        assert set(m) == {"precision", "recall", "f1", "support"}
+        assert isinstance(m["support"], int)
+    assert sum(m["support"] for m in data["per_class"].values()) == 8
+
+    png = rep.plot_confusion(tmp_path / "deep" / "cm.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_cli(tmp_path_factory, tmp_path, capsys):
+    base = trained_shapes(tmp_path_factory)
+    out = tmp_path / "metrics.json"
+    code = main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--json", str(out),
+                 "--report", str(tmp_path / "rep")])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "accuracy" in text and "confusion matrix" in text
+    assert (tmp_path / "rep" / "confusion_matrix.png").is_file()
+    assert DESIGN_KEYS <= set(json.loads(out.read_text()))
+    # default report folder is inside the bundle
+    assert main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--split", "val"]) == 0
+    assert list((base / "bundle" / "evaluation").glob("*/confusion_matrix.png"))
+
+
+def test_evaluate_skips_bad_files(tmp_path_factory, tmp_path):
+    base = trained_shapes(tmp_path_factory)
+    csv_path = tmp_path / "list.csv"
+    good = sorted((base / "shapes" / "disc").glob("*.png"))[:3]
+    bad = truncated_jpeg(tmp_path / "bad.jpg")
+    csv_path.write_text("path,label,split\n" + "".join(f"{p},disc,test\n" for p in good)
+                        + f"{bad},disc,test\n" + f"{good[0]},disc,train\n"
+                        + f"{good[1]},square,train\n")
+    rep = evaluate_bundle(base / "bundle", str(csv_path), "test")
+    assert rep.n == 3 and list(rep.skipped) == [str(bad)]
+
+
+def test_evaluate_unknown_classes(tmp_path_factory, tmp_path):
+    base = trained_shapes(tmp_path_factory)
+    data = tmp_path / "other"
+    for cls in ("cow", "disc"):
+        (data / cls).mkdir(parents=True)
+        for i in range(3):
+            (data / cls / f"{i}.png").write_bytes((base / "shapes" / "disc" /
+                                                    "disc_000.png").read_bytes())
+    with pytest.raises(DataError, match="cow"):
+        evaluate_bundle(base / "bundle", str(data), "test")

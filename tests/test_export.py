@@ -1,0 +1,102 @@
+"""`imgrec export`: model.onnx (and model.int8.onnx) agree with PyTorch on real photos."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from bundles import make_tiny_bundle
+
+from imgrec.bundle import read_bundle
+from imgrec.cli import main
+from imgrec.export import ONNX_INT8_FILE, export_bundle, serving_onnx_path
+from imgrec.predict import Predictor
+
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+def _both_engines(model, photos: list) -> tuple[np.ndarray, np.ndarray]:
+    """The same photos through the same contract, scored by ONNX Runtime and by PyTorch."""
+    onnx = Predictor.load(model, engine="onnx")
+    torch_ = Predictor.load(model, engine="torch")
+    pixels = np.stack([onnx.prepare(p) for p in photos])
+    return onnx.probabilities(pixels), torch_.probabilities(pixels)
+
+
+def test_export_cli_writes_onnx_that_matches_pytorch(tmp_path, sample_photo, capsys):
+    path = make_tiny_bundle(tmp_path / "tiny", export=False)
+    assert main(["export", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["serve_file"] == "model.onnx" and report["int8"] is None
+    assert report["max_abs_diff"] < 1e-4
+    bundle = read_bundle(path)
+    assert bundle.onnx_path.is_file()
+    assert bundle.extra["export"]["serve"] == "model.onnx"
+    assert serving_onnx_path(bundle) == bundle.onnx_path
+
+    got, expected = _both_engines(path, [sample_photo(n) for n in PHOTOS])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_export_greyscale_bundle(tmp_path, sample_photo):
+    path = make_tiny_bundle(tmp_path / "grey", channels=1, size=28)
+    got, expected = _both_engines(path, [sample_photo(n) for n in PHOTOS])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_int8_export_is_recorded_and_served_until_stale(tmp_path, capsys):
+    path = make_tiny_bundle(tmp_path / "tiny", export=False)
+    assert main(["export", str(path), "--int8"]) == 0
+    out = capsys.readouterr().out
+    assert "model.int8.onnx" in out and "serve   uses model.int8.onnx" in out
+    bundle = read_bundle(path)
+    assert bundle.extra["export"]["serve"] == ONNX_INT8_FILE
+    assert bundle.extra["export"]["int8_top1_agreement"] >= 0.8
+    assert serving_onnx_path(bundle) == path / ONNX_INT8_FILE
+
+    # A newer model.onnx (re-exported weights) makes the int8 file stale: serve float32.
+    later = (path / ONNX_INT8_FILE).stat().st_mtime + 10
+    os.utime(bundle.onnx_path, (later, later))
+    assert serving_onnx_path(read_bundle(path)) == bundle.onnx_path
+
+    # Exporting again without --int8 removes the int8 file and records float32 serving.
+    export_bundle(path)
+    bundle = read_bundle(path)
+    assert not (path / ONNX_INT8_FILE).exists()
+    assert serving_onnx_path(bundle) == bundle.onnx_path
+
+
+def test_export_errors_are_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("imgrec: error:") and "neither a bundle folder" in err
+    assert err.count("\n") == 1
+    assert main(["export", str(tmp_path), "--format", "tflite"]) == 2
+    assert "tflite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_imagenet_export_matches_pytorch_on_photos(sample_photo, capsys):
+    assert main(["export", "imagenet"]) == 0
+    assert "max probability difference" in capsys.readouterr().out
+    photos = [sample_photo(n) for n in PHOTOS]
+    got, expected = _both_engines("imagenet", photos)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    onnx = Predictor.load("imagenet", engine="onnx")
+    top = onnx.top_k(got[:1], 1)[0][0]
+    assert "cat" in top.label.lower()  # chelsea is a tabby cat
+
+
+def test_ensure_onnx_exports_only_when_missing(tmp_path):
+    from imgrec.export import ensure_onnx
+
+    path = make_tiny_bundle(tmp_path / "tiny", export=False)
+    assert not (path / "model.onnx").exists()
+    bundle = ensure_onnx(path)  # what `imgrec serve` does before the app starts
+    assert bundle.onnx_path.is_file()
+    stamp = bundle.onnx_path.stat().st_mtime_ns
+    assert ensure_onnx(path).onnx_path.stat().st_mtime_ns == stamp  # not exported twice

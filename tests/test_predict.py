@@ -1,0 +1,168 @@
+"""Prediction: the offline ImageNet model on real photos, --json, folders, URLs, per-input
+errors, and --invert for MNIST-style bundles."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from helpers import trained_shapes, truncated_jpeg
+from PIL import Image
+
+from imgrec.bundle import Bundle, save_bundle
+from imgrec.cli import main
+from imgrec.contract import Preprocess
+from imgrec.errors import InputError, UnreadableImage
+from imgrec.models.registry import build_model
+from imgrec.predict import Predictor, expand_inputs, fetch_url
+
+CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "Persian",
+        "Siamese", "tabby cat", "Egyptian Mau"}
+
+
+def _is_cat(label: str) -> bool:
+    return label in CATS or "cat" in label.lower().split(",")[0].split()
+
+
+@pytest.fixture(scope="module")
+def imagenet():
+    return Predictor.load("imagenet")
+
+
+@pytest.mark.slow
+def test_imagenet_chelsea_is_a_cat(imagenet, sample_photo):
+    (preds,) = imagenet.predict([str(sample_photo("chelsea"))], top_k=5)
+    assert _is_cat(preds[0].label), [p.label for p in preds]
+    assert len(imagenet.classes) == 1000
+    assert preds[0].probability > 0.2
+
+
+@pytest.mark.slow
+def test_imagenet_coffee_is_espresso_or_cup(imagenet, sample_photo):
+    (preds,) = imagenet.predict([str(sample_photo("coffee"))], top_k=3)
+    top = preds[0].label.lower()
+    assert "espresso" in top or "cup" in top, [p.label for p in preds]
+
+
+@pytest.mark.slow
+def test_predict_json_schema_and_error_entry(sample_photo, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    code = main(["predict", str(sample_photo("chelsea")), str(bad), "--json", "--top-k", "3"])
+    records = json.loads(capsys.readouterr().out)
+    assert code == 0  # one input failed, the other predicted
+    assert [r["input"] for r in records] == [str(sample_photo("chelsea")), str(bad)]
+    good, err = records
+    assert set(good) == {"input", "predictions"} and len(good["predictions"]) == 3
+    for p in good["predictions"]:
+        assert set(p) == {"label", "index", "probability"}
+        assert isinstance(p["label"], str) and isinstance(p["index"], int)
+        assert 0 <= p["probability"] <= 1
+    probs = [p["probability"] for p in good["predictions"]]
+    assert probs == sorted(probs, reverse=True)
+    assert set(err) == {"input", "error"} and "not an image" in err["error"]
+
+
+def test_folders_are_recursive(tmp_path_factory, tmp_path, capsys):
+    base = trained_shapes(tmp_path_factory)
+    root = tmp_path / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    src = sorted((base / "shapes" / "square").glob("*.png"))
+    (root / "top.png").write_bytes(src[0].read_bytes())
+    (root / "a" / "b" / "deep.png").write_bytes(src[1].read_bytes())
+    (root / "a" / "readme.txt").write_text("not listed")
+    assert list(expand_inputs([str(root)])) == [str(root / "a" / "b" / "deep.png"),
+                                                 str(root / "top.png")]
+    code = main(["predict", "--model", str(base / "bundle"), str(root), "--json"])
+    records = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(records) == 2
+    assert all(r["predictions"][0]["label"] in ("disc", "square") for r in records)
+    assert len(records[0]["predictions"]) == 2  # top-k is capped at the class count
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        list(expand_inputs([str(empty)]))
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/www (no network needed)."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_url_input(tmp_path_factory, http_folder, capsys):
+    base = trained_shapes(tmp_path_factory)
+    www, url = http_folder
+    img = sorted((base / "shapes" / "disc").glob("*.png"))[0]
+    (www / "disc.png").write_bytes(img.read_bytes())
+    (www / "page.html").write_text("<html>hello</html>")
+    predictor = Predictor.load(base / "bundle")
+    from_url, from_file, html, missing = predictor.predict(
+        [f"{url}/disc.png", str(img), f"{url}/page.html", f"{url}/nothing.png"], top_k=2)
+    assert [p.label for p in from_url] == [p.label for p in from_file]
+    assert from_url[0].probability == pytest.approx(from_file[0].probability, abs=1e-6)
+    assert isinstance(html, UnreadableImage)
+    assert isinstance(missing, InputError) and "404" in str(missing)
+    with pytest.raises(InputError, match="cap"):
+        fetch_url(f"{url}/disc.png", max_bytes=10)
+    code = main(["predict", "--model", str(base / "bundle"), f"{url}/disc.png", "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)[0]["input"] == f"{url}/disc.png"
+
+
+@pytest.fixture
+def mnist_style_bundle(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=28, width=8)
+    contract = Preprocess(input_size=28, channels=1, mean=(0.5,), std=(0.5,), invert="auto")
+    bundle = Bundle(tmp_path / "digits", {"name": "fast-cnn", "args": {
+        "in_channels": 1, "num_classes": 10, "image_size": 28, "width": 8}},
+        [str(i) for i in range(10)], contract)
+    return save_bundle(bundle, model)
+
+
+def test_invert_on_mnist_style_bundle(mnist_style_bundle, tmp_path, capsys):
+    arr = np.full((28, 28), 235, np.uint8)  # a dark-on-light "photo" of a digit
+    arr[5:23, 12:16] = 15
+    photo = tmp_path / "photo.png"
+    Image.fromarray(arr).save(photo)
+    flipped = tmp_path / "flipped.png"
+    Image.fromarray(255 - arr).save(flipped)
+
+    def probs(path, *flags):
+        assert main(["predict", "--model", str(mnist_style_bundle.path), str(path), "--json",
+                     "--top-k", "10", *flags]) == 0
+        preds = json.loads(capsys.readouterr().out)[0]["predictions"]
+        return {p["label"]: p["probability"] for p in preds}
+
+    inverted = probs(photo, "--invert", "yes")
+    reference = probs(flipped, "--invert", "no")
+    auto = probs(photo)  # the bundle's contract says auto: a light border is inverted
+    raw = probs(photo, "--invert", "no")
+    for label in reference:
+        assert inverted[label] == pytest.approx(reference[label], abs=1e-5)
+        assert auto[label] == pytest.approx(reference[label], abs=1e-5)
+    assert any(abs(raw[k] - reference[k]) > 1e-4 for k in reference)
+
+
+def test_predict_truncated_only_input_fails(tmp_path_factory, tmp_path, capsys):
+    base = trained_shapes(tmp_path_factory)
+    bad = truncated_jpeg(tmp_path / "cut.jpg")
+    assert main(["predict", "--model", str(base / "bundle"), str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgrec: error: ")
+    assert "cut.jpg" in err[0] and "truncated" in err[0]

@@ -1,0 +1,165 @@
+"""The evaluation report: renders offline in headless Chromium with the confusion matrix and
+the mistakes gallery visible; calibration maths; TensorBoard extras of training."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgrec.cli import main
+from imgrec.report import calibration_bins, fit_temperature, rescale
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run",
+                  "--window-size=1280,2000"]
+
+PROBE = """<script>
+window.addEventListener('load', () => {
+  const rect = id => { const r = document.getElementById(id).getBoundingClientRect();
+                       return [r.left, r.top, r.width, r.height]; };
+  const images = [...document.images].map(i => ({src: i.getAttribute('src'),
+      w: i.naturalWidth, shown: i.getBoundingClientRect().width,
+      ok: i.complete && i.naturalWidth > 0}));
+  const pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify({images, confusion: rect('confusion'),
+                                    mistakes: rect('mistakes')});
+  document.body.appendChild(pre);
+});
+</script></body>"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A fast-cnn trained one epoch on the split shapes dataset, with TensorBoard on."""
+    from conftest import make_shapes_dataset
+    from imgrec.train.loop import train
+
+    root = tmp_path_factory.mktemp("report")
+    data = make_shapes_dataset(root / "shapes", per_class=24, layout="split")
+    result = train(str(data), model="fast-cnn", epochs=1, image_size=32, batch_size=16,
+                   out=str(root / "bundle"), quiet=True, tensorboard=True, lr=1e-4)
+    return result.bundle.path, data
+
+
+def test_temperature_fit_recovers_a_known_temperature():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 5))
+    true_t = 2.5
+    p = np.exp(logits / true_t)
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p])
+    overconfident = np.exp(logits)
+    overconfident /= overconfident.sum(1, keepdims=True)
+    t = fit_temperature(overconfident, y)
+    assert t == pytest.approx(true_t, rel=0.08)
+    before = calibration_bins(overconfident, y)["ece"]
+    after = calibration_bins(rescale(overconfident, 1.0, t), y)["ece"]
+    assert after < before / 3 and after < 0.03
+
+
+def test_ece_of_known_bins():
+    probs = np.array([[0.9, 0.1]] * 10 + [[0.6, 0.4]] * 10)
+    y = np.array([0] * 9 + [1] + [0] * 3 + [1] * 7)  # 90% right at 0.9, 30% right at 0.6
+    cal = calibration_bins(probs, y, bins=10)
+    assert cal["ece"] == pytest.approx(0.5 * 0.0 + 0.5 * 0.3)
+    assert cal["count"].sum() == 20
+
+
+def test_report_renders_offline_in_chromium(trained, tmp_path):
+    bundle, data = trained
+    out = tmp_path / "report"
+    before = json.loads((bundle / "imgrec.json").read_text())["temperature"]
+    assert main(["evaluate", str(bundle), str(data), "--report", str(out), "--calibrate",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    meta = json.loads((bundle / "imgrec.json").read_text())
+    assert before == 1.0 and meta["temperature"] != 1.0  # stored in the bundle
+    index = out / "index.html"
+    page = index.read_text()
+    # self-contained: nothing fetched, no scripts
+    assert "<script" not in page
+    refs = re.findall(r"""(?:src|href)=['"]?([^'" >]+)""", page)
+    assert refs and all(not re.match(r"^[a-z]+:", r) for r in refs), refs
+    for r in refs:
+        assert (out / r).is_file(), r
+    for text in ("Confusion matrix", "Most confident mistakes", "expected calibration error",
+                 "Fingerprint", "dataset fingerprint", "weights sha256", "temperature"):
+        assert text in page, text
+    fingerprint = json.loads((bundle / "imgrec.json").read_text())["training"]
+    assert fingerprint["data_fingerprint"] in page
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    wrong = int(metrics["n"] - round(metrics["accuracy"] * metrics["n"]))
+    assert wrong > 0, "the one-epoch bundle should make mistakes to show"
+    assert page.count("class=mistake>") == min(wrong, 12)
+    assert page.count("-gradcam.png") == min(wrong, 12)
+    assert (out / "curves.png").is_file() and (out / "reliability.png").is_file()
+
+    # render it: probe a copy for loaded images and element positions, then screenshot
+    chromium = _chromium()
+    probe = out / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE))
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'u1'}",
+                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    info = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert all(i["ok"] and i["shown"] > 0 for i in info["images"]), info["images"]
+    srcs = {i["src"] for i in info["images"]}
+    assert "confusion_matrix.png" in srcs and any("-gradcam.png" in s for s in srcs)
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'u2'}",
+                    f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (2000, 1280)
+    for name in ("confusion", "mistakes"):
+        x, y, w, h = (int(v) for v in info[name])
+        assert y + h <= 2000, f"{name} is below the first screen"
+        region = pixels[y : y + h, x : x + w]
+        assert region.std() > 20, f"{name} region renders blank"
+    x, y, w, h = (int(v) for v in info["confusion"])
+    region = pixels[y : y + h, x : x + w]
+    blue = region[..., 2] > region[..., 0] + 40
+    assert blue.mean() > 0.05  # the matrix's Blues cells are painted
+    x, y, w, h = (int(v) for v in info["mistakes"])
+    region = pixels[y : y + h, x : x + w]
+    warm = (region[..., 0] > 150) & (region[..., 0] > region[..., 2] + 60)
+    assert warm.any()  # Grad-CAM overlays (jet reds) in the gallery
+
+
+def test_tensorboard_extras(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    bundle, _ = trained
+    ea = EventAccumulator(str(bundle), size_guidance={"images": 0, "scalars": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    assert {"train/sample_batch", "val/confusion_matrix"} <= set(tags["images"])
+    assert "lr" in tags["scalars"]
+    grid = ea.Images("train/sample_batch")[0]
+    assert grid.width >= 32 * 4
+    assert [e.step for e in ea.Images("val/confusion_matrix")] == [1]
+
+
+def test_evaluate_report_errors(trained, tmp_path, capsys):
+    bundle, data = trained
+    flat = tmp_path / "flat"
+    for c in ("disc", "square"):
+        (flat / c).mkdir(parents=True)
+    assert main(["evaluate", str(bundle), str(flat), "--report", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.startswith("imgrec: error:")

@@ -1,0 +1,201 @@
+"""Training end to end on generated data: the bundle and its record, resume, early stopping,
+reproducibility, class weights, and bad files that are skipped and reported."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_shapes_dataset
+from helpers import truncated_jpeg, write_pixel_csv
+
+from imgrec.bundle import load_model, read_bundle
+from imgrec.errors import ImgrecError
+from imgrec.evaluate import evaluate_bundle
+from imgrec.predict import Predictor
+from imgrec.train import loop
+from imgrec.train.loop import TrainConfig, Trainer, _class_weights, train
+
+pytestmark = pytest.mark.slow
+
+FAST = dict(model="fast-cnn", image_size=32, batch_size=16, augment="none", workers=0,
+            quiet=True)
+
+
+def _strip(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_train_folder_end_to_end(shapes, tmp_path):
+    out = tmp_path / "run"
+    result = train(str(shapes), epochs=3, out=str(out), **FAST)
+    assert result.test_metrics["accuracy"] >= 0.75  # chance is 0.5
+    assert len(result.history) == 3 and not result.interrupted and result.skipped == {}
+    for name in ("imgrec.json", "model.safetensors", "history.csv", "curves.png",
+                 "checkpoint.pt", "config.json"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*")), "no TensorBoard events"
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    with (out / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(rows[0])
+
+    bundle = read_bundle(out)
+    assert bundle.classes == ["disc", "square"]
+    assert bundle.preprocess.input_size == 32 and bundle.preprocess.channels == 3
+    assert bundle.metrics["test"]["accuracy"] == result.test_metrics["accuracy"]
+    assert bundle.training["epochs_run"] == 3 and bundle.training["seed"] == 0
+
+    report = evaluate_bundle(out, str(shapes), "test")
+    assert report.accuracy == pytest.approx(result.test_metrics["accuracy"])
+    preds = Predictor.load(out).predict(sorted(str(p) for p in (shapes / "square").glob("*"))[:6],
+                                        top_k=2)
+    assert sum(p[0].label == "square" for p in preds) >= 4
+    assert all(abs(sum(x.probability for x in p) - 1) < 1e-4 for p in preds)
+
+
+def test_train_pixel_csv_in_memory(tmp_path):
+    labels = [i % 4 for i in range(120)]
+    path = write_pixel_csv(tmp_path / "letters_train.csv", labels, seed=0)
+    write_pixel_csv(tmp_path / "letters_test.csv", [i % 4 for i in range(40)], seed=1)
+    result = train(str(path), model="fast-cnn", epochs=3, batch_size=32, quiet=True,
+                   tensorboard=False, out=str(tmp_path / "run"), model_args={"width": 8})
+    bundle = result.bundle
+    assert bundle.preprocess.channels == 1 and bundle.preprocess.input_size == 28
+    assert bundle.preprocess.invert == "auto"  # MNIST-style data inverts dark-on-light photos
+    assert result.test_metrics["n"] == 40
+    assert result.test_metrics["accuracy"] >= 0.6  # chance is 0.25
+
+
+def test_resume_after_interrupt_continues(shapes, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real = Trainer._train_epoch
+
+    def interrupt_in_epoch_2(self, model, batches, opt, sched, *a, **k):
+        if a[4] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return real(self, model, batches, opt, sched, *a, **k)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupt_in_epoch_2)
+    first = train(str(shapes), epochs=2, out=str(out), **FAST)
+    assert first.interrupted and len(first.history) == 1
+    assert (out / "model.safetensors").is_file()  # the best so far is saved
+    monkeypatch.setattr(Trainer, "_train_epoch", real)
+
+    resumed = train(str(shapes), epochs=2, out=str(out), resume=True, **FAST)
+    assert not resumed.interrupted
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert resumed.history[0] == first.history[0]  # epoch 1 came from the checkpoint
+
+
+def test_resume_with_more_epochs_extends(shapes, tmp_path):
+    out = tmp_path / "run"
+    one = train(str(shapes), epochs=1, out=str(out), **FAST)
+    more = train(str(shapes), epochs=3, out=str(out), resume=True, **FAST)
+    assert [r["epoch"] for r in more.history] == [1, 2, 3]
+    assert _strip(more.history[:1]) == _strip(one.history)
+    assert more.bundle.training["epochs_run"] == 3
+    # The extended one-cycle schedule ends annealed, as a fresh 3-epoch run would.
+    assert more.history[-1]["lr"] < 1e-5 < more.history[1]["lr"]
+
+
+def test_resume_refuses_other_settings(shapes, tmp_path):
+    out = tmp_path / "run"
+    train(str(shapes), epochs=1, out=str(out), **FAST)
+    with pytest.raises(ImgrecError, match="other data, model or settings"):
+        train(str(shapes), epochs=2, out=str(out), resume=True, **{**FAST, "image_size": 24})
+    with pytest.raises(ImgrecError, match="no checkpoint"):
+        train(str(shapes), epochs=1, out=str(tmp_path / "fresh"), resume=True, **FAST)
+
+
+def test_same_seed_same_history(shapes, tmp_path):
+    a = train(str(shapes), epochs=2, out=str(tmp_path / "a"), seed=7, tensorboard=False, **FAST)
+    b = train(str(shapes), epochs=2, out=str(tmp_path / "b"), seed=7, tensorboard=False, **FAST)
+    assert _strip(a.history) == _strip(b.history)
+    wa, wb = load_model(a.bundle).state_dict(), load_model(b.bundle).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_early_stopping_restores_best(shapes, tmp_path, monkeypatch):
+    scripted = iter([0.5, 0.9, 0.6, 0.6, 0.6, 0.6])
+    states = []
+
+    def fake_evaluate(self, model, *a, **k):
+        states.append(copy.deepcopy(model.state_dict()))
+        return 0.5, next(scripted)
+
+    monkeypatch.setattr(Trainer, "_evaluate", fake_evaluate)
+    result = train(str(shapes), epochs=6, patience=2, out=str(tmp_path / "run"),
+                   tensorboard=False, **FAST)
+    assert result.stopped_early and len(result.history) == 4
+    assert result.bundle.training["best_epoch"] == 2
+    saved = load_model(read_bundle(result.bundle.path)).state_dict()
+    best = states[1]
+    assert all(torch.equal(saved[k].cpu(), best[k].cpu()) for k in saved)
+    assert not all(torch.equal(saved[k].cpu(), states[3][k].cpu()) for k in saved)
+
+
+def test_class_weights_for_imbalanced_folder(tmp_path, monkeypatch):
+    data = make_shapes_dataset(tmp_path / "imb", per_class=40)
+    for p in sorted((data / "square").glob("*.png"))[12:]:
+        p.unlink()  # 40 discs vs 12 squares
+    weights_seen = []
+    real = F.cross_entropy
+
+    def spy(*a, weight=None, **k):
+        if weight is not None:
+            weights_seen.append(weight.detach().cpu())
+        return real(*a, weight=weight, **k)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    train(str(data), epochs=1, out=str(tmp_path / "run"), tensorboard=False, **FAST)
+    assert weights_seen, "no class weights reached the loss"
+    w = weights_seen[0]
+    assert w[1] > 2 * w[0]  # the rare class (square) weighs more
+    assert _class_weights(np.array([0, 0, 1, 1]), 2, "auto", "cpu") is None  # balanced
+    assert _class_weights(np.array([0, 0, 1, 1]), 2, "balanced", "cpu") is not None
+    assert _class_weights(np.array([0] * 9 + [1]), 2, "none", "cpu") is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_files_are_skipped_and_reported(tmp_path, capsys, workers):
+    data = make_shapes_dataset(tmp_path / "bad", per_class=30)
+    truncated_jpeg(data / "disc" / "broken.jpg")
+    (data / "square" / "notes.jpg").write_text("this is not a picture\n")
+    result = train(str(data), epochs=1, out=str(tmp_path / "run"), tensorboard=False,
+                   **{**FAST, "workers": workers})
+    skipped = {p.split("/")[-1]: why for p, why in result.skipped.items()}
+    assert set(skipped) == {"broken.jpg", "notes.jpg"}
+    assert "truncated" in skipped["broken.jpg"] and "not an image" in skipped["notes.jpg"]
+    err = capsys.readouterr().err  # listed at the end even with --quiet
+    assert "skipped 2 unreadable file(s)" in err
+    assert "broken.jpg" in err and "notes.jpg" in err
+    assert read_bundle(result.bundle.path).training["skipped_files"] == 2
+
+
+def test_invalid_config():
+    for bad in ({"epochs": 0}, {"optimizer": "foo"}, {"lr": -1.0}, {"invert": "maybe"},
+                {"image_size": 4}):
+        with pytest.raises(ImgrecError):
+            Trainer(TrainConfig(data="mnist", **bad))
+
+
+def test_optimizers_all_train(shapes, tmp_path):
+    small = make_shapes_dataset(tmp_path / "small", per_class=10)
+    for name in ("sgd", "rmsprop", "adam"):
+        r = train(str(small), epochs=1, optimizer=name, out=str(tmp_path / name),
+                  tensorboard=False, **FAST)
+        assert r.bundle.training["optimizer"] == name
+        assert np.isfinite(r.history[0]["train_loss"])
+    shutil.rmtree(tmp_path / "small")
+
+
+def test_loop_module_has_no_hidden_state():
+    # The Trainer picks the recipe per run: a folder gets the folder recipe.
+    assert loop.recipe_for("folder")["model"] == "small-cnn"

