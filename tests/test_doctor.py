@@ -133,3 +133,46 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert main(["doctor"]) == 2
     assert main(["doctor", "--undo", str(tmp_path / "nope.json")]) == 2
+
+
+def test_modes_tiny_stray_and_imbalance(tmp_path):
+    """A flat dataset with one file of each unusual kind, and a 12:3 class imbalance."""
+    import numpy as np
+
+    root = tmp_path / "flat"
+    a, b = root / "apples", root / "pears"
+    a.mkdir(parents=True)
+    b.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(a / f"{i}.jpg")
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(b / f"{i}.png")
+    def noise():  # distinct content per file (identical content is a duplicate)
+        return rng.integers(0, 255, (48, 48), dtype=np.uint8)
+
+    Image.fromarray(noise()).save(a / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (48, 48, 4), dtype=np.uint8)).save(a / "alpha.png")
+    Image.fromarray(noise()).convert("P").save(a / "palette.gif")
+    Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).convert("CMYK").save(
+        a / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (48, 48), dtype=np.uint16)).save(b / "deep.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(a / "tiny.png")
+    Image.fromarray(noise()).save(root / "stray.png")
+    (a / "empty.jpg").write_bytes(b"")
+    report = scan(root)
+    found = _by_path(report)
+    assert report.layout == "flat" and report.files_scanned == 19
+    for name in ("grey.png", "alpha.png", "palette.gif", "cmyk.jpg"):
+        assert found[f"apples/{name}"] == {"mode"}, name
+    assert found["pears/deep.png"] == {"mode"}
+    assert "16" in next(i.detail for i in report.issues if i.path == "pears/deep.png")
+    assert found["apples/tiny.png"] == {"tiny"}
+    assert found["stray.png"] >= {"stray"}
+    assert found["apples/empty.jpg"] == {"empty"}
+    assert report.classes["apples"]["total"] == 14 and report.classes["pears"]["total"] == 4
+    assert report.imbalance_ratio == pytest.approx(3.5)
+    assert found["."] == {"imbalance"}
+    assert set(found) == {"apples/grey.png", "apples/alpha.png", "apples/palette.gif",
+                          "apples/cmyk.jpg", "pears/deep.png", "apples/tiny.png", "stray.png",
+                          "apples/empty.jpg", "."}

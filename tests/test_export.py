@@ -62,6 +62,15 @@ def test_int8_export_is_recorded_and_served_until_stale(tmp_path, capsys):
     os.utime(bundle.onnx_path, (later, later))
     assert serving_onnx_path(read_bundle(path)) == bundle.onnx_path
 
+    # Retraining (save_bundle writes new weights) removes both exports.
+    from imgrec.bundle import load_model, save_bundle
+
+    copy = make_tiny_bundle(tmp_path / "copy", int8=True)
+    assert (copy / ONNX_INT8_FILE).exists()
+    b = read_bundle(copy)
+    save_bundle(b, load_model(b))
+    assert not (copy / ONNX_INT8_FILE).exists() and not (copy / "model.onnx").exists()
+
     # Exporting again without --int8 removes the int8 file and records float32 serving.
     export_bundle(path)
     bundle = read_bundle(path)

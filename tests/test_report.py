@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +47,7 @@ def _chromium() -> str:
 def trained(tmp_path_factory):
     """A fast-cnn trained one epoch on the split shapes dataset, with TensorBoard on."""
     from conftest import make_shapes_dataset
+
     from imgrec.train.loop import train
 
     root = tmp_path_factory.mktemp("report")

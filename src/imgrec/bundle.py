@@ -104,7 +104,8 @@ def read_bundle(path: str | Path, need_weights: bool = True) -> Bundle:
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{meta_path}: unreadable ({e})", "retrain or restore the bundle") from None
+        raise BundleError(f"{meta_path}: unreadable ({e})",
+                          "retrain or restore the bundle") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{meta_path}: not an imgrec bundle description")
     version = meta.get("format_version")
@@ -154,9 +155,9 @@ def save_bundle(bundle: Bundle, model: Any) -> Bundle:
     tmp = bundle.path / f".{WEIGHTS_FILE}.tmp"
     save_file(state, str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, bundle.weights_path)
-    stale_onnx = bundle.onnx_path
-    if stale_onnx.exists():  # the weights changed: an old export would disagree with them
-        stale_onnx.unlink()
+    # The weights changed: an old export (float32 or int8) would disagree with them.
+    for stale in (bundle.onnx_path, bundle.path / "model.int8.onnx"):
+        stale.unlink(missing_ok=True)
     bundle.write_meta()
     return bundle
 

@@ -465,6 +465,8 @@ def doctor(
     and near duplicates (leaks across train/validation/test) and class balance.
 
     Example: imgrec doctor data/cats-dogs --json doctor.json --quarantine data/quarantine
+
+    Undo a quarantine: imgrec doctor --undo data/quarantine/manifest.json
     """
     from . import doctor as doc
 

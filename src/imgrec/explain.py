@@ -324,8 +324,8 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], pixels: np.ndarray, pa
             else:
                 ax.axis("off")
     fig.suptitle(title or "Feature maps per convolutional stage (most active channels)",
-                 fontsize=11)
-    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.03, top=1 - 0.6 / fig.get_figheight(),
+                 fontsize=11, y=1 - 0.2 / fig.get_figheight())
+    fig.subplots_adjust(left=0.07, right=0.99, bottom=0.03, top=1 - 0.75 / fig.get_figheight(),
                         wspace=0.45, hspace=0.55)  # tight_layout is slow on large grids
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

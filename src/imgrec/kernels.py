@@ -106,7 +106,7 @@ def plot(demo: Demo, path: Path, title: str = "") -> Path:
         show(ax, demo.outputs[name], name)
     fig.suptitle(title or f"Convolution demo on a {h}x{w} image: kernels, padding, stride, "
                           "pooling (output sizes under each title)", fontsize=13)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.05, top=0.91, wspace=0.3, hspace=0.45)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -214,7 +214,6 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
     # training curves: the bundle's own figure, else drawn from its history
     curves = None
     src_curves = bundle.path / "curves.png"
-    history: list[dict] = []
     from .train.record import plot_curves, read_history
 
     history = read_history(bundle.path / "history.csv")
@@ -347,7 +346,7 @@ def _html(bundle: Bundle, rep: EvalReport, cal, cal_before, t_before, wrong, con
         hist = ("<table><tr><th>epoch</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys) +
                 "</tr>" + hist_rows + "</table>")
     else:
-        hist = "<p>The bundle has no training history (a pretrained model).</p>"
+        hist = "<p>The bundle has no training history (no history.csv).</p>"
     curves = (f"<figure><img src='{_e(curves_png)}' alt='training curves' width=760>"
               "<figcaption>loss and accuracy per epoch, from the bundle</figcaption></figure>"
               if curves_png else "")

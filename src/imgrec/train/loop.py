@@ -129,7 +129,8 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
     if name == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
     raise ImgrecError(f"unknown optimizer {name!r}", f"choose one of {', '.join(OPTIMIZERS)}")
