@@ -136,3 +136,21 @@ def test_real_entry_point_subprocess(tmp_path):
     assert "--epochs" in flag.stderr and "Traceback" not in flag.stderr
     ok = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert ok.returncode == 0 and "train" in ok.stdout
+
+
+def test_cli_train_lists_skipped_files(capsys, tmp_path):
+    from conftest import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "bad", per_class=12)
+    truncated_jpeg(data / "disc" / "broken.jpg")
+    (data / "square" / "notes.jpg").write_text("not a picture")
+    code = main(["train", str(data), "--model", "fast-cnn", "--epochs", "1", "--image-size",
+                 "24", "--workers", "0", "--out", str(tmp_path / "run"), "--json",
+                 "--no-tensorboard"])
+    captured = capsys.readouterr()
+    assert code == 0
+    summary = json.loads(captured.out)  # stdout stays pure JSON
+    assert sorted(p.rsplit("/", 1)[-1] for p in summary["skipped"]) == ["broken.jpg", "notes.jpg"]
+    tail = captured.err.strip().splitlines()[-3:]  # the run ends by listing them
+    assert tail[0] == "skipped 2 unreadable file(s):"
+    assert {t.split(":")[0].rsplit("/", 1)[-1] for t in tail[1:]} == {"broken.jpg", "notes.jpg"}

@@ -18,7 +18,6 @@ from imgrec.bundle import load_model, read_bundle
 from imgrec.errors import ImgrecError
 from imgrec.evaluate import evaluate_bundle
 from imgrec.predict import Predictor
-from imgrec.train import loop
 from imgrec.train.loop import TrainConfig, Trainer, _class_weights, train
 
 pytestmark = pytest.mark.slow
@@ -194,8 +193,3 @@ def test_optimizers_all_train(shapes, tmp_path):
         assert r.bundle.training["optimizer"] == name
         assert np.isfinite(r.history[0]["train_loss"])
     shutil.rmtree(tmp_path / "small")
-
-
-def test_loop_module_has_no_hidden_state():
-    # The Trainer picks the recipe per run: a folder gets the folder recipe.
-    assert loop.recipe_for("folder")["model"] == "small-cnn"

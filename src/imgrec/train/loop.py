@@ -136,7 +136,7 @@ def _optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim
     raise ImgrecError(f"unknown optimizer {name!r}", f"choose one of {', '.join(OPTIMIZERS)}")
 
 
-def _one_cycle(opt, lr: float, steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+def _one_cycle(opt, lr: float | list[float], steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle over `steps` optimizer steps. Warm-up is a quarter of the run but at least
     1.5 steps: OneCycleLR divides by zero when its warm-up phase ends on step 0 (<= 4 steps)."""
     total = max(2, steps)
