@@ -31,7 +31,7 @@ from ..errors import InputError, ModelError
 from ..models.pretrained import Backbone
 
 CACHE_FORMAT = 1
-BATCH = 64
+BATCH = 32
 
 
 def cache_root() -> Path:
