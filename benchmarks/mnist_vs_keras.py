@@ -14,7 +14,16 @@ import json
 import re
 import statistics
 
-from common import IMGREC, WORK, clean, keras_python, mnist_dir, shared_baseline, timed, write_result
+from common import (
+    IMGREC,
+    WORK,
+    clean,
+    keras_python,
+    mnist_dir,
+    shared_baseline,
+    timed,
+    write_result,
+)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -26,31 +26,31 @@ app = typer.Typer(
 )
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     scratch = "scratch"
     features = "features"
     finetune = "finetune"
 
 
-class Head(str, Enum):
+class Head(StrEnum):
     linear = "linear"
     mlp = "mlp"
 
 
-class Invert(str, Enum):
+class Invert(StrEnum):
     auto = "auto"
     yes = "yes"
     no = "no"
 
 
-class Optimizer(str, Enum):
+class Optimizer(StrEnum):
     adamw = "adamw"
     adam = "adam"
     sgd = "sgd"
     rmsprop = "rmsprop"
 
 
-class ClassWeights(str, Enum):
+class ClassWeights(StrEnum):
     auto = "auto"
     balanced = "balanced"
     none = "none"
@@ -86,7 +86,9 @@ def train(
         help="preset (none, flip, light, digits, standard, strong) and/or key=value list: "
              "rotation=DEG, shift=F, width_shift=F, height_shift=F, zoom=F, flip, brightness=F; "
              "e.g. 'standard,zoom=0.3'")] = None,
-    out: Annotated[Path | None, typer.Option(help="bundle folder (default runs/DATA-MODEL)")] = None,
+    out: Annotated[Path | None, typer.Option(help="bundle folder (default runs/DATA-MODEL)")] = (
+        None
+    ),
     seed: Annotated[int, typer.Option(help="seed for splits, init and shuffling")] = 0,
     lr: Annotated[float | None, typer.Option(help="peak learning rate (one-cycle)")] = None,
     optimizer: Annotated[Optimizer | None, typer.Option()] = None,

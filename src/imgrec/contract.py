@@ -136,7 +136,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_input(source, contract: Preprocess, invert: str | None = None, max_pixels: int | None = None):
+def load_input(
+    source, contract: Preprocess, invert: str | None = None, max_pixels: int | None = None
+):
     """Decode a file or bytes and apply the contract: uint8 C x H x W. The one path from an
     image on disk or on the wire to model pixels (train, evaluate, predict, serve)."""
     from .images import MAX_PIXELS, decode_image

@@ -186,7 +186,8 @@ def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"{url}: cannot fetch ({e})", "check the address and the network") from None
+        raise InputError(f"{url}: cannot fetch ({e})",
+                         "check the address and the network") from None
     if len(data) > max_bytes:
         raise InputError(f"{url}: larger than the {max_bytes:,}-byte cap")
     return data

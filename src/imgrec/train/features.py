@@ -174,11 +174,12 @@ class Extractor:
                 return int(json.loads(meta.read_text())["dim"])
             except (ValueError, KeyError, OSError):
                 pass
+        from ..bundle import atomic_write_text
+
         dim = int(self.model().num_features)
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        meta.write_text(json.dumps({"backbone": self.backbone.name, "weights":
-                                    self.backbone.identity, "dim": dim,
-                                    "preprocess": self.contract.to_dict()}, indent=2) + "\n")
+        record = {"backbone": self.backbone.name, "weights": self.backbone.identity, "dim": dim,
+                  "preprocess": self.contract.to_dict()}
+        atomic_write_text(meta, json.dumps(record, indent=2) + "\n")
         return dim
 
     def engine(self) -> Callable[[np.ndarray], np.ndarray]:

@@ -96,6 +96,9 @@ def setup_transfer(t: Trainer) -> None:
         from .augment import Augment
 
         t.augment = Augment.parse(defaults["augment"])
+    if cfg.augment_views and not t.augment.active:
+        raise ImgrecError("--augment-views needs an augmentation to draw the views from",
+                          "drop --augment none, or give e.g. --augment standard")
     if cfg.optimizer is None:
         t.optimizer_name = "adamw"
 
