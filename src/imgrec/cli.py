@@ -102,6 +102,9 @@ def train(
         help="auto: balance the loss when classes are imbalanced")] = ClassWeights.auto,
     invert: Annotated[Invert | None, typer.Option(
         help="recorded in the contract: invert dark-on-light inputs (MNIST-style)")] = None,
+    tta: Annotated[str | None, typer.Option(
+        help="test-time augmentation recorded in the contract: flip (average the image and "
+             "its mirror) or none (default: the recipe's)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its checkpoint")] =
     False,
     data_dir: Annotated[Path | None, typer.Option(help="root of built-in datasets "
@@ -125,7 +128,7 @@ def train(
         batch_size=batch_size, augment=augment, out=str(out) if out else None, seed=seed, lr=lr,
         optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay,
         label_smoothing=label_smoothing, patience=patience, val_fraction=val_fraction,
-        class_weights=class_weights.value, invert=invert.value if invert else None,
+        class_weights=class_weights.value, invert=invert.value if invert else None, tta=tta,
         resume=resume, data_dir=str(data_dir) if data_dir else None, workers=workers,
         device=device, quiet=quiet or json_out, tensorboard=tensorboard,
         pretrained=pretrained, weights=str(weights) if weights else None, head=head.value,

@@ -42,6 +42,9 @@ class Preprocess:
     mean: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     std: tuple[float, ...] = field(default=(0.5, 0.5, 0.5))
     invert: Literal["auto", "yes", "no"] = "no"
+    #: test-time augmentation: ("flip",) averages the logits of the image and its mirror
+    #: (airbench's flip TTA); applied by Predictor and training-time validation alike.
+    tta: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -50,11 +53,13 @@ class Preprocess:
             raise BundleError("preprocess mean/std must have one value per channel")
         if self.interpolation not in _RESAMPLE:
             raise BundleError(f"unknown interpolation {self.interpolation!r}")
+        if set(self.tta) - {"flip"}:
+            raise BundleError(f"unknown test-time augmentation {self.tta!r} (known: flip)")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
+        d["mean"], d["std"], d["tta"] = list(self.mean), list(self.std), list(self.tta)
         return d
 
     @classmethod
@@ -62,6 +67,7 @@ class Preprocess:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         known["mean"] = tuple(known.get("mean", (0.5,) * known.get("channels", 3)))
         known["std"] = tuple(known.get("std", (0.5,) * known.get("channels", 3)))
+        known["tta"] = tuple(known.get("tta") or ())
         return cls(**known)
 
     def replace(self, **changes: Any) -> Preprocess:

@@ -121,7 +121,11 @@ class Predictor:
     # -- core ------------------------------------------------------------------------------
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 N x C x H x W (already through the contract) -> logits N x classes."""
-        return self.engine(self.contract.normalize(pixels))
+        x = self.contract.normalize(pixels)
+        out = self.engine(x)
+        if "flip" in self.contract.tta:
+            out = (out + self.engine(np.ascontiguousarray(x[..., ::-1]))) / 2
+        return out
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [softmax(self.logits(pixels[i : i + batch_size]), self.bundle.temperature)

@@ -120,6 +120,8 @@ class OnnxFeatures:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
+        # No busy-waiting between ops: the decoding threads and other processes get the cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(onnx_path), opts,
                                             providers=["CPUExecutionProvider"])
 

@@ -64,6 +64,7 @@ class TrainConfig:
     device: str | None = None
     quiet: bool = False
     tensorboard: bool = True
+    tta: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     pretrained: bool = False  # timm hub weights for --model (transfer modes)
     weights: str | None = None  # a local safetensors / state-dict file for --model
@@ -213,6 +214,11 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.out = Path(cfg.out or Path("runs") / f"{self.ds.name}-{self.model_name}")
         self.contract = _contract_for(self.model_name, self.ds, self.image_size, cfg.invert)
+        tta = pick("tta") or "none"
+        if tta not in ("none", "flip"):
+            raise ImgrecError(f"--tta must be none or flip, not {tta!r}")
+        if tta == "flip":
+            self.contract = self.contract.replace(tta=["flip"])
         setup_transfer(self)  # sets self.mode; transfer modes: backbone, contract, defaults
 
     # ------------------------------------------------------------------------------------
@@ -416,7 +422,10 @@ class Trainer:
             if x is None:
                 continue
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp):
-                logits = model(self._prep(x, False, channels_last)).float()
+                xin = self._prep(x, False, channels_last)
+                logits = model(xin).float()
+                if "flip" in self.contract.tta:  # the same TTA the Predictor applies
+                    logits = (logits + model(xin.flip(-1)).float()) / 2
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
             cm += torch.bincount(y * n + logits.argmax(1), minlength=n * n)
