@@ -6,8 +6,8 @@ STAMP := $(VENV)/.imgrec-installed
 
 .PHONY: run test install lint bench clean
 
-run: $(STAMP)  ## predict what is in the bundled sample photos with the offline ImageNet model
-	$(BIN)/imgrec predict
+run: $(STAMP)  ## serve the offline ImageNet model: a web page and a JSON API on http://127.0.0.1:8000/
+	$(BIN)/imgrec serve
 
 # The browser test drives Debian's headless Chromium (Playwright's own download needs the
 # internet). Installed when missing and we are root (CI); otherwise that test skips.

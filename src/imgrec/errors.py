@@ -17,7 +17,9 @@ class ImgrecError(Exception):
         self.hint = hint
 
     def __str__(self) -> str:
-        return f"{self.message}. {self.hint}" if self.hint else self.message
+        if not self.hint:
+            return self.message
+        return f"{self.message}. {self.hint[:1].upper()}{self.hint[1:]}"
 
 
 class DataError(ImgrecError):

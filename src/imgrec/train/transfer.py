@@ -86,7 +86,7 @@ def setup_transfer(t: Trainer) -> None:
         raise ImgrecError(f"--mode {mode} needs colour image files (a folder or a CSV of paths)",
                           "built-in array datasets train with --mode scratch")
     t.backbone = resolve_backbone(t.model_name, cfg.pretrained, cfg.weights, cfg.image_size)
-    t.contract = t.backbone.contract
+    t.contract = t.backbone.contract.replace(tta=list(t.contract.tta))  # keep --tta
     t.image_size = t.contract.input_size
     defaults = FEATURES_DEFAULTS if mode == "features" else FINETUNE_DEFAULTS
     for name in ("epochs", "lr", "batch_size", "patience", "weight_decay", "label_smoothing"):
@@ -351,7 +351,15 @@ def run_features(t: Trainer) -> TrainResult:
             tb.epoch(row)
         tb.close()
     test_metrics = None
-    if "test" in prep.feats and len(prep.feats["test"][0]):
+    if "test" in prep.feats and len(prep.feats["test"][0]) and t.contract.tta:
+        from ..evaluate import evaluate_bundle  # test-time augmentation: the real path
+
+        report = evaluate_bundle(bundle, ds, "test", device=t.device)
+        test_metrics = report.summary()
+        bundle.metrics = {"test": test_metrics}
+        bundle.write_meta()
+        _say(cfg, f"test    accuracy {report.accuracy:.4f} on {report.n} images (flip TTA)")
+    elif "test" in prep.feats and len(prep.feats["test"][0]):
         # The bundle's network on the test images = head(backbone features); the features are
         # the cached ones (ONNX export checked against PyTorch), so a warm run skips the backbone.
         x, y, paths = prep.feats["test"]
