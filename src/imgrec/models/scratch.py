@@ -98,7 +98,8 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 def fast_cnn(
-    in_channels: int, num_classes: int, image_size: int, width: int = 16, depth: int = 3
+    in_channels: int, num_classes: int, image_size: int, width: int = 16, depth: int = 3,
+    grid: int = 1,
 ) -> nn.Module:
     """imgrec's fast small-image net (the default recipe for MNIST-sized data): stages of
     conv -> max-pool -> BatchNorm -> ReLU that double the width and halve the resolution, then
@@ -114,8 +115,8 @@ def fast_cnn(
             layers.append(nn.MaxPool2d(2))
         layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         c = out
-    layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten()]
-    return Sequential(nn.Sequential(*layers), nn.Linear(c, num_classes))
+    layers += [nn.AdaptiveMaxPool2d(grid), nn.Flatten()]
+    return Sequential(nn.Sequential(*layers), nn.Linear(c * grid * grid, num_classes))
 
 
 def res_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 64) -> nn.Module:
