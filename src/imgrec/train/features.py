@@ -29,6 +29,7 @@ import numpy as np
 from ..contract import Preprocess, load_input
 from ..errors import InputError, ModelError
 from ..models.pretrained import Backbone
+from ..predict import OnnxEngine
 
 CACHE_FORMAT = 1
 BATCH = 32
@@ -109,26 +110,6 @@ class FeatureCache:
 
 
 # -- engines -------------------------------------------------------------------------------
-class OnnxFeatures:
-    """The backbone's pooled-feature network in ONNX Runtime (exported once, cached)."""
-
-    name = "onnx"
-
-    def __init__(self, onnx_path: Path, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
-        # No busy-waiting between ops: the decoding threads and other processes get the cores.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(onnx_path), opts,
-                                            providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"input": x.astype(np.float32, copy=False)})[0]
-
-
 class TorchFeatures:
     """The same network in PyTorch: the GPU engine, and the fallback when export fails."""
 
@@ -206,7 +187,7 @@ class Extractor:
                 self._engine = TorchFeatures(self.model(), dev)
                 return self._engine
         try:
-            self._engine = OnnxFeatures(onnx_path)
+            self._engine = OnnxEngine(path=onnx_path)
         except Exception:  # a damaged cached export: rebuild it once
             onnx_path.unlink(missing_ok=True)
             return self.engine()
