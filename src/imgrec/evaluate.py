@@ -15,6 +15,7 @@ from .bundle import Bundle, atomic_write_text
 from .contract import fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError
+from .figures import pyplot, save_figure
 from .predict import Predictor, decode_many
 from .zoo import open_bundle
 
@@ -96,10 +97,7 @@ class EvalReport:
         return "\n".join(lines)
 
     def plot_confusion(self, path: Path) -> Path:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         cm = self.confusion()
         n = len(self.labels)
@@ -118,10 +116,7 @@ class EvalReport:
                 for j in range(n):
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if cm[i, j] > cm.max() / 2 else "black")
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path, dpi=100)
         return path
 
     def write_json(self, path: Path) -> None:

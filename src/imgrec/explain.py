@@ -20,6 +20,7 @@ import numpy as np
 from .bundle import Bundle, load_model
 from .contract import load_input
 from .errors import InputError, ModelError
+from .figures import pyplot, save_figure
 from .zoo import open_bundle
 
 
@@ -240,12 +241,7 @@ class Explainer:
 
 # -- figures -------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot()
 
 
 def _rgb(pixels: np.ndarray) -> np.ndarray:
@@ -289,10 +285,7 @@ def plot_gradcam(exp: Explanation, path: Path, title: str = "", top: int = 5) ->
     fig.suptitle((title + "\n" if title else "") +
                  f"Grad-CAM for '{exp.class_name}' (p={exp.probs[exp.class_index]:.1%})  "
                  f"top: {tops}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path
 
 
@@ -327,9 +320,7 @@ def plot_feature_maps(maps: list[tuple[str, np.ndarray]], pixels: np.ndarray, pa
                  fontsize=11, y=1 - 0.2 / fig.get_figheight())
     fig.subplots_adjust(left=0.07, right=0.99, bottom=0.03, top=1 - 0.75 / fig.get_figheight(),
                         wspace=0.45, hspace=0.55)  # tight_layout is slow on large grids
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90, tight=False)
     return path
 
 
@@ -358,8 +349,5 @@ def plot_filters(name: str, weights: np.ndarray, path: Path, title: str = "",
     k = weights.shape[-1]
     fig.suptitle(title or f"First-layer kernels ({name}: {weights.shape[0]} filters, "
                           f"{weights.shape[1]} input channel(s), {k}x{k})", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return path

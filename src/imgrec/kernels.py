@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .figures import pyplot, save_figure
 from .images import decode_image
 
 KERNELS: dict[str, np.ndarray] = {
@@ -63,10 +64,7 @@ def run(image: str | Path, max_side: int = 256) -> Demo:
 
 
 def plot(demo: Demo, path: Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(demo.outputs)
     kernel_names = list(KERNELS)
@@ -107,7 +105,5 @@ def plot(demo: Demo, path: Path, title: str = "") -> Path:
     fig.suptitle(title or f"Convolution demo on a {h}x{w} image: kernels, padding, stride, "
                           "pooling (output sizes under each title)", fontsize=13)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.05, top=0.91, wspace=0.3, hspace=0.45)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, path, dpi=80, tight=False)
     return path

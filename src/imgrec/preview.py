@@ -12,6 +12,7 @@ import numpy as np
 from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import load_dataset
 from .errors import DataError, ImgrecError
+from .figures import pyplot, save_figure
 
 
 def sample(data: str, per_class: int = 6, image_size: int | None = None, seed: int = 0,
@@ -51,13 +52,11 @@ def sample(data: str, per_class: int = 6, image_size: int | None = None, seed: i
 def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
             image_size: int | None = None, seed: int = 0, data_dir: str | None = None) -> Path:
     """Write the figure: originals on the left, the same images augmented on the right."""
-    import matplotlib
     import torch
 
     from .train.augment import Augment
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     aug = Augment.parse(augment)
     classes, imgs, ds = sample(data, per_class, image_size, seed, data_dir)
@@ -82,8 +81,5 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
     more = f" (first {k} of {len(ds.classes)} classes)" if len(ds.classes) > k else ""
     fig.suptitle(f"{ds.name}: {n} training images per class{more}; left as loaded, right "
                  f"after augmentation '{aug.describe()}'", fontsize=10)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out, dpi=100)
     return out

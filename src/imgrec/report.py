@@ -23,6 +23,7 @@ from .contract import fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError, ImgrecError
 from .evaluate import EvalReport, evaluate_bundle
+from .figures import pyplot, save_figure
 from .zoo import open_bundle
 
 BINS = 15
@@ -87,10 +88,7 @@ def rescale(probs: np.ndarray, old: float, new: float) -> np.ndarray:
 
 # -- figures -------------------------------------------------------------------------------
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     return plt
 
@@ -117,9 +115,7 @@ def plot_reliability(cal: dict[str, Any], path: Path, title: str) -> Path:
     axc.set_xlabel("confidence (top-class probability)")
     axc.set_ylabel("images")
     axc.set_title("images per confidence bin", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
     return path
 
 

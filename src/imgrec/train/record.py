@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..figures import pyplot, save_figure
+
 
 def write_history(path: Path, history: list[dict]) -> None:
     if not history:
@@ -38,10 +40,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
     """Loss and accuracy per epoch, train vs validation (the workshop figure)."""
     if not history:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [int(h["epoch"]) for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -57,9 +56,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 class TensorBoard:
@@ -90,10 +87,7 @@ class TensorBoard:
         """The validation confusion matrix as an image (rows true, columns predicted)."""
         if cm is None or len(classes) > self.MAX_CONFUSION_CLASSES:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         n = len(classes)
         size = min(12, max(4, 0.45 * n + 2))

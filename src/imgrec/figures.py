@@ -1,0 +1,27 @@
+"""Matplotlib, headless: every figure imgrec draws is made and saved through here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed; imported only when drawing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    path = Path(path)
+    if tight:
+        fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
