@@ -13,7 +13,7 @@ from typing import Annotated
 import click
 import typer
 
-from .errors import ImgrecError
+from .errors import ImgrecError, skipped_report
 
 app = typer.Typer(
     name="imgrec",
@@ -217,9 +217,7 @@ def evaluate(
         png = rep.plot_confusion(Path(folder) / "confusion_matrix.png")
         _echo(f"\nconfusion matrix: {png}")
     if rep.skipped:
-        _echo(f"skipped {len(rep.skipped)} unreadable file(s):")
-        for path, reason in rep.skipped.items():
-            _echo(f"  {path}: {reason}")
+        _echo(skipped_report(rep.skipped))
     if json_file:
         rep.write_json(json_file)
         _echo(f"metrics: {json_file}")

@@ -65,3 +65,12 @@ class ImageTooLarge(UnreadableImage):
 
     http_status = 413
     code = "image_too_large"
+
+
+def skipped_report(skipped: dict[str, str]) -> str:
+    """The end-of-run list of files that could not be read (training and evaluation never
+    stop for one bad file; they say which ones they passed over, and why)."""
+    lines = [f"skipped {len(skipped)} unreadable file(s):"]
+    for path, reason in sorted(skipped.items()):
+        lines.append(f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from .. import __version__
 from ..bundle import Bundle, atomic_write_bytes, save_bundle
 from ..contract import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from ..data.datasets import Dataset, load_dataset
-from ..errors import ImgrecError
+from ..errors import ImgrecError, skipped_report
 from ..models.registry import MODELS, build_model, resolve_model_name
 from .augment import Augment
 from .loaders import Batches
@@ -349,9 +349,7 @@ class Trainer:
             bundle.write_meta()
             _say(cfg, f"test    accuracy {report.accuracy:.4f} on {report.n} images")
         if skipped:  # a warning about the data, not progress: shown even with --quiet
-            print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
-            for path, reason in sorted(skipped.items()):
-                print(f"  {path}: {reason}", file=sys.stderr, flush=True)
+            print(skipped_report(skipped), file=sys.stderr, flush=True)
         return TrainResult(bundle, history, skipped, test_metrics, time.time() - t0,
                            stopped_early, interrupted)
 

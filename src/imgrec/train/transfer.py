@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ImgrecError
+from ..errors import ImgrecError, skipped_report
 from ..models.pretrained import OFFLINE_WEIGHTS, Backbone, make_head, resolve_backbone
 from .features import Extractor
 
@@ -373,9 +373,7 @@ def run_features(t: Trainer) -> TrainResult:
         bundle.write_meta()
         _say(cfg, f"test    accuracy {report.accuracy:.4f} on {report.n} images")
     if prep.skipped:  # a warning about the data, not progress: shown even with --quiet
-        print(f"skipped {len(prep.skipped)} unreadable file(s):", file=sys.stderr)
-        for path, reason in sorted(prep.skipped.items()):
-            print(f"  {path}: {reason}", file=sys.stderr, flush=True)
+        print(skipped_report(prep.skipped), file=sys.stderr, flush=True)
     import json
     from dataclasses import asdict
 
