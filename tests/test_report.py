@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     """A fast-cnn trained one epoch on the split shapes dataset, with TensorBoard on."""
     from conftest import make_shapes_dataset
 
-    from imgrec.train.loop import train
+    from imgrec.training.loop import train
 
     root = tmp_path_factory.mktemp("report")
     data = make_shapes_dataset(root / "shapes", per_class=24, layout="split")

@@ -18,7 +18,7 @@ from imgrec.bundle import load_model, read_bundle
 from imgrec.errors import ImgrecError
 from imgrec.evaluate import evaluate_bundle
 from imgrec.predict import Predictor
-from imgrec.train.loop import TrainConfig, Trainer, _class_weights, train
+from imgrec.training.loop import TrainConfig, Trainer, _class_weights, train
 
 pytestmark = pytest.mark.slow
 
@@ -193,3 +193,10 @@ def test_optimizers_all_train(shapes, tmp_path):
         assert r.bundle.training["optimizer"] == name
         assert np.isfinite(r.history[0]["train_loss"])
     shutil.rmtree(tmp_path / "small")
+
+
+def test_public_train_function_survives_importing_the_training_package():
+    import imgrec
+    import imgrec.training.loop  # noqa: F401
+
+    assert callable(imgrec.train) and callable(imgrec.evaluate)

@@ -14,7 +14,7 @@ from imgrec.contract import Preprocess
 from imgrec.errors import ModelError
 from imgrec.models import pretrained
 from imgrec.models.pretrained import OFFLINE_WEIGHTS, resolve_backbone
-from imgrec.train.features import Extractor, content_digest, extractor_key, view_key
+from imgrec.training.features import Extractor, content_digest, extractor_key, view_key
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_weights_file_loads_a_local_safetensors(tmp_path):
 
 
 def test_mode_defaults_to_features_for_a_pretrained_backbone_on_a_folder(shapes):
-    from imgrec.train.loop import TrainConfig, Trainer
+    from imgrec.training.loop import TrainConfig, Trainer
 
     t = Trainer(TrainConfig(data=str(shapes), model="efficientnet_lite0", quiet=True))
     assert t.mode == "features" and t.contract.mean == (0.5, 0.5, 0.5)

@@ -22,7 +22,7 @@ def load(model=None):
 
 
 def train(data: str, **options):
-    from .train.loop import train as _train
+    from .training.loop import train as _train
 
     return _train(data, **options)
 

@@ -120,7 +120,7 @@ def train(
 
     Example: imgrec train mnist --out runs/mnist
     """
-    from .train.loop import TrainConfig, Trainer
+    from .training.loop import TrainConfig, Trainer
 
     cfg = TrainConfig(
         data=data, model=model, mode=mode.value if mode else None, epochs=epochs,

@@ -73,6 +73,11 @@ class EvalReport:
                         "probability": float(self.probs[i, self.y_pred[i]])})
         return out
 
+    def headline(self) -> dict[str, Any]:
+        """The figures a bundle records after training (no scikit-learn import: cheap)."""
+        return {"accuracy": self.accuracy, "top5_accuracy": self.top5_accuracy, "n": self.n,
+                "split": self.split, "dataset": self.dataset}
+
     def summary(self) -> dict[str, Any]:
         """The DESIGN.md JSON schema."""
         return {"accuracy": self.accuracy, "top5_accuracy": self.top5_accuracy, "n": self.n,

@@ -210,7 +210,7 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
     # training curves: the bundle's own figure, else drawn from its history
     curves = None
     src_curves = bundle.path / "curves.png"
-    from .train.record import plot_curves, read_history
+    from .training.record import plot_curves, read_history
 
     history = read_history(bundle.path / "history.csv")
     if src_curves.is_file():

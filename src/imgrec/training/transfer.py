@@ -1,7 +1,7 @@
 """Transfer learning from a pretrained backbone: `--mode features` and `--mode finetune`.
 
 features: the backbone stays frozen; each image's pooled features come from the on-disk cache
-(train/features.py) or are computed once; a linear or small MLP head trains on the feature
+(training/features.py) or are computed once; a linear or small MLP head trains on the feature
 tensor in seconds, with early stopping on validation. The bundle holds the full network
 (backbone + the trained head), so predict/evaluate/serve/export need no training code.
 
@@ -355,7 +355,7 @@ def run_features(t: Trainer) -> TrainResult:
         from ..evaluate import evaluate_bundle  # test-time augmentation: the real path
 
         report = evaluate_bundle(bundle, ds, "test", device=t.device)
-        test_metrics = report.summary()
+        test_metrics = report.headline()
         bundle.metrics = {"test": test_metrics}
         bundle.write_meta()
         _say(cfg, f"test    accuracy {report.accuracy:.4f} on {report.n} images (flip TTA)")
@@ -368,7 +368,7 @@ def run_features(t: Trainer) -> TrainResult:
         test_skipped = {p: r for p, r in prep.skipped.items() if p in test_paths}
         report = EvalReport(list(ds.classes), y, probs, [str(p) for p in paths], "test",
                             ds.name, test_skipped)
-        test_metrics = report.summary()
+        test_metrics = report.headline()
         bundle.metrics = {"test": test_metrics}
         bundle.write_meta()
         _say(cfg, f"test    accuracy {report.accuracy:.4f} on {report.n} images")

@@ -342,7 +342,7 @@ class Trainer:
             from ..evaluate import evaluate_bundle
 
             report = evaluate_bundle(bundle, ds, "test", device=self.device)
-            test_metrics = report.summary()
+            test_metrics = report.headline()
             skipped.update(report.skipped)  # bad files in the test split are reported too
             bundle.metrics = {"test": test_metrics}
             bundle.training["skipped_files"] = len(skipped)
