@@ -10,7 +10,7 @@ from helpers import trained_shapes, truncated_jpeg
 
 from imgrec.cli import main
 from imgrec.errors import DataError
-from imgrec.evaluate import EvalReport, evaluate_bundle
+from imgrec.evaluation import EvalReport, evaluate_bundle
 
 DESIGN_KEYS = {"accuracy", "top5_accuracy", "n", "labels", "confusion_matrix", "per_class"}
 

@@ -16,7 +16,7 @@ from helpers import truncated_jpeg, write_pixel_csv
 
 from imgrec.bundle import load_model, read_bundle
 from imgrec.errors import ImgrecError
-from imgrec.evaluate import evaluate_bundle
+from imgrec.evaluation import evaluate_bundle
 from imgrec.predict import Predictor
 from imgrec.training.loop import TrainConfig, Trainer, _class_weights, train
 

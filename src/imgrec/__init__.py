@@ -28,7 +28,7 @@ def train(data: str, **options):
 
 
 def evaluate(model, data, split: str = "test", **options):
-    from .evaluate import evaluate_bundle
+    from .evaluation import evaluate_bundle
 
     return evaluate_bundle(model, data, split, **options)
 

@@ -174,7 +174,7 @@ def evaluate(
 
     Example: imgrec evaluate runs/mnist mnist --json metrics.json --report runs/mnist/report
     """
-    from .evaluate import evaluate_bundle
+    from .evaluation import evaluate_bundle
     from .zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=engine == "torch")

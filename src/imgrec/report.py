@@ -22,7 +22,7 @@ from .bundle import Bundle, atomic_write_text
 from .contract import fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError, ImgrecError
-from .evaluate import EvalReport, evaluate_bundle
+from .evaluation import EvalReport, evaluate_bundle
 from .figures import pyplot, save_figure
 from .zoo import open_bundle
 

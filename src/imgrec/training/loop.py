@@ -339,7 +339,7 @@ class Trainer:
                             interrupted)
         test_metrics = None
         if not interrupted and "test" in ds.splits:
-            from ..evaluate import evaluate_bundle
+            from ..evaluation import evaluate_bundle
 
             report = evaluate_bundle(bundle, ds, "test", device=self.device)
             test_metrics = report.headline()

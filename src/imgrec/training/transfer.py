@@ -313,7 +313,7 @@ def run_features(t: Trainer) -> TrainResult:
     """--mode features end to end: features (cached), head, bundle, test metrics."""
     from .. import __version__
     from ..bundle import Bundle, save_bundle
-    from ..evaluate import EvalReport
+    from ..evaluation import EvalReport
     from ..predict import softmax
     from .loop import TrainResult
     from .record import TensorBoard, plot_curves, write_history
@@ -352,7 +352,7 @@ def run_features(t: Trainer) -> TrainResult:
         tb.close()
     test_metrics = None
     if "test" in prep.feats and len(prep.feats["test"][0]) and t.contract.tta:
-        from ..evaluate import evaluate_bundle  # test-time augmentation: the real path
+        from ..evaluation import evaluate_bundle  # test-time augmentation: the real path
 
         report = evaluate_bundle(bundle, ds, "test", device=t.device)
         test_metrics = report.headline()
