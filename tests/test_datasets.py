@@ -210,3 +210,20 @@ def test_split_lookup_falls_back_and_errors(tmp_path):
     assert ds.split("test")[0] == "val"
     with pytest.raises(DataError):
         ds.split("holdout")
+
+
+def test_builtin_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`mnist` is the built-in even where ./mnist exists; `./mnist` is the folder."""
+    from imgrec.errors import DataError
+
+    (tmp_path / "mnist" / "only-one-class").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("urllib.request.urlopen", _refuse)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load_dataset("mnist", data_dir=tmp_path / "empty")
+    with pytest.raises(DataError, match="class folder"):
+        load_dataset("./mnist")
+
+
+def _refuse(*args, **kwargs):
+    raise OSError("no network in tests")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,7 +229,8 @@ def load_dataset(
 ) -> Dataset:
     """Resolve DATA (built-in name, folder or CSV) into a Dataset."""
     key = data.lower()
-    if key in BUILTINS and not Path(data).exists():
+    if key in BUILTINS and os.sep not in data and "/" not in data:
+        # A bare built-in name means the built-in; a folder of that name is `./mnist`.
         return _builtin(key, data_dir, val_fraction, seed)
     path = Path(data).expanduser()
     if path.is_dir():
