@@ -189,3 +189,21 @@ def load_model(bundle: Bundle):
         )
     model.eval()
     return model
+
+
+#: imgrec.json key recording what `imgrec export` wrote and which file serving runs.
+EXPORT_KEY = "export"
+
+
+def serving_onnx_path(bundle: Bundle) -> Path:
+    """The ONNX file that serving runs: the one `imgrec export` recorded in imgrec.json
+    ("export": {"serve": FILE}) when it is there and not older than model.onnx (a re-export
+    or retraining makes an old int8 file stale), else model.onnx. Torch-free."""
+    fp32 = Path(bundle.onnx_path)
+    name = (bundle.extra.get(EXPORT_KEY) or {}).get("serve")
+    if isinstance(name, str) and name and Path(name).name == name and name != fp32.name:
+        chosen = Path(bundle.path) / name
+        if chosen.is_file() and (not fp32.is_file()
+                                 or chosen.stat().st_mtime >= fp32.stat().st_mtime):
+            return chosen
+    return fp32

@@ -333,13 +333,17 @@ def serve(
 
     Example: imgrec serve runs/mnist --port 8080
     """
+    from .bundle import serving_onnx_path
     from .export import ensure_onnx
 
-    bundle = ensure_onnx(model)  # may export with torch, here, before the app starts
+    # may export with torch, here, before the app starts; a network ONNX cannot express is
+    # served with PyTorch after a one-line warning
+    bundle = ensure_onnx(model, warn=lambda m: print(f"imgrec: warning: {m}", file=sys.stderr))
     from .serve.app import CONFIG_ENV, ServeConfig
 
     config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_upload_mb=max_upload_mb, threads=threads, workers=workers)
+                         max_upload_mb=max_upload_mb, threads=threads, workers=workers,
+                         torch_fallback=not serving_onnx_path(bundle).is_file())
     os.environ[CONFIG_ENV] = config.to_env()
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         import tempfile

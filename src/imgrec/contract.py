@@ -92,10 +92,29 @@ class Preprocess:
         w, h = img.size
         scale = short / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if max(nw, nh) > 4 * short:
+            # An extreme aspect ratio (a 200000 x 1 PNG is 105 bytes) would be resized to
+            # gigapixels: first cut the long side down to what the centre crop keeps.
+            img = self._trim_long_side(img, scale, size)
+            w, h = img.size
+            scale = short / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if (nw, nh) != (w, h):
             img = img.resize((nw, nh), resample, reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
         return img.crop((left, top, left + size, top + size))
+
+    @staticmethod
+    def _trim_long_side(img: Image.Image, scale: float, size: int) -> Image.Image:
+        """The centre of the long side, as many source pixels as the crop needs plus a margin
+        for the resampling filter."""
+        w, h = img.size
+        keep = min(max(w, h), int(np.ceil(size / scale)) + 8)
+        if w >= h:
+            left = (w - keep) // 2
+            return img.crop((left, 0, left + keep, h))
+        top = (h - keep) // 2
+        return img.crop((0, top, w, top + keep))
 
     def should_invert(self, pixels: np.ndarray, invert: str | None = None) -> bool:
         """Whether to invert this uint8 HxWxC image: 'auto' looks at the border, which is

@@ -166,7 +166,8 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
         inputs = []
         for start in range(0, len(s), batch_size):
             chunk = s.paths[start : start + batch_size]
-            prepared = decode_many(lambda p: load_input(p, bundle.preprocess, "no"), chunk)
+            # the contract as predict and serve apply it (its invert and fit too)
+            prepared = decode_many(lambda p: load_input(p, bundle.preprocess), chunk)
             good = [(start + i, p) for i, p in enumerate(prepared) if isinstance(p, np.ndarray)]
             for path, p in zip(chunk, prepared, strict=True):
                 if not isinstance(p, np.ndarray):

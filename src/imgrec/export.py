@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .bundle import EXPORT_KEY, serving_onnx_path
 from .errors import InputError, ModelError
 
 
@@ -33,7 +34,8 @@ def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int
         )
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"cannot export this network to ONNX ({type(e).__name__}: {e})") from None
+        raise ModelError(f"cannot export this network to ONNX ({type(e).__name__}: "
+                         f"{first_line(e)})") from None
     if check:
         import onnxruntime as ort
 
@@ -50,13 +52,17 @@ def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int
     return path
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's first line, shortened: the TorchScript exporter puts whole graphs in
+    its messages, and a user needs the reason, not the dump."""
+    lines = str(error).strip().splitlines()
+    line = lines[0].strip() if lines else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 # -- bundles ------------------------------------------------------------------------------
 
 ONNX_INT8_FILE = "model.int8.onnx"
-#: imgrec.json key recording what `imgrec export` wrote and which file serving runs.
-EXPORT_KEY = "export"
-
-
 @dataclass
 class ExportResult:
     """What `export_bundle` wrote, and how closely the exports agree with PyTorch."""
@@ -74,20 +80,6 @@ class ExportResult:
                 "max_abs_diff": self.max_abs_diff, "int8": str(self.int8) if self.int8 else None,
                 "int8_max_abs_diff": self.int8_max_abs_diff,
                 "int8_top1_agreement": self.int8_top1_agreement, "serve_file": self.serve_file}
-
-
-def serving_onnx_path(bundle) -> Path:
-    """The ONNX file that serving runs: the one `imgrec export` recorded in imgrec.json
-    ("export": {"serve": FILE}) when it is there and not older than model.onnx (a re-export
-    or retraining makes an old int8 file stale), else model.onnx. Torch-free."""
-    fp32 = Path(bundle.onnx_path)
-    name = (bundle.extra.get(EXPORT_KEY) or {}).get("serve")
-    if isinstance(name, str) and name and Path(name).name == name and name != fp32.name:
-        chosen = Path(bundle.path) / name
-        if chosen.is_file() and (not fp32.is_file()
-                                 or chosen.stat().st_mtime >= fp32.stat().st_mtime):
-            return chosen
-    return fp32
 
 
 def _photo_batch(contract, photos: list[str | Path] | None = None) -> np.ndarray:
@@ -208,13 +200,25 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     return result
 
 
-def ensure_onnx(model):
+def ensure_onnx(model, warn=None):
     """The bundle to serve, exported first when it has no ONNX file yet (that step needs
-    PyTorch; serving itself never does)."""
+    PyTorch; serving itself never does). When the network cannot be exported, `warn` gets one
+    line and the bundle is returned without model.onnx: the server then runs it in PyTorch."""
     from .zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=False)
     if serving_onnx_path(bundle).is_file():
         return bundle
-    export_bundle(model)
+    try:
+        export_bundle(model)
+    except ModelError as e:
+        if warn is None or not torch_available():
+            raise
+        warn(f"{e}; serving it with PyTorch instead (slower, and it needs torch installed)")
     return open_bundle(model, need_weights=False)
+
+
+def torch_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None

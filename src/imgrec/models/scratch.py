@@ -115,8 +115,43 @@ def fast_cnn(
             layers.append(nn.MaxPool2d(2))
         layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         c = out
-    layers += [nn.AdaptiveMaxPool2d(grid), nn.Flatten()]
+    side = image_size // 2 ** (depth - 1)  # the last stage's feature-map side
+    layers += [grid_max_pool(side, grid), nn.Flatten()]
     return Sequential(nn.Sequential(*layers), nn.Linear(c * grid * grid, num_classes))
+
+
+def _adaptive_bins(side: int, grid: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive-pooling bins: [floor(i*side/grid), ceil((i+1)*side/grid))."""
+    return [(i * side // grid, -(-(i + 1) * side // grid)) for i in range(grid)]
+
+
+class GridMaxPool(nn.Module):
+    """AdaptiveMaxPool2d(grid) for a feature map of a known side, written as slices and
+    maxima that ONNX exports: adaptive pooling with uneven bins has no ONNX operator."""
+
+    def __init__(self, side: int, grid: int):
+        super().__init__()
+        self.bins = _adaptive_bins(side, grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = [x[:, :, a:b].amax(dim=2, keepdim=True) for a, b in self.bins]
+        x = torch.cat(rows, dim=2)
+        cols = [x[..., a:b].amax(dim=3, keepdim=True) for a, b in self.bins]
+        return torch.cat(cols, dim=3)
+
+
+def grid_max_pool(side: int, grid: int) -> nn.Module:
+    """Max pooling of a side x side map to grid x grid, equal to AdaptiveMaxPool2d(grid) and
+    exportable to ONNX: a plain MaxPool2d when the adaptive bins are even (7 -> 3 is kernel 3,
+    stride 2: MNIST's fast-cnn), else GridMaxPool."""
+    if grid == 1 or side <= 0:
+        return nn.AdaptiveMaxPool2d(grid)  # global pooling exports as GlobalMaxPool
+    bins = _adaptive_bins(side, grid)
+    kernel = bins[0][1] - bins[0][0]
+    stride = bins[1][0] - bins[0][0] if grid > 1 else kernel
+    if all(b - a == kernel and a == i * stride for i, (a, b) in enumerate(bins)):
+        return nn.MaxPool2d(kernel, stride)
+    return GridMaxPool(side, grid)
 
 
 def res_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 64) -> nn.Module:

@@ -33,9 +33,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..bundle import serving_onnx_path
 from ..contract import load_input
 from ..errors import BundleError, ImgrecError, InputError
-from ..export import serving_onnx_path
 from ..images import MAX_PIXELS
 from ..predict import OnnxEngine, Predictor
 from ..zoo import open_bundle
@@ -75,6 +75,9 @@ class ServeConfig:
     max_pixels: int = MAX_PIXELS
     max_files: int = 32  # images per /v1/predict/batch request
     default_top_k: int = 5
+    #: run the bundle in PyTorch when it has no model.onnx (set by `imgrec serve` after an
+    #: export failed; a plain deployment never imports torch)
+    torch_fallback: bool = False
 
     @property
     def max_upload_bytes(self) -> int:
@@ -187,20 +190,33 @@ class Service:
     def __init__(self, config: ServeConfig, metrics: Metrics):
         self.config = config
         bundle = open_bundle(config.model, need_weights=False)
-        onnx_file = serving_onnx_path(bundle)
-        if not onnx_file.is_file():
-            raise BundleError(f"{bundle.path}: no model.onnx to serve",
-                              f"run `imgrec export {config.model or 'imagenet'}` first")
         self.bundle = bundle
-        self.onnx_file = onnx_file
-        self.predictor = Predictor(bundle, engine=OnnxEngine(bundle, config.engine_threads,
-                                                             onnx_file))
+        self.onnx_file = serving_onnx_path(bundle)
+        self.predictor = Predictor(bundle, engine=self._engine(bundle, config))
         self.batcher = MicroBatcher(self.predictor.probabilities, config.max_batch,
                                     config.max_wait_ms, metrics.on_batch)
         # Decoding a big photo holds tens of MB: bound how many decode at once.
         self.decode_limiter = anyio.CapacityLimiter(max(2, available_cores()
                                                         // max(1, config.workers)))
         self.name = bundle.name
+
+    def _engine(self, bundle, config: ServeConfig):
+        """ONNX Runtime on the exported file; PyTorch only for a network that cannot be
+        exported (the CLI has said so in one line), and only where torch is installed."""
+        if self.onnx_file.is_file():
+            return OnnxEngine(bundle, config.engine_threads, self.onnx_file)
+        hint = f"run `imgrec export {config.model or 'imagenet'}` first"
+        if not config.torch_fallback:
+            raise BundleError(f"{bundle.path}: no model.onnx to serve", hint)
+        try:
+            from ..predict import TorchEngine
+
+            engine = TorchEngine(bundle, "cpu")
+        except ModuleNotFoundError:
+            raise BundleError(f"{bundle.path}: no model.onnx to serve, and PyTorch is not "
+                              "installed to run it without one", hint) from None
+        log.warning("%s has no model.onnx: serving it with PyTorch", bundle.path)
+        return engine
 
     def describe(self) -> dict[str, Any]:
         c = self.bundle.preprocess
@@ -212,8 +228,8 @@ class Service:
             "input_size": c.input_size,
             "channels": c.channels,
             "preprocess": c.to_dict(),
-            "engine": "onnxruntime",
-            "onnx_file": self.onnx_file.name,
+            "engine": "onnxruntime" if self.predictor.engine.name == "onnx" else "pytorch",
+            "onnx_file": self.onnx_file.name if self.predictor.engine.name == "onnx" else None,
             "engine_threads": self.config.engine_threads,
             "max_batch": self.config.max_batch,
             "max_wait_ms": self.config.max_wait_ms,
