@@ -109,3 +109,32 @@ def test_ensure_onnx_exports_only_when_missing(tmp_path):
     assert bundle.onnx_path.is_file()
     stamp = bundle.onnx_path.stat().st_mtime_ns
     assert ensure_onnx(path).onnx_path.stat().st_mtime_ns == stamp  # not exported twice
+
+
+@pytest.mark.parametrize(("side", "grid"),
+                         [(s, g) for s in range(1, 16) for g in (1, 2, 3, 4) if g <= s])
+def test_grid_max_pool_equals_adaptive_pooling(side, grid):
+    """fast-cnn's grid pooling is AdaptiveMaxPool2d, bin for bin, in operators ONNX has."""
+    import torch
+
+    from imgrec.models.scratch import grid_max_pool
+
+    x = torch.randn(2, 3, side, side)
+    assert torch.equal(grid_max_pool(side, grid)(x), torch.nn.AdaptiveMaxPool2d(grid)(x))
+
+
+@pytest.mark.parametrize("size", [28, 30, 32])
+def test_fast_cnn_exports_at_every_grid(tmp_path, size):
+    """The MNIST default (28 px: 7 -> 3, a plain max-pool) and uneven bins (30, 32 px)."""
+    import onnxruntime as ort
+    import torch
+
+    from imgrec.export import export_onnx
+    from imgrec.models.registry import build_model
+
+    net = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=size, grid=3).eval()
+    path = export_onnx(net, tmp_path / "m.onnx", (1, size, size))
+    x = torch.randn(3, 1, size, size)
+    got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - net(x).numpy()).max() < 1e-5

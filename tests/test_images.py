@@ -205,3 +205,31 @@ def test_draft_decodes_big_jpeg_smaller(tmp_path):
     Image.new("RGB", (800, 600), (90, 90, 90)).save(path)
     assert decode_image(path, draft_size=(100, 100)).size[0] < 800
     assert decode_image(Path(path)).size == (800, 600)
+
+
+def test_extreme_aspect_ratio_is_not_resized_to_gigapixels(monkeypatch):
+    """A 276-byte PNG of 200000 x 1 pixels once made the server resize it to 51 million x 256
+    (tens of GB) for an ImageNet contract; the long side is now cut to what the crop keeps."""
+    from imgrec.contract import Preprocess, load_input
+
+    sizes = []
+    real_resize = Image.Image.resize
+
+    def spy(self, size, *a, **k):
+        sizes.append(size)
+        return real_resize(self, size, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    contract = Preprocess(224, 3, "shorter", 256, "bicubic")
+    for shape in ((200_000, 1), (1, 200_000), (5000, 40)):
+        buf = io.BytesIO()
+        Image.new("L", shape, 200).save(buf, "PNG")
+        assert len(buf.getvalue()) < 2000
+        assert load_input(buf.getvalue(), contract).shape == (3, 224, 224)
+    assert max(w * h for w, h in sizes) < 10 * 256 * 256, sizes
+    # an ordinary photo keeps the exact resize-then-crop it always had
+    sizes.clear()
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 120, 30)).save(buf, "JPEG")
+    load_input(buf.getvalue(), contract)
+    assert sizes == [(341, 256)]

@@ -7,11 +7,9 @@ import functools
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import zlib
@@ -24,6 +22,7 @@ import pytest
 from bundles import CLASSES, make_tiny_bundle
 from fastapi.testclient import TestClient
 from PIL import Image
+from servers import NO_TORCH, free_port, wait_healthy
 
 from imgrec.serve.app import ServeConfig, create_app
 from imgrec.serve.batching import MicroBatcher
@@ -316,46 +315,15 @@ def test_batcher_passes_engine_errors_to_every_waiter():
 
 
 # -- the real server, with torch made unimportable -----------------------------------------
-NO_TORCH = textwrap.dedent("""
-    import sys
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                print("TORCH-IMPORT-ATTEMPT", name, file=sys.stderr, flush=True)
-                raise ImportError("torch is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
-    from imgrec.cli import main
-    sys.exit(main(sys.argv[1:]))
-""")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_cli_runs_without_torch_and_shuts_down_gracefully(tiny):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", NO_TORCH, "serve", str(tiny), "--port", str(port),
          "--max-wait-ms", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
+        wait_healthy(base, proc)
         jpeg = CHELSEA.read_bytes()
         with ThreadPoolExecutor(4) as pool:
             rs = list(pool.map(lambda _: httpx.post(f"{base}/v1/predict", content=jpeg,

@@ -63,6 +63,9 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 # -- bundles ------------------------------------------------------------------------------
 
 ONNX_INT8_FILE = "model.int8.onnx"
+#: the largest probability difference between ONNX and PyTorch on real photos that an export
+#: may show (float32 exports measure 1e-7 to 1e-6)
+PARITY_TOLERANCE = 1e-4
 @dataclass
 class ExportResult:
     """What `export_bundle` wrote, and how closely the exports agree with PyTorch."""
@@ -176,7 +179,7 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
         expected = softmax(net(torch.from_numpy(x)).numpy(), bundle.temperature)
     got = _onnx_probs(onnx_path, x, bundle.temperature)
     diff = float(np.abs(got - expected).max())
-    if diff > 1e-3:
+    if diff > PARITY_TOLERANCE:
         onnx_path.unlink(missing_ok=True)
         raise ModelError(f"the ONNX export disagrees with PyTorch on real photos (max "
                          f"probability difference {diff:.2e})")

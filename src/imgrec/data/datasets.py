@@ -3,6 +3,8 @@
 DATA is a built-in name (mnist, fashion-mnist, cifar10), a folder (`DIR/<class>/*` split
 stratified with a seed, or `DIR/{train,validation|val|valid,test}/<class>/*`), a CSV of
 `path,label[,split]`, or a pixel CSV (`label,pixel1..pixelN`, Sign-Language-MNIST / Kaggle).
+A folder holding CIFAR-10's binary batches (`cifar-10-batches-bin/`, the batches themselves or
+`cifar-10-binary.tar.gz`) is CIFAR-10, whole or partial.
 Small datasets live in memory as uint8 arrays; folders and path CSVs stay as file lists that
 a DataLoader streams.
 """
@@ -13,6 +15,7 @@ import csv
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..images import is_image_path
-from .builtins import BUILTINS, load_arrays
+from .builtins import BUILTINS, CifarArrays, find_cifar, load_arrays, load_cifar, read_cifar
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "val": "val",
                  "valid": "val", "test": "test", "testing": "test"}
@@ -102,7 +105,10 @@ def stratified_split(
 
 
 def _carve(splits: dict[str, Split], val_fraction: float, test_fraction: float, seed: int) -> None:
-    """Add the missing validation/test splits, stratified, from train."""
+    """Add the missing validation/test splits, stratified, from train (a CSV or folder of
+    test images alone has no train split to carve from, and needs none to be evaluated)."""
+    if "train" not in splits:
+        return
     if "test" not in splits and test_fraction > 0:
         rest, held = stratified_split(splits["train"].labels, test_fraction, seed)
         splits["test"], splits["train"] = splits["train"].subset(held), splits["train"].subset(rest)
@@ -211,13 +217,33 @@ def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed
                    source=str(path))
 
 
-def _builtin(name: str, data_dir, val_fraction: float, seed: int) -> Dataset:
+def _builtin(name: str, data_dir, val_fraction: float, test_fraction: float,
+             seed: int) -> Dataset:
+    if name == "cifar10":
+        return _cifar(load_cifar(data_dir), f"builtin:{name}", val_fraction, test_fraction, seed)
     spec = BUILTINS[name]
     tx, ty, vx, vy = load_arrays(name, data_dir)
     splits = {"train": Split(ty, images=tx), "test": Split(vy, images=vx)}
     _carve(splits, val_fraction, 0.0, seed)
     return Dataset(name, list(spec.classes), tx.shape[1], splits, in_memory=True,
                    native_size=tx.shape[-1], source=f"builtin:{name}")
+
+
+def _cifar(c: CifarArrays, source: str, val_fraction: float, test_fraction: float,
+           seed: int) -> Dataset:
+    """CIFAR-10, whole or partial. Without test_batch.bin the test split is held out of the
+    training batches (stratified, seeded: `imgrec evaluate` re-creates the same split from the
+    fraction and seed the bundle records); the note saying so is printed, a warning about the
+    data rather than progress."""
+    splits = {"train": Split(c.train_y, images=c.train_x)}
+    if c.test_x is not None:
+        splits["test"] = Split(c.test_y, images=c.test_x)
+    _carve(splits, val_fraction, test_fraction, seed)
+    notes = [n for n in [c.note(test_fraction, seed)] if n]
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
+    return Dataset("cifar10", list(c.classes), 3, splits, in_memory=True, native_size=32,
+                   source=source, notes=notes)
 
 
 def load_dataset(
@@ -231,8 +257,14 @@ def load_dataset(
     key = data.lower()
     if key in BUILTINS and os.sep not in data and "/" not in data:
         # A bare built-in name means the built-in; a folder of that name is `./mnist`.
-        return _builtin(key, data_dir, val_fraction, seed)
+        return _builtin(key, data_dir, val_fraction, test_fraction, seed)
     path = Path(data).expanduser()
+    cifar = find_cifar(path) if path.is_dir() else None
+    if cifar is None and path.is_file() and path.name.lower().startswith("cifar-10-binary.tar"):
+        cifar = path
+    if cifar is not None:  # a folder holding cifar-10-batches-bin/ (or the batches, or the
+        # archive): CIFAR-10, not a `DIR/<class>/*` folder
+        return _cifar(read_cifar(cifar), str(path), val_fraction, test_fraction, seed)
     if path.is_dir():
         return _folder(path, val_fraction, test_fraction, seed)
     if path.is_file() and path.suffix.lower() == ".csv":
