@@ -84,3 +84,28 @@ def trained_shapes(tmp_path_factory, **options) -> Path:
         assert result.test_metrics["accuracy"] >= 0.75, result.history
         _TRAINED["shapes"] = base
     return _TRAINED["shapes"]
+
+
+def cifar_records(n: int, seed: int = 0, classes: int = 10) -> bytes:
+    """n CIFAR-10 binary records (label byte + R, G, B planes of 32x32): learnable, the label
+    sets which third of the image is bright in which channel."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % classes).astype(np.uint8)
+    rng.shuffle(labels)
+    pixels = rng.integers(0, 60, (n, 3, 32, 32)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        pixels[i, y % 3, (y // 3) * 8 : (y // 3) * 8 + 8] = 220
+    return np.concatenate([labels[:, None], pixels.reshape(n, -1)], 1).tobytes()
+
+
+def write_cifar(root: Path, batches: tuple[int, ...] = (1, 2, 3, 4, 5), test: bool = True,
+                n: int = 20, layout: str = "cifar-10-batches-bin") -> Path:
+    """<root>/cifar10/<layout>/ with the given data_batch_N.bin files (n records each) and
+    test_batch.bin; layout "" puts the files directly in <root>/cifar10/."""
+    folder = root / "cifar10" / layout if layout else root / "cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in batches:
+        (folder / f"data_batch_{i}.bin").write_bytes(cifar_records(n, seed=i))
+    if test:
+        (folder / "test_batch.bin").write_bytes(cifar_records(n, seed=99))
+    return folder

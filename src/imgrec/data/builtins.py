@@ -8,6 +8,7 @@ import hashlib
 import os
 import tarfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,14 +136,17 @@ def _offline_error(spec: Builtin, root: Path, missing: list[str]) -> DataError:
 
 
 def locate(spec: Builtin, data_dir: str | Path | None = None, download: bool = True) -> dict:
-    """role -> path of every canonical file, downloading what is missing when possible."""
+    """role -> path of every canonical file, downloading what is missing when possible.
+    CIFAR-10: {"cifar": extracted batches folder or archive}, whatever part of it is there."""
     root = data_root(data_dir)
     folders = [root / spec.name, *[Path(p) for p in spec.search]]
     if spec.name == "cifar10":
-        extracted = [f / "cifar-10-batches-bin" for f in folders] + folders
-        if any((f / "test_batch.bin").is_file() for f in extracted):
-            folder = next(f for f in extracted if (f / "test_batch.bin").is_file())
-            return {"folder": folder}
+        # <root>/cifar10/ as documented; <root> itself too, for --data-dir pointing at the
+        # folder that holds cifar-10-batches-bin/ (the batch names cannot be mistaken).
+        for base in (*folders, root):
+            source = find_cifar(base)
+            if source is not None:
+                return {"cifar": source}
     found, missing = {}, []
     for role, file_name in spec.files.items():
         path = _find(file_name, folders)
@@ -160,6 +164,8 @@ def locate(spec: Builtin, data_dir: str | Path | None = None, download: bool = T
             pass
     if missing:
         raise _offline_error(spec, root, missing)
+    if spec.name == "cifar10":
+        return {"cifar": found["archive"]}
     return found
 
 
@@ -181,33 +187,137 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
-def _read_cifar_bin(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    raw = np.concatenate([np.frombuffer(p.read_bytes(), np.uint8) for p in paths])
-    if raw.size % 3073:
-        raise DataError(f"{paths[0].parent}: CIFAR-10 batch files are truncated", "replace them")
-    rec = raw.reshape(-1, 3073)
-    return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64)
+# ---- CIFAR-10, binary version: per record 1 label byte + 3,072 bytes (R, G, B planes, 32x32)
+CIFAR_DIR = "cifar-10-batches-bin"
+CIFAR_ARCHIVES = ("cifar-10-binary.tar.gz", "cifar-10-binary.tar")
+CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+CIFAR_TEST = "test_batch.bin"
+CIFAR_META = "batches.meta.txt"
+CIFAR_RECORD = 1 + 3 * 32 * 32
+CIFAR_BATCH_IMAGES = 10_000
+
+
+def find_cifar(path: Path) -> Path | None:
+    """CIFAR-10's binary version under `path`: the folder of extracted batches
+    (`path/cifar-10-batches-bin/` or `path` itself, any subset of them) or the archive (which
+    wins over an incompletely extracted folder). None when `path` holds neither."""
+    names = (*CIFAR_TRAIN, CIFAR_TEST)
+    folder = next((f for f in (path / CIFAR_DIR, path)
+                   if f.is_dir() and any((f / n).is_file() for n in names)), None)
+    if folder is not None and all((folder / n).is_file() for n in names):
+        return folder
+    archive = next((path / a for a in CIFAR_ARCHIVES if (path / a).is_file()), None)
+    return archive or folder
+
+
+@dataclass
+class CifarArrays:
+    """The batches a CIFAR-10 source held: training images from the data_batch files found,
+    the test batch when there is one, class names from batches.meta.txt when present."""
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray | None
+    test_y: np.ndarray | None
+    classes: tuple[str, ...]
+    train_files: tuple[str, ...]
+    source: Path
+
+    @property
+    def complete(self) -> bool:
+        return len(self.train_files) == len(CIFAR_TRAIN) and self.test_x is not None
+
+    def note(self, test_fraction: float, seed: int) -> str | None:
+        """One line saying what was found and how the test split is made; None when all of
+        CIFAR-10 is there."""
+        if self.complete:
+            return None
+        k = len(self.train_files)
+        line = f"cifar10: {k} of {len(CIFAR_TRAIN)} training batches"
+        if k < len(CIFAR_TRAIN):
+            line += f" ({', '.join(self.train_files)}; {len(self.train_y):,} images)"
+        if self.test_x is not None:
+            return f"{line}; {CIFAR_TEST}: {len(self.test_y):,} test images"
+        if test_fraction > 0:
+            return (f"{line}; no {CIFAR_TEST}: holding out {test_fraction:.0%} of the training "
+                    f"images as the test split (stratified, seed {seed})")
+        return f"{line}; no {CIFAR_TEST} and a test fraction of 0: no test split"
+
+
+def _cifar_records(data: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 3 x 32 x 32, labels) of one batch file, or one clear error."""
+    if not data or len(data) % CIFAR_RECORD:
+        raise DataError(
+            f"{where}: not a whole CIFAR-10 batch ({len(data):,} bytes; a batch is a whole "
+            f"number of {CIFAR_RECORD:,}-byte records, {CIFAR_BATCH_IMAGES * CIFAR_RECORD:,} "
+            f"bytes for the standard {CIFAR_BATCH_IMAGES:,} images): truncated or another format",
+            "replace it with the file from cifar-10-binary.tar.gz (the binary version)",
+        )
+    rec = np.frombuffer(data, np.uint8).reshape(-1, CIFAR_RECORD)
+    labels = rec[:, 0]
+    if labels.max() > 9:
+        bad = int(np.argmax(labels > 9))
+        raise DataError(
+            f"{where}: record {bad} has label {labels[bad]}, not a CIFAR-10 class (0-9)",
+            "imgrec reads CIFAR-10's binary version (CIFAR-100 and the Python pickles are "
+            "other formats)",
+        )
+    return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), labels.astype(np.int64)
+
+
+def _cifar_classes(meta: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(line.strip() for line in (meta or "").splitlines() if line.strip())
+    return names if len(names) == len(default) else default
+
+
+def read_cifar(source: Path, default_classes: tuple[str, ...] | None = None) -> CifarArrays:
+    """Read whatever batches a CIFAR-10 source (folder of .bin files or the archive) holds."""
+    default_classes = default_classes or BUILTINS["cifar10"].classes
+    wanted = (*CIFAR_TRAIN, CIFAR_TEST, CIFAR_META)
+    files: dict[str, bytes] = {}
+    try:
+        if source.is_dir():
+            for name in wanted:
+                if (source / name).is_file():
+                    files[name] = (source / name).read_bytes()
+        else:
+            with tarfile.open(source) as tar:
+                for m in tar.getmembers():
+                    name = Path(m.name).name
+                    if m.isfile() and name in wanted and name not in files:
+                        files[name] = tar.extractfile(m).read()
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
+        raise DataError(f"{source}: unreadable ({e})",
+                        "replace it with a fresh copy of cifar-10-binary.tar.gz") from None
+    where = source if source.is_dir() else f"{source}:{CIFAR_DIR}"
+    train_files = tuple(n for n in CIFAR_TRAIN if n in files)
+    if not train_files:
+        raise DataError(
+            f"{source}: no CIFAR-10 training batch ({CIFAR_TRAIN[0]} ... {CIFAR_TRAIN[-1]})",
+            f"put at least one of them there (from cifar-10-binary.tar.gz, {CIFAR_DIR}/)",
+        )
+    train = [_cifar_records(files[n], f"{where}/{n}") for n in train_files]
+    test = _cifar_records(files[CIFAR_TEST], f"{where}/{CIFAR_TEST}") \
+        if CIFAR_TEST in files else (None, None)
+    meta = files[CIFAR_META].decode("utf-8", "replace") if CIFAR_META in files else None
+    return CifarArrays(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                       *test, _cifar_classes(meta, default_classes), train_files, source)
+
+
+def load_cifar(data_dir=None, download: bool = True) -> CifarArrays:
+    """CIFAR-10 from <root>/cifar10/ (downloaded when nothing of it is there and online)."""
+    spec = BUILTINS["cifar10"]
+    return read_cifar(locate(spec, data_dir, download)["cifar"], spec.classes)
 
 
 def load_arrays(name: str, data_dir=None, download: bool = True):
-    """(train_x, train_y, test_x, test_y) as uint8 N x C x H x W and int64 labels."""
+    """(train_x, train_y, test_x, test_y) as uint8 N x C x H x W and int64 labels (CIFAR-10's
+    test arrays are None when its test batch is missing: see load_cifar)."""
+    if name == "cifar10":
+        c = load_cifar(data_dir, download)
+        return c.train_x, c.train_y, c.test_x, c.test_y
     spec = BUILTINS[name]
     found = locate(spec, data_dir, download)
-    if name == "cifar10":
-        if "folder" in found:
-            folder = found["folder"]
-            train = [folder / f"data_batch_{i}.bin" for i in range(1, 6)]
-            test = [folder / "test_batch.bin"]
-            return (*_read_cifar_bin(train), *_read_cifar_bin(test))
-        with tarfile.open(found["archive"]) as tar:
-            out = {}
-            for m in tar.getmembers():
-                if m.isfile() and m.name.endswith(".bin") and "batch" in m.name:
-                    out[Path(m.name).name] = np.frombuffer(tar.extractfile(m).read(), np.uint8)
-        def pick(names):
-            rec = np.concatenate([out[n] for n in names]).reshape(-1, 3073)
-            return rec[:, 1:].reshape(-1, 3, 32, 32).copy(), rec[:, 0].astype(np.int64)
-        return (*pick([f"data_batch_{i}.bin" for i in range(1, 6)]), *pick(["test_batch.bin"]))
     arrays = {role: read_idx(path) for role, path in found.items()}
     xs = {k: v[:, None] for k, v in arrays.items() if k.endswith("images")}
     ys = {k: v.astype(np.int64) for k, v in arrays.items() if k.endswith("labels")}

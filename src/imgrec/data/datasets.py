@@ -246,6 +246,25 @@ def _cifar(c: CifarArrays, source: str, val_fraction: float, test_fraction: floa
                    source=source, notes=notes)
 
 
+def _cifar_source(path: Path) -> Path | None:
+    """CIFAR-10 binary data a DATA path names: a folder holding cifar-10-batches-bin/ (or the
+    batches themselves, or the archive), or the archive file."""
+    if path.is_dir():
+        return find_cifar(path)
+    if path.is_file() and path.name.lower().startswith("cifar-10-binary.tar"):
+        return path
+    return None
+
+
+def builtin_key(data: str) -> str | None:
+    """The built-in dataset DATA means (its recipe applies): a bare built-in name, or a path to
+    CIFAR-10's binary files; None for folders and CSVs."""
+    key = data.lower()
+    if key in BUILTINS and os.sep not in data and "/" not in data:
+        return key
+    return "cifar10" if _cifar_source(Path(data).expanduser()) is not None else None
+
+
 def load_dataset(
     data: str,
     data_dir: str | Path | None = None,
@@ -259,9 +278,7 @@ def load_dataset(
         # A bare built-in name means the built-in; a folder of that name is `./mnist`.
         return _builtin(key, data_dir, val_fraction, test_fraction, seed)
     path = Path(data).expanduser()
-    cifar = find_cifar(path) if path.is_dir() else None
-    if cifar is None and path.is_file() and path.name.lower().startswith("cifar-10-binary.tar"):
-        cifar = path
+    cifar = _cifar_source(path)
     if cifar is not None:  # a folder holding cifar-10-batches-bin/ (or the batches, or the
         # archive): CIFAR-10, not a `DIR/<class>/*` folder
         return _cifar(read_cifar(cifar), str(path), val_fraction, test_fraction, seed)
