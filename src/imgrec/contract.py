@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import BundleError
+from .fitting import FITS, WORK_SIDE, fit_image
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -32,6 +33,14 @@ class Preprocess:
     "shorter" resizes the short side to `resize_to` and centre-crops input_size (ImageNet).
     invert: "auto" inverts dark-on-light images for light-on-dark models (MNIST-style photos
     of digits: the workshops' `img = 1 - img`); "yes" always; "no" never.
+    fit: how a decoded image (file, upload, URL, canvas drawing) is framed before the model
+    sees it (`imgrec.fitting`). "none" resizes it as `resize` says. "digit" is MNIST's own
+    normalisation: the paper's uneven background removed, dark ink inverted (per `invert`),
+    cropped to the ink, fitted into 20 x 20 keeping the aspect ratio and centred by its
+    centre of mass in 28 x 28 (sizes scale with input_size). "object" is Fashion-MNIST's:
+    inverted when on a light background, cropped to the object, its longest edge fitted to
+    the frame, centred. In-memory arrays of the training set (`fit_arrays`) are already
+    framed and never go through it. Bundles written before the field existed load as "none".
     """
 
     input_size: int
@@ -45,6 +54,7 @@ class Preprocess:
     #: test-time augmentation: ("flip",) averages the logits of the image and its mirror
     #: (airbench's flip TTA); applied by Predictor and training-time validation alike.
     tta: tuple[str, ...] = ()
+    fit: Literal["none", "digit", "object"] = "none"
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -55,6 +65,8 @@ class Preprocess:
             raise BundleError(f"unknown interpolation {self.interpolation!r}")
         if set(self.tta) - {"flip"}:
             raise BundleError(f"unknown test-time augmentation {self.tta!r} (known: flip)")
+        if self.fit not in FITS:
+            raise BundleError(f"unknown preprocess.fit {self.fit!r} (known: {', '.join(FITS)})")
 
     # -- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -78,6 +90,8 @@ class Preprocess:
     def draft_size(self) -> tuple[int, int]:
         """The smallest decode size that keeps full quality for this contract (JPEG draft)."""
         side = self.resize_to or self.input_size
+        if self.fit != "none":  # the digit or object may be a small part of the photo
+            side = max(side, WORK_SIDE)
         return (side, side)
 
     def resize_image(self, img: Image.Image) -> Image.Image:
@@ -129,8 +143,14 @@ class Preprocess:
         )
         return float(border.mean()) > 127.0
 
-    def to_uint8(self, img: Image.Image, invert: str | None = None) -> np.ndarray:
-        """A decoded image -> uint8 array C x H x W, resized and (if needed) inverted."""
+    def to_uint8(self, img: Image.Image, invert: str | None = None,
+                 fit: str | None = None) -> np.ndarray:
+        """A decoded image -> uint8 array C x H x W, resized and (if needed) inverted, or
+        framed as `fit` (default: the contract's) says."""
+        fit = fit or self.fit
+        if fit != "none":
+            framed = fit_image(img, fit, self.input_size, invert or self.invert)
+            return np.ascontiguousarray(np.repeat(framed[None], self.channels, axis=0))
         img = self.resize_image(img)
         pixels = np.asarray(img, dtype=np.uint8)
         if pixels.ndim == 2:
@@ -174,7 +194,8 @@ def load_input(
 
 def fit_arrays(images: np.ndarray, contract: Preprocess) -> np.ndarray:
     """In-memory uint8 N x C x H x W images at another size or channel count than the
-    contract's go through the contract once, image by image (same code as files)."""
+    contract's go through the contract once, image by image (same code as files). They are a
+    built-in dataset's, already framed: `fit` never applies to them."""
     if images.shape[-1] == contract.input_size and images.shape[1] == contract.channels:
         return images
     out = np.empty((len(images), contract.channels, contract.input_size, contract.input_size),
@@ -182,5 +203,5 @@ def fit_arrays(images: np.ndarray, contract: Preprocess) -> np.ndarray:
     for i, img in enumerate(images):
         pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
         pil = pil.convert("L" if contract.channels == 1 else "RGB")
-        out[i] = contract.to_uint8(pil, invert="no")
+        out[i] = contract.to_uint8(pil, invert="no", fit="none")
     return out

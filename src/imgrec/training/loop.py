@@ -213,12 +213,14 @@ class Trainer:
         self.augment = Augment.parse(pick("augment"))
         self.device = pick_device(cfg.device)
         self.out = Path(cfg.out or Path("runs") / f"{self.ds.name}-{self.model_name}")
-        self.contract = _contract_for(self.model_name, self.ds, self.image_size, cfg.invert)
+        self.contract = _contract_for(self.model_name, self.ds, self.image_size, pick("invert"))
         tta = pick("tta") or "none"
         if tta not in ("none", "flip"):
             raise ImgrecError(f"--tta must be none or flip, not {tta!r}")
         if tta == "flip":
             self.contract = self.contract.replace(tta=["flip"])
+        if r.get("fit"):  # how custom images are framed like the dataset's (recipes.py)
+            self.contract = self.contract.replace(fit=r["fit"])
         setup_transfer(self)  # sets self.mode; transfer modes: backbone, contract, defaults
 
     # ------------------------------------------------------------------------------------

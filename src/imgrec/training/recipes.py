@@ -13,11 +13,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     # seeds 0-2 in about 25 s of training (without the +-1.4 px shifts: 99.30-99.38%).
     "mnist": {"model": "fast-cnn", "model_args": {"width": 16, "grid": 3}, "epochs": 2,
               "batch_size": 128, "lr": 2e-2, "augment": "shift=0.05", "label_smoothing": 0.1,
-              "val_fraction": 0.0},
+              "val_fraction": 0.0,
+              # custom images (drawings, photos of digits on paper) get MNIST's own framing:
+              # 78% -> 99.6% on drawings, 10% -> 98.8% on photographs (digit_drawings.py)
+              "fit": "digit", "invert": "auto"},
     # Measured (benchmarks/fashion_mnist.py): 92.8% test accuracy in under 2 minutes.
     "fashion-mnist": {"model": "fast-cnn", "model_args": {"width": 16, "grid": 3}, "epochs": 8,
                       "batch_size": 128, "lr": 2e-2, "augment": "flip", "label_smoothing": 0.1,
-                      "val_fraction": 0.0, "tta": "flip"},
+                      "val_fraction": 0.0, "tta": "flip",
+                      # product photos: inverted, trimmed to the object, fitted to the frame
+                      "fit": "object", "invert": "auto"},
     "cifar10": {"model": "res-cnn", "epochs": 10, "batch_size": 256, "lr": 2e-2,
                 "augment": "flip,shift=0.125", "label_smoothing": 0.2, "val_fraction": 0.0,
                 "tta": "flip"},
