@@ -220,7 +220,6 @@ def _main_ink(ink: np.ndarray) -> tuple[int, int, int, int] | None:
     keep = np.repeat(np.repeat(keep_cells, f, axis=0), f, axis=1)[:h, :w] & solid
     if not keep.any():
         return None
-    rows, cols = np.flatnonzero(keep.any(1)), np.flatnonzero(keep.any(0))
     # the box of the kept ink, widened to its faint edges (anti-aliasing, blur)
     lit = _dilate(keep, 1) & (ink > 0)
     rows, cols = np.flatnonzero(lit.any(1)), np.flatnonzero(lit.any(0))
