@@ -86,7 +86,10 @@ def setup_transfer(t: Trainer) -> None:
         raise ImgrecError(f"--mode {mode} needs colour image files (a folder or a CSV of paths)",
                           "built-in array datasets train with --mode scratch")
     t.backbone = resolve_backbone(t.model_name, cfg.pretrained, cfg.weights, cfg.image_size)
-    t.contract = t.backbone.contract.replace(tta=list(t.contract.tta))  # keep --tta
+    # the backbone's pixels; the data's own framing of custom images (MNIST's digit fit,
+    # invert) and --tta are kept
+    t.contract = t.backbone.contract.replace(tta=list(t.contract.tta), fit=t.contract.fit,
+                                             invert=t.contract.invert)
     t.image_size = t.contract.input_size
     defaults = FEATURES_DEFAULTS if mode == "features" else FINETUNE_DEFAULTS
     for name in ("epochs", "lr", "batch_size", "patience", "weight_decay", "label_smoothing"):
