@@ -70,6 +70,11 @@ def test_default_recipe_trains(tmp_path):
     assert result.bundle.architecture["name"] == "res-cnn"
     assert result.bundle.preprocess.tta == ("flip",)
     assert result.test_metrics["n"] == 4
+    # naming the folder that holds the batches is the same dataset, with the same recipe
+    by_path = imgrec.train(str(tmp_path / "cifar10"), epochs=1, batch_size=8,
+                           out=str(tmp_path / "run2"), quiet=True, tensorboard=False)
+    assert by_path.bundle.architecture["name"] == "res-cnn"
+    assert by_path.bundle.preprocess.tta == ("flip",)
 
 
 # ---- partial CIFAR-10: some batches, no test batch (synthetic files, fast) -----------------

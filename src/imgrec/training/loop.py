@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import __version__
 from ..bundle import Bundle, atomic_write_bytes, save_bundle
 from ..contract import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from ..data.datasets import Dataset, load_dataset
+from ..data.datasets import Dataset, builtin_key, load_dataset
 from ..errors import ImgrecError, skipped_report
 from ..models.registry import MODELS, build_model, resolve_model_name
 from .augment import Augment
@@ -189,12 +189,14 @@ class Trainer:
         check_mode(cfg)
         self.cfg = cfg
         seed_everything(cfg.seed)
-        self.recipe = r = recipe_for(cfg.data.lower())
+        # a bare built-in name, or a path to CIFAR-10's binary files, gets its dataset's recipe
+        key = builtin_key(cfg.data) or cfg.data.lower()
+        self.recipe = r = recipe_for(key)
         pick = lambda name: getattr(cfg, name) if getattr(cfg, name) is not None else r.get(name)  # noqa: E731
         self.val_fraction, self.test_fraction = pick("val_fraction"), pick("test_fraction")
         self.ds = load_dataset(cfg.data, cfg.data_dir, val_fraction=self.val_fraction,
                                test_fraction=self.test_fraction, seed=cfg.seed)
-        if cfg.data.lower() not in BUILTIN_RECIPES:  # folders, CSVs: by how the data is held
+        if key not in BUILTIN_RECIPES:  # folders, CSVs: by how the data is held
             self.recipe = r = recipe_for("memory" if self.ds.in_memory else "folder")
         self.model_name = resolve_model_name(cfg.model or r["model"])
         self.model_args = dict(cfg.model_args or (r.get("model_args", {}) if not cfg.model else {}))
