@@ -268,3 +268,23 @@ def test_the_archive_wins_over_a_half_extracted_folder(tmp_path, capsys):
     write_cifar(tmp_path, batches=(1,), test=False)  # ... beside a partial extraction
     ds = load_dataset("cifar10", data_dir=tmp_path, val_fraction=0.0)
     assert len(ds.splits["train"]) == 20 and capsys.readouterr().err == ""
+
+
+def test_a_neighbouring_folder_is_suggested(tmp_path, capsys, monkeypatch):
+    """--data-dir ../shared/data, where CIFAR-10 sits in cifar10-dev/, not cifar10/: the error
+    names the folder that has it instead of asking for a download."""
+    from imgrec.cli import main
+
+    monkeypatch.setattr("urllib.request.urlopen", _no_network)
+    write_cifar(tmp_path / "src", batches=(1,), test=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "src" / "cifar10").rename(tmp_path / "data" / "cifar10-dev")
+    assert main(["train", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cifar10-dev/ holds its files" in err
+    assert f"--data-dir {tmp_path / 'data' / 'cifar10-dev'}" in err
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("no network in tests")

@@ -128,11 +128,33 @@ def _download(spec: Builtin, file_name: str, dest: Path) -> Path:
 
 def _offline_error(spec: Builtin, root: Path, missing: list[str]) -> DataError:
     where = root / spec.name
+    nearby = _nearby(spec, root)
+    if nearby is not None:  # e.g. --data-dir ../shared/data, whose CIFAR-10 is in cifar10-dev/
+        also = f", or pass --data-dir {nearby}" if spec.name == "cifar10" else ""
+        return DataError(f"dataset {spec.name!r} is not in {where}/, but {nearby}/ holds its "
+                         f"files", f"rename or link that folder to {where}{also}")
     return DataError(
         f"dataset {spec.name!r} is not on this machine and could not be downloaded: put "
         f"{', '.join(missing)} (gzipped or not) in {where}/",
         f"or pass --data-dir DIR / set IMGREC_DATA; {spec.note}",
     )
+
+
+def _nearby(spec: Builtin, root: Path, limit: int = 200) -> Path | None:
+    """A sibling folder of <root>/<name> that holds the dataset's files under another name."""
+    try:
+        subs = sorted(p for _, p in zip(range(limit), root.iterdir(), strict=False)
+                      if p.is_dir() and p.name != spec.name)
+    except OSError:
+        return None
+    for sub in subs:
+        if spec.name == "cifar10":
+            if find_cifar(sub) is not None:
+                return sub
+        elif any((sub / f).is_file() or (sub / f.removesuffix(".gz")).is_file()
+                 for f in spec.files.values()):
+            return sub
+    return None
 
 
 def locate(spec: Builtin, data_dir: str | Path | None = None, download: bool = True) -> dict:
