@@ -107,7 +107,7 @@ class Preprocess:
         scale = short / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if max(nw, nh) > 4 * short:
-            # An extreme aspect ratio (a 200000 x 1 PNG is 105 bytes) would be resized to
+            # An extreme aspect ratio (a 200000 x 1 PNG is a few hundred bytes) would be resized to
             # gigapixels: first cut the long side down to what the centre crop keeps.
             img = self._trim_long_side(img, scale, size)
             w, h = img.size
