@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imgrec.errors import ImgrecError
-from imgrec.training.augment import PRESETS, Augment
+from imgrec.augment import PRESETS, Augment
 
 
 def test_parse_presets_and_overrides():

@@ -288,7 +288,7 @@ def _augmenter(spec: str) -> Callable[[np.ndarray, str], np.ndarray]:
     cache key: the same view is the same picture whichever batch it lands in."""
     import torch
 
-    from .augment import Augment
+    from ..augment import Augment
 
     augment = Augment.parse(spec)
 

@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
+from ..augment import Augment
 from ..bundle import Bundle, atomic_write_bytes, save_bundle
 from ..contract import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from ..data.datasets import Dataset, builtin_key, load_dataset
 from ..errors import ImgrecError, skipped_report
+from ..history import plot_curves, write_history
 from ..models.registry import MODELS, build_model, resolve_model_name
-from .augment import Augment
 from .loaders import Batches
 from .recipes import BUILTIN_RECIPES, recipe_for
-from .record import TensorBoard, plot_curves, write_history
+from .record import TensorBoard
 
 CHECKPOINT = "checkpoint.pt"
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")

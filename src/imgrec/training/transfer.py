@@ -96,7 +96,7 @@ def setup_transfer(t: Trainer) -> None:
         if getattr(cfg, name) is None:
             setattr(t, name, defaults[name])
     if cfg.augment is None:
-        from .augment import Augment
+        from ..augment import Augment
 
         t.augment = Augment.parse(defaults["augment"])
     if cfg.augment_views and not t.augment.active:
@@ -317,9 +317,10 @@ def run_features(t: Trainer) -> TrainResult:
     from .. import __version__
     from ..bundle import Bundle, save_bundle
     from ..evaluation import EvalReport
+    from ..history import plot_curves, write_history
     from ..predict import softmax
     from .loop import TrainResult
-    from .record import TensorBoard, plot_curves, write_history
+    from .record import TensorBoard
 
     cfg, ds = t.cfg, t.ds
     t0 = time.time()

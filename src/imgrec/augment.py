@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..errors import ImgrecError
+from .errors import ImgrecError
 
 PRESETS: dict[str, dict[str, float]] = {
     "none": {},

@@ -1,0 +1,62 @@
+"""The training record beside a bundle: history.csv (one row per epoch) and curves.png.
+
+Torch-free: training writes it, the report reads and draws it.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .figures import pyplot, save_figure
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    keys = list(history[0].keys())
+    for row in history[1:]:
+        keys += [k for k in row if k not in keys]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _num(v: str):
+    try:
+        return float(v) if v not in ("", None) else None
+    except ValueError:
+        return v
+
+
+def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
+    """Loss and accuracy per epoch, train vs validation (the workshop figure)."""
+    if not history:
+        return
+    plt = pyplot()
+
+    epochs = [int(h["epoch"]) for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
+        val = [h.get(f"val_{metric}") for h in history]
+        if any(v is not None for v in val):
+            ax.plot(epochs, val, "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label.lower())
+        ax.set_title(f"{label} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path, dpi=100)
