@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from flask import Flask, jsonify, request
 
-from imgrec.bundle import load_model
 from imgrec.contract import load_input
 from imgrec.errors import ImgrecError
+from imgrec.network import load_model
 from imgrec.predict import softmax
 from imgrec.zoo import open_bundle
 

@@ -12,10 +12,11 @@ def make_tiny_bundle(path: Path, channels: int = 3, size: int = 32, export: bool
     """A small `fast-cnn` bundle (random weights, seeded) with model.onnx when `export`."""
     import torch
 
-    from imgrec.bundle import Bundle, save_bundle
+    from imgrec.bundle import Bundle
     from imgrec.contract import Preprocess
     from imgrec.export import export_bundle
     from imgrec.models.registry import build_model
+    from imgrec.network import save_bundle
 
     torch.manual_seed(0)
     args = {"in_channels": channels, "num_classes": len(CLASSES), "image_size": size}

@@ -84,11 +84,12 @@ def _mnist_bundle(path: Path, folder: Path, n: int = 12_000) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from imgrec.bundle import Bundle, save_bundle
+    from imgrec.bundle import Bundle
     from imgrec.contract import Preprocess
     from imgrec.data.builtins import read_idx
     from imgrec.export import export_bundle
     from imgrec.models.registry import build_model
+    from imgrec.network import save_bundle
     from imgrec.training.recipes import recipe_for
 
     def idx(name: str):

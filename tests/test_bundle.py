@@ -9,16 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from imgrec.bundle import (
-    FORMAT_VERSION,
-    Bundle,
-    load_model,
-    read_bundle,
-    save_bundle,
-)
+from imgrec.bundle import FORMAT_VERSION, Bundle, read_bundle
 from imgrec.contract import Preprocess
 from imgrec.errors import BundleError
 from imgrec.models.registry import build_model
+from imgrec.network import load_model, save_bundle
 from imgrec.predict import Predictor
 
 ARCH = {"name": "fast-cnn", "args": {"in_channels": 1, "num_classes": 3, "image_size": 16,

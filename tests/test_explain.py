@@ -101,9 +101,10 @@ def test_feature_maps_and_filters_of_imagenet(imagenet, sample_photo, tmp_path, 
 @pytest.fixture
 def scratch_bundle(tmp_path):
     """A scratch bundle per architecture, built with save_bundle (no training needed)."""
-    from imgrec.bundle import Bundle, save_bundle
+    from imgrec.bundle import Bundle
     from imgrec.contract import Preprocess
     from imgrec.models.registry import build_model
+    from imgrec.network import save_bundle
 
     def make(name: str, size: int = 32, channels: int = 3) -> Path:
         args = {"in_channels": channels, "num_classes": 2, "image_size": size}

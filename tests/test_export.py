@@ -63,7 +63,7 @@ def test_int8_export_is_recorded_and_served_until_stale(tmp_path, capsys):
     assert serving_onnx_path(read_bundle(path)) == bundle.onnx_path
 
     # Retraining (save_bundle writes new weights) removes both exports.
-    from imgrec.bundle import load_model, save_bundle
+    from imgrec.network import load_model, save_bundle
 
     copy = make_tiny_bundle(tmp_path / "copy", int8=True)
     assert (copy / ONNX_INT8_FILE).exists()

@@ -14,11 +14,12 @@ import torch
 from helpers import trained_shapes, truncated_jpeg
 from PIL import Image
 
-from imgrec.bundle import Bundle, save_bundle
+from imgrec.bundle import Bundle
 from imgrec.cli import main
 from imgrec.contract import Preprocess
 from imgrec.errors import InputError, UnreadableImage
 from imgrec.models.registry import build_model
+from imgrec.network import save_bundle
 from imgrec.predict import Predictor, expand_inputs, fetch_url
 
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "Persian",

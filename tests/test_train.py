@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from conftest import make_shapes_dataset
 from helpers import truncated_jpeg, write_pixel_csv
 
-from imgrec.bundle import load_model, read_bundle
+from imgrec.bundle import read_bundle
 from imgrec.errors import ImgrecError
 from imgrec.evaluation import evaluate_bundle
+from imgrec.network import load_model
 from imgrec.predict import Predictor
 from imgrec.training.loop import TrainConfig, Trainer, _class_weights, train
 

@@ -156,8 +156,9 @@ def test_corrupted_cache_entry_is_recomputed(mini_photos):
 def test_features_run_on_real_photos(mini_photos, tmp_path, capsys):
     import torch
 
-    from imgrec.bundle import load_model, read_bundle
+    from imgrec.bundle import read_bundle
     from imgrec.contract import load_input
+    from imgrec.network import load_model
 
     out = tmp_path / "feat"
     assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--out", str(out),
@@ -210,7 +211,8 @@ def test_augmented_views_are_cached(mini_photos, tmp_path):
 
 @pytest.mark.slow
 def test_finetune_run_on_real_photos(mini_photos, tmp_path):
-    from imgrec.bundle import load_model, read_bundle
+    from imgrec.bundle import read_bundle
+    from imgrec.network import load_model
     from imgrec.predict import Predictor
 
     out = tmp_path / "ft"

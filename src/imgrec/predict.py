@@ -43,32 +43,6 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-class TorchEngine:
-    """Runs the bundle's network in PyTorch (training-side machines, GPU)."""
-
-    name = "torch"
-
-    def __init__(self, bundle: Bundle, device: Any = None):
-        import torch
-
-        from .bundle import load_model
-
-        self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(bundle).to(self.device)
-        self.channels_last = self.device.type == "cpu"
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            t = torch.from_numpy(x).to(self.device)
-            if self.channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            return self.model(t).float().cpu().numpy()
-
-
 class OnnxEngine:
     """Runs model.onnx in ONNX Runtime: several times faster than eager PyTorch on a CPU."""
 
@@ -105,6 +79,8 @@ def make_engine(bundle: Bundle, engine: Any = "auto", device: Any = None,
         return OnnxEngine(bundle, threads)
     if engine not in ("auto", "torch"):
         raise InputError(f"unknown engine {engine!r}", "use auto, onnx or torch")
+    from .network import TorchEngine  # the only way from predict to torch (docs/architecture.md)
+
     return TorchEngine(bundle, device)
 
 
@@ -126,11 +102,7 @@ class Predictor:
     # -- core ------------------------------------------------------------------------------
     def logits(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 N x C x H x W (already through the contract) -> logits N x classes."""
-        x = self.contract.normalize(pixels)
-        out = self.engine(x)
-        if "flip" in self.contract.tta:
-            out = (out + self.engine(np.ascontiguousarray(x[..., ::-1]))) / 2
-        return out
+        return self.contract.tta_logits(self.engine, self.contract.normalize(pixels))
 
     def probabilities(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
         out = [softmax(self.logits(pixels[i : i + batch_size]), self.bundle.temperature)

@@ -33,8 +33,8 @@ def pretrained_bundle(name: str) -> Bundle:
         (path / "model.safetensors").is_file() or (path / "model.onnx").is_file()
     ):
         return read_bundle(path, need_weights=False)
-    from .bundle import save_bundle
     from .models.pretrained import build_efficientnet_lite, imagenet_classes, lite_preprocess
+    from .network import save_bundle
 
     model = build_efficientnet_lite(arch, pretrained=True)
     bundle = Bundle(

@@ -23,12 +23,13 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..augment import Augment
-from ..bundle import Bundle, atomic_write_bytes, save_bundle
+from ..bundle import Bundle, atomic_write_bytes
 from ..contract import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from ..data.datasets import Dataset, builtin_key, load_dataset
 from ..errors import ImgrecError, skipped_report
 from ..history import plot_curves, write_history
 from ..models.registry import MODELS, build_model, resolve_model_name
+from ..network import save_bundle
 from .loaders import Batches
 from .recipes import BUILTIN_RECIPES, recipe_for
 from .record import TensorBoard

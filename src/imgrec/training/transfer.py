@@ -315,9 +315,10 @@ def _record(t: Trainer, prep: Prepared) -> dict[str, Any]:
 def run_features(t: Trainer) -> TrainResult:
     """--mode features end to end: features (cached), head, bundle, test metrics."""
     from .. import __version__
-    from ..bundle import Bundle, save_bundle
+    from ..bundle import Bundle
     from ..evaluation import EvalReport
     from ..history import plot_curves, write_history
+    from ..network import save_bundle
     from ..predict import softmax
     from .loop import TrainResult
     from .record import TensorBoard

@@ -1,0 +1,86 @@
+"""The bundle's network in PyTorch: build it from the registry, save and load its weights
+(safetensors: loading a bundle runs no code), and run it as a prediction engine.
+
+The torch side of the bundle. `imgrec.bundle` (metadata) and `imgrec.predict` (ONNX Runtime)
+stay torch-free; predict reaches this module only when a bundle has no ONNX file or PyTorch
+is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from .bundle import FORMAT, WEIGHTS_FILE, Bundle
+from .errors import BundleError
+
+
+def save_bundle(bundle: Bundle, model: Any) -> Bundle:
+    """Write weights (safetensors) and metadata into bundle.path."""
+    from safetensors.torch import save_file
+
+    bundle.path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = bundle.path / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, bundle.weights_path)
+    # The weights changed: an old export (float32 or int8) would disagree with them.
+    for stale in (bundle.onnx_path, bundle.path / "model.int8.onnx"):
+        stale.unlink(missing_ok=True)
+    bundle.write_meta()
+    return bundle
+
+
+def load_model(bundle: Bundle):
+    """Build the bundle's network and load its weights (safetensors, no pickle)."""
+    from safetensors.torch import load_file
+
+    from .models import build_model
+
+    model = build_model(bundle.architecture["name"], **bundle.architecture.get("args", {}))
+    try:
+        state = load_file(str(bundle.weights_path))
+    except Exception as e:
+        raise BundleError(f"{bundle.weights_path}: unreadable weights ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # tensors of the wrong shape
+        raise BundleError(
+            f"{bundle.path}: weights do not fit the architecture "
+            f"({str(e).splitlines()[-1].strip()})",
+            "the bundle is damaged or was written by another version; retrain it",
+        ) from None
+    if missing or unexpected:
+        raise BundleError(
+            f"{bundle.path}: weights do not fit the architecture "
+            f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)",
+            "the bundle is damaged or was written by another version; retrain it",
+        )
+    model.eval()
+    return model
+
+
+
+class TorchEngine:
+    """Runs the bundle's network in PyTorch (training-side machines, GPU)."""
+
+    name = "torch"
+
+    def __init__(self, bundle: Bundle, device: Any = None):
+        self.torch = torch
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_model(bundle).to(self.device)
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device)
+            if self.channels_last:
+                t = t.contiguous(memory_format=torch.channels_last)
+            return self.model(t).float().cpu().numpy()
