@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgrec.errors import ImgrecError
 from imgrec.augment import PRESETS, Augment
+from imgrec.errors import ImgrecError
 
 
 def test_parse_presets_and_overrides():
