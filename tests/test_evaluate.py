@@ -120,3 +120,40 @@ def test_evaluate_unknown_classes(tmp_path_factory, tmp_path):
                                                     "disc_000.png").read_bytes())
     with pytest.raises(DataError, match="cow"):
         evaluate_bundle(base / "bundle", str(data), "test")
+
+
+@pytest.mark.parametrize("n_classes, dataset", [
+    (2, "shapes"),
+    (3, "a-dataset-folder-with-a-rather-long-name-" * 4),
+    (12, "cifar10 (a copy of the training folder, re-labelled by hand)"),
+    (60, "x" * 150),
+    (4, "WM" * 70),  # the widest letters, no space to break at
+])
+def test_confusion_title_is_inside_the_figure(tmp_path, monkeypatch, n_classes, dataset):
+    """The title over the matrix once ran off the figure's left edge for long titles."""
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(0)
+    labels = [f"class {i} with a long-ish name" for i in range(n_classes)]
+    rep = EvalReport(labels, rng.integers(0, n_classes, 300),
+                     rng.random((300, n_classes)).astype(np.float32),
+                     [f"img{i}" for i in range(300)], "test", dataset)
+    seen = []
+    savefig = Figure.savefig
+
+    def measure(fig, *args, **kwargs):
+        out = savefig(fig, *args, **kwargs)
+        fig.canvas.draw()  # as saved: laid out at the figure's size
+        renderer = fig.canvas.get_renderer()
+        titles = [t for t in [fig._suptitle, *(ax.title for ax in fig.axes)]
+                  if t is not None and t.get_text()]
+        seen.append((fig.bbox.bounds, [(t.get_text(), t.get_window_extent(renderer).bounds)
+                                       for t in titles]))
+        return out
+
+    monkeypatch.setattr(Figure, "savefig", measure)
+    rep.plot_confusion(tmp_path / "cm.png")
+    [((_, _, width, height), titles)] = seen
+    assert titles and "".join(dataset.split()) in "".join(titles[0][0].split())
+    for text, (x, y, w, h) in titles:
+        assert x >= 0 and y >= 0 and x + w <= width and y + h <= height, (text, x, w, width)

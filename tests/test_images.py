@@ -233,3 +233,45 @@ def test_extreme_aspect_ratio_is_not_resized_to_gigapixels(monkeypatch):
     Image.new("RGB", (640, 480), (90, 120, 30)).save(buf, "JPEG")
     load_input(buf.getvalue(), contract)
     assert sizes == [(341, 256)]
+
+
+def test_pillow_guard_is_left_as_it_is(tmp_path):
+    """Importing imgrec and decoding (a bomb too) leaves Pillow's process-wide bomb guard at
+    its default: imgrec's own limit is checked from the header, not by switching Pillow's off."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_bomb_png(30000, 30000))
+    code = f"""
+import PIL.Image as I
+default = I.MAX_IMAGE_PIXELS
+import imgrec, imgrec.images, imgrec.contract, imgrec.doctor
+from imgrec.errors import ImageTooLarge
+assert I.MAX_IMAGE_PIXELS == default, I.MAX_IMAGE_PIXELS
+assert imgrec.images.decode_image({str(_png_bytes(Image.new("RGB", (9, 9))))}).size == (9, 9)
+try:
+    imgrec.images.decode_image({str(path)!r})
+except ImageTooLarge as e:
+    assert "30000x30000" in str(e), e
+assert I.MAX_IMAGE_PIXELS == default and default == 89478485, I.MAX_IMAGE_PIXELS
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert Image.MAX_IMAGE_PIXELS == 89478485
+
+
+def test_images_over_pillows_limit_within_ours(monkeypatch):
+    """Where Pillow's own limit is lower than imgrec's, imgrec still decodes what its limit
+    allows and refuses the rest in its own words; Pillow's setting is untouched."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    warned = _png_bytes(Image.new("L", (40, 40), 7))  # 1600 pixels: Pillow would warn
+    refused = _png_bytes(Image.new("L", (50, 50), 7))  # 2500: Pillow's open would raise
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(refused))
+    assert decode_image(warned, channels=1).size == (40, 40)
+    assert np.all(np.asarray(decode_image(refused, channels=1)) == 7)
+    with pytest.raises(ImageTooLarge, match="50x50 pixels is over the limit of 2,000"):
+        decode_image(refused, max_pixels=2000)
+    assert Image.MAX_IMAGE_PIXELS == 1000

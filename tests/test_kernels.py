@@ -63,6 +63,26 @@ def test_kernels_do_what_the_workshop_says(step_image):
     assert pooled.min() >= 0
 
 
+def test_sizes_follow_the_formula_and_tiny_images_are_refused(step_image, tmp_path, capsys):
+    from imgrec.errors import InputError
+
+    sizes = dict(run(step_image, max_side=50).sizes)
+    h, w = sizes["input"]
+    assert (h, w) == (38, 50)
+    for padding, stride, label in ((0, 1, "valid padding, stride 1"),
+                                   (1, 1, "same padding, stride 1"),
+                                   (0, 2, "valid padding, stride 2"),
+                                   (1, 2, "same padding, stride 2")):
+        assert sizes[f"3x3 conv, {label}"] == (out_size(h, 3, padding, stride),
+                                               out_size(w, 3, padding, stride))
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((2, 40), np.uint8)).save(strip)
+    with pytest.raises(InputError, match="40x2 pixels .* too small for a 3x3 kernel"):
+        run(strip)
+    assert main(["kernels", str(strip), "--out", str(tmp_path / "k.png")]) == 2
+    assert "too small" in capsys.readouterr().err
+
+
 def test_kernels_cli(step_image, tmp_path, capsys, monkeypatch):
     seen = _labelled(monkeypatch)
     out = tmp_path / "k.png"

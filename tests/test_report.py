@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def trained(tmp_path_factory):
     """A fast-cnn trained one epoch on the split shapes dataset, with TensorBoard on."""
     from conftest import make_shapes_dataset
 
-    from imgrec.training.loop import train
+    from imgrec.training.api import train
 
     root = tmp_path_factory.mktemp("report")
     data = make_shapes_dataset(root / "shapes", per_class=24, layout="split")
@@ -163,3 +164,115 @@ def test_evaluate_report_errors(trained, tmp_path, capsys):
         (flat / c).mkdir(parents=True)
     assert main(["evaluate", str(bundle), str(flat), "--report", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith("imgrec: error:")
+
+
+EVIL = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def odd_report(tmp_path_factory):
+    """A report on a 1-channel invert=auto bundle whose classes, name and files are hostile
+    HTML, the pixels evaluation scored (by input) and those Grad-CAM was given (in order)."""
+    import csv
+
+    from bundles import make_tiny_bundle
+
+    from imgrec.evaluation import Predictor
+    from imgrec.explain import Explainer
+    from imgrec.report import build_report
+    from imgrec.zoo import open_bundle
+
+    root = tmp_path_factory.mktemp("odd")
+    bundle = open_bundle(make_tiny_bundle(root / "bundle", channels=1, export=False))
+    bundle.preprocess = bundle.preprocess.replace(invert="auto")
+    bundle.classes = [EVIL, "a&b \"q\" 'x'", "plain"]
+    bundle.extra["display_name"] = "tiny <b>bold</b>"
+    bundle.write_meta()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(9):
+        img = rng.integers(0, 40, (40, 40), np.uint8)  # light strokes on dark ...
+        img[10:30, 15:25] = 230
+        if i % 2:
+            img = 255 - img  # ... or dark on light: invert=auto flips these
+        path = root / f"img {i} & \"q\" 'x' <i>.png"
+        Image.fromarray(img).save(path)
+        rows.append([str(path), bundle.classes[i % 3], "test"])
+    with (root / "odd&data.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "label", "split"], *rows])
+
+    scored: list[np.ndarray] = []
+    explained: list[np.ndarray] = []
+    probabilities, gradcam = Predictor.probabilities, Explainer.gradcam
+
+    def spy_probabilities(self, pixels, *a, **k):
+        scored.extend(pixels.copy())
+        return probabilities(self, pixels, *a, **k)
+
+    def spy_gradcam(self, source, *a, **k):
+        explained.append(np.array(source, copy=True))
+        return gradcam(self, source, *a, **k)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(Predictor, "probabilities", spy_probabilities)
+    mp.setattr(Explainer, "gradcam", spy_gradcam)
+    try:
+        result = build_report(root / "bundle", str(root / "odd&data.csv"), root / "report")
+    finally:
+        mp.undo()
+    return result, dict(zip(result.evaluation.inputs, scored, strict=True)), explained, rows
+
+
+def test_report_escapes_labels_and_file_names(odd_report):
+    from html.parser import HTMLParser
+
+    result, _, _, rows = odd_report
+    page = result.path.read_text()
+    assert "<script" not in page and "<b>bold" not in page and "<i>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "tiny &lt;b&gt;bold&lt;/b&gt;" in page
+    assert result.mistakes, "a random 3-class model makes mistakes"
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.alts, self.titles, self.text = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "img":
+                self.alts.append(attrs.get("alt"))
+            if "title" in attrs:
+                self.titles.append(attrs["title"])
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    parsed = Collect()
+    parsed.feed(page)
+    text = "".join(parsed.text)
+    # every user string survives the round trip through the page, character for character
+    assert EVIL in text and "a&b \"q\" 'x'" in text and "tiny <b>bold</b>" in text
+    shown = [m["input"] for m in result.mistakes]
+    assert set(shown) <= {r[0] for r in rows}
+    assert set(shown) <= set(parsed.alts) and set(shown) <= set(parsed.titles)
+    assert all(Path(s).name in text for s in shown)
+
+
+def test_report_draws_the_pixels_evaluation_scored(odd_report):
+    result, scored, explained, _ = odd_report
+    out = result.path.parent
+    inverted = 0
+    for m in result.mistakes:
+        pixels = scored[m["input"]]
+        assert pixels.shape == (1, 32, 32)
+        drawn = np.asarray(Image.open(out / m["image"]))
+        np.testing.assert_array_equal(drawn, pixels[0])
+        raw = np.asarray(Image.open(m["input"]).convert("L").resize((32, 32),
+                                                                     Image.Resampling.BILINEAR))
+        inverted += int(np.array_equal(pixels[0], 255 - raw))
+    assert inverted, "some mistake should be a dark-on-light file that invert=auto flipped"
+    assert len(explained) == len(result.mistakes)
+    for m, given in zip(result.mistakes, explained, strict=True):
+        np.testing.assert_array_equal(given, scored[m["input"]])
+        assert (out / m["gradcam"]).is_file()

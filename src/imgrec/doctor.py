@@ -14,7 +14,6 @@ that `undo` uses to put every file back.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from PIL import Image
 from .bundle import atomic_write_text
 from .data.datasets import SPLIT_ALIASES
 from .errors import DataError, UnreadableImage
-from .images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, sniff_format
+from .images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, open_image, sniff_format
 
 #: Smaller than this (shortest side, pixels) is "tiny": too little to learn from.
 TINY = 32
@@ -169,9 +168,8 @@ def _dhash(img: Image.Image) -> int:
 def _check(info: FileInfo) -> FileInfo:
     """All per-file checks. Reads the header first; decodes (at reduced JPEG scale) only what
     is safe to decode."""
-    p = info.path
     try:
-        data = p.read_bytes()
+        data = info.path.read_bytes()
     except OSError as e:
         info.issues.append(("unreadable", f"cannot read the file ({e.strerror})"))
         return info
@@ -181,36 +179,50 @@ def _check(info: FileInfo) -> FileInfo:
     if not data:
         info.issues.append(("empty", "0 bytes"))
         return info
+    fmt = _check_format(info, data)
+    if fmt is not None and _check_header(info, data, fmt):
+        _check_pixels(info, data)
+    return info
+
+
+def _check_format(info: FileInfo, data: bytes) -> str | None:
+    """The format the content says (None, with an issue, for no image) against the name's."""
     fmt = sniff_format(data[:16])
-    ext = p.suffix.lower()
+    ext = info.path.suffix.lower()
     if fmt is None:
         what = "text" if _looks_like_text(data[:512]) else "unknown binary data"
         info.issues.append(("not-image", f"content is {what}, not an image" +
                             ("" if ext in IMAGE_EXTENSIONS else
                              f" (the loader skips {ext or 'extensionless'} files)")))
-        return info
+        return None
     expected = _EXT_FORMAT.get(ext)
     if expected and expected != fmt:
         info.issues.append(("wrong-extension", f"named {ext} but the content is {fmt}"))
     elif ext not in IMAGE_EXTENSIONS:
         info.issues.append(("wrong-extension", f"a {fmt} image named {ext or '(no extension)'}:"
                                                " the loader skips it"))
+    return fmt
+
+
+def _check_header(info: FileInfo, data: bytes, fmt: str) -> bool:
+    """Size, mode and orientation from the header alone (no pixel decoded). False when the
+    pixels must not or cannot be decoded (a broken header, a decompression bomb)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            header = Image.open(io.BytesIO(data))  # reads the header only, no pixels
+            header = open_image(data, fmt)  # reads the header only, no pixels
             w, h = header.size
             mode = header.mode
             orientation = header.getexif().get(0x0112, 1)
     except Exception as e:
         info.issues.append(("unreadable", f"{fmt} header is broken ({type(e).__name__}: {e})"))
-        return info
+        return False
     info.size = (w, h)
     if w * h > MAX_PIXELS:
         info.issues.append(("bomb", f"{w}x{h} = {w * h / 1e6:.0f} megapixels, over the "
                                     f"{MAX_PIXELS / 1e6:.0f} MP limit: a decompression bomb "
                                     "(read from the header, not decoded)"))
-        return info
+        return False
     if orientation not in (1, None, 0):
         info.issues.append(("exif-rotated", f"EXIF orientation {orientation}: stored "
                                             f"{_ORIENT.get(orientation, 'transformed')}; "
@@ -221,15 +233,20 @@ def _check(info: FileInfo) -> FileInfo:
         info.issues.append(("mode", f"{desc}: converted to RGB when loaded"))
     if min(w, h) < TINY:
         info.issues.append(("tiny", f"{w}x{h} pixels (under {TINY} on a side)"))
+    return True
+
+
+def _check_pixels(info: FileInfo, data: bytes) -> None:
+    """Decode (at reduced JPEG scale) through the one decoder: truncated or corrupt pixels,
+    and the difference hash for near duplicates."""
     try:
         img = decode_image(data, channels=3, draft_size=(64, 64))
     except UnreadableImage as e:
         msg = e.message.split(": ", 1)[-1]
         kind = "truncated" if "truncat" in msg.lower() else "unreadable"
         info.issues.append((kind, msg))
-        return info
+        return
     info.dhash = _dhash(img)
-    return info
 
 
 _ORIENT = {2: "mirrored", 3: "upside down", 4: "flipped vertically", 5: "transposed",
@@ -303,17 +320,24 @@ def scan(data: str | Path, workers: int | None = None,
     with ThreadPoolExecutor(max_workers=workers) as pool:
         files = list(pool.map(_check, files))
     issues = [Issue(f.rel, k, d) for f in files for k, d in f.issues]
+    issues += _duplicate_issues(files, layout, near_distance)
+    classes = _class_counts(files)
+    ratio, balance = _balance(classes)
+    issues += balance
+    order = {f.rel: i for i, f in enumerate(files)}
+    issues.sort(key=lambda i: (order.get(i.path, -1), i.kind))
+    return DoctorReport(root, len(files), issues, classes, ratio, layout, time.time() - t0)
 
-    # exact duplicates: same bytes
+
+def _duplicate_issues(files: list[FileInfo], layout: str, near_distance: int) -> list[Issue]:
+    """Exact duplicates (same bytes), then near duplicates: one representative per distinct
+    content, dHash within the distance; each pair flags its later file (train first), against
+    its closest look-alike."""
     by_hash: dict[str, list[FileInfo]] = defaultdict(list)
     for f in files:
         if f.sha256 and not any(k == "empty" for k, _ in f.issues):
             by_hash[f.sha256].append(f)
-    exact = [g for g in by_hash.values() if len(g) > 1]
-    issues += _group_issues(exact, layout)
-
-    # near duplicates: one representative per distinct content, dHash within the distance;
-    # each pair flags its later file (train first), against its closest look-alike
+    issues = _group_issues([g for g in by_hash.values() if len(g) > 1], layout)
     reps = [g[0] for g in by_hash.values() if g[0].dhash is not None]
     best: dict[int, tuple[int, int]] = {}
     for i, j, d in _near_pairs(reps, near_distance) if reps else []:
@@ -321,32 +345,38 @@ def scan(data: str | Path, workers: int | None = None,
                                                        reps[k].rel))
         if second not in best or d < best[second][1]:
             best[second] = (first, d)
-    issues += _near_issues([(reps[a], reps[b], d) for b, (a, d) in best.items()], layout)
+    return issues + _near_issues([(reps[a], reps[b], d) for b, (a, d) in best.items()], layout)
 
-    # class counts (what the loader would train on: image-named files in class folders)
+
+def _class_counts(files: list[FileInfo]) -> dict[str, dict[str, int]]:
+    """Images per class and split (what the loader would train on: image-named files in class
+    folders), with each class's total."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for f in files:
         if f.label and is_imageish(f.path):
             counts[f.label][f.split or "train"] += 1
             counts[f.label]["total"] += 1
-    classes = {c: dict(sorted(v.items(), key=lambda kv: _SPLIT_ORDER.get(kv[0], 9)))
-               for c, v in sorted(counts.items())}
+    return {c: dict(sorted(v.items(), key=lambda kv: _SPLIT_ORDER.get(kv[0], 9)))
+            for c, v in sorted(counts.items())}
+
+
+def _balance(classes: dict[str, dict[str, int]]) -> tuple[float | None, list[Issue]]:
+    """The train split's imbalance ratio (largest / smallest class), and the dataset-wide
+    issues: fewer than two classes, or a ratio at or over IMBALANCE."""
     train_counts = [v.get("train", 0) for v in classes.values()]
-    ratio = None
-    if train_counts:
-        ratio = round(max(train_counts) / max(1, min(train_counts)), 3)
-        if len(classes) < 2:
-            issues.append(Issue(".", "classes", f"only {len(classes)} class folder(s); "
-                                "a classifier needs at least two"))
-        elif ratio >= IMBALANCE:
-            small = min(classes, key=lambda c: classes[c].get("train", 0))
-            big = max(classes, key=lambda c: classes[c].get("train", 0))
-            issues.append(Issue(".", "imbalance", f"train has {classes[big].get('train', 0)} "
-                                f"{big} but {classes[small].get('train', 0)} {small} (ratio "
-                                f"{ratio:.1f}); imgrec train weighs the loss by class"))
-    order = {f.rel: i for i, f in enumerate(files)}
-    issues.sort(key=lambda i: (order.get(i.path, -1), i.kind))
-    return DoctorReport(root, len(files), issues, classes, ratio, layout, time.time() - t0)
+    if not train_counts:
+        return None, []
+    ratio = round(max(train_counts) / max(1, min(train_counts)), 3)
+    if len(classes) < 2:
+        return ratio, [Issue(".", "classes", f"only {len(classes)} class folder(s); "
+                             "a classifier needs at least two")]
+    if ratio < IMBALANCE:
+        return ratio, []
+    small = min(classes, key=lambda c: classes[c].get("train", 0))
+    big = max(classes, key=lambda c: classes[c].get("train", 0))
+    return ratio, [Issue(".", "imbalance", f"train has {classes[big].get('train', 0)} {big} "
+                         f"but {classes[small].get('train', 0)} {small} (ratio {ratio:.1f}); "
+                         "imgrec train weighs the loss by class")]
 
 
 # -- quarantine and undo -------------------------------------------------------------------

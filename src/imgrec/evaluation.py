@@ -5,6 +5,7 @@ mistakes. Reads only the bundle."""
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,27 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, atomic_write_text
-from .contract import fit_arrays, load_input
+from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError
 from .figures import pyplot, save_figure
 from .predict import Predictor, decode_many
 from .zoo import open_bundle
+
+#: Font size (points) of the confusion matrix's title.
+TITLE_SIZE = 12
+
+
+def _suptitle(fig: Any, text: str, fontsize: float) -> None:
+    """`text` as the figure's title, broken into lines where (and only where) it is wider than
+    the figure, as measured by the renderer."""
+    title = fig.suptitle(text, fontsize=fontsize)
+    renderer = fig.canvas.get_renderer()
+    room = 0.96 * fig.bbox.width
+    per_line = len(text)
+    while per_line > 10 and (width := title.get_window_extent(renderer).width) > room:
+        per_line = min(per_line - 1, int(per_line * room / width))
+        title.set_text("\n".join(textwrap.wrap(text, per_line, break_on_hyphens=False)))
 
 
 @dataclass
@@ -102,26 +118,32 @@ class EvalReport:
         return "\n".join(lines)
 
     def plot_confusion(self, path: Path) -> Path:
+        """The confusion matrix as a PNG. The title sits over the whole figure, wrapped to its
+        width, and the layout makes room for it and for long class names: nothing is clipped
+        (a long title over the matrix used to run off the figure's left edge)."""
         plt = pyplot()
 
         cm = self.confusion()
         n = len(self.labels)
-        size = min(20, max(5, 0.6 * n + 2))
-        fig, ax = plt.subplots(figsize=(size, size * 0.85))
+        side = min(20, max(5, 0.6 * n + 2))
+        room = min(4.0, 0.075 * max(len(lab) for lab in self.labels))  # tick labels, inches
+        fig, ax = plt.subplots(figsize=(side + room, side * 0.85 + 0.7 * room),
+                               layout="constrained")
         im = ax.imshow(cm, cmap="Blues")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="images")
         ax.set_xticks(range(n), self.labels, rotation=45, ha="right")
         ax.set_yticks(range(n), self.labels)
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
-        ax.set_title(f"Confusion matrix: {self.dataset} {self.split} "
-                     f"(accuracy {self.accuracy:.2%}, n={self.n})")
+        title = (f"Confusion matrix: {self.dataset} {self.split} "
+                 f"(accuracy {self.accuracy:.2%}, n={self.n})")
+        _suptitle(fig, title, TITLE_SIZE)
         if n <= 30:
             for i in range(n):
                 for j in range(n):
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if cm[i, j] > cm.max() / 2 else "black")
-        save_figure(fig, path, dpi=100)
+        save_figure(fig, path, dpi=100, tight=False)  # constrained layout, not tight_layout
         return path
 
     def write_json(self, path: Path) -> None:
@@ -138,6 +160,29 @@ def _label_map(bundle: Bundle, ds: Dataset) -> np.ndarray:
             f"the model's classes are {', '.join(bundle.classes[:10])}",
         )
     return np.array([index[c] for c in ds.classes], np.int64)
+
+
+def decode_evaluated(path: str | Path, contract: Preprocess) -> np.ndarray:
+    """The uint8 C x H x W pixels evaluation scores for one image file: the contract as predict
+    and serve apply it (its own invert and fit). The report's mistakes gallery shows these
+    pixels and its Grad-CAM explains them, so both come from here."""
+    return load_input(path, contract)
+
+
+def _array_marker(ds: Dataset, split: str) -> str:
+    """How images of an in-memory dataset are named in EvalReport.inputs: this, then the index."""
+    return f"{ds.name}/{split}#"
+
+
+def evaluated_pixels(item: str, ds: Dataset, split: str, contract: Preprocess) -> np.ndarray:
+    """The pixels one evaluated input (an EvalReport.inputs entry: a file, or `name/split#i`
+    of an in-memory dataset) was scored on."""
+    marker = _array_marker(ds, split)
+    images = ds.splits[split].images
+    if item.startswith(marker) and images is not None:
+        i = int(item[len(marker):])
+        return fit_arrays(images[i : i + 1], contract)[0]
+    return decode_evaluated(item, contract)
 
 
 def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str = "test",
@@ -161,13 +206,12 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
         pixels = fit_arrays(s.images, bundle.preprocess)
         probs.append(predictor.probabilities(pixels, batch_size))
         keep = list(range(len(s)))
-        inputs = [f"{ds.name}/{split_name}#{i}" for i in range(len(s))]
+        inputs = [f"{_array_marker(ds, split_name)}{i}" for i in range(len(s))]
     else:
         inputs = []
         for start in range(0, len(s), batch_size):
             chunk = s.paths[start : start + batch_size]
-            # the contract as predict and serve apply it (its invert and fit too)
-            prepared = decode_many(lambda p: load_input(p, bundle.preprocess), chunk)
+            prepared = decode_many(lambda p: decode_evaluated(p, bundle.preprocess), chunk)
             good = [(start + i, p) for i, p in enumerate(prepared) if isinstance(p, np.ndarray)]
             for path, p in zip(chunk, prepared, strict=True):
                 if not isinstance(p, np.ndarray):

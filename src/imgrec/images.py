@@ -4,6 +4,10 @@ training, evaluation, prediction, serving and the dataset doctor.
 It sniffs the format from the bytes (not the file name), refuses decompression bombs before
 decoding a pixel, applies EXIF orientation, and converts any mode (L, LA, P, RGBA, I;16, CMYK,
 animated GIF) to the channel count a model wants. Torch-free: the serve path uses it.
+
+The bomb check is imgrec's own (MAX_PIXELS, or the caller's limit, read from the header). It
+leaves Pillow's process-wide guard (Image.MAX_IMAGE_PIXELS) as it is: importing imgrec changes
+no Pillow setting for the rest of the process.
 """
 
 from __future__ import annotations
@@ -20,10 +24,6 @@ from .errors import ImageTooLarge, NotAnImage, UnreadableImage
 #: Default pixel-count limit (width x height). 64 MP covers any camera photo; a 30000 x 30000
 #: PNG bomb (900 MP) is refused from its header alone.
 MAX_PIXELS = 64_000_000
-
-# Pillow's own bomb check would warn or raise with its own wording; we check first, ourselves.
-Image.MAX_IMAGE_PIXELS = None
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 _MAGIC: list[tuple[bytes, int, str]] = [
     (b"\xff\xd8\xff", 0, "JPEG"),
@@ -65,6 +65,25 @@ def _read(source: str | Path | bytes) -> tuple[bytes, str]:
         raise UnreadableImage(f"{path}: is a folder, not an image") from None
     except OSError as e:
         raise UnreadableImage(f"{path}: cannot read ({e.strerror})") from None
+
+
+def open_image(data: bytes, fmt: str) -> ImageFile.ImageFile:
+    """Pillow's lazy open of `data`, an image in format `fmt` (from sniff_format): its header is
+    parsed (size, mode, EXIF), no pixel is decoded yet, whatever size the header claims.
+
+    Image.open would first apply Pillow's own bomb guard (a warning over
+    Image.MAX_IMAGE_PIXELS, an error over twice that) before anyone can read the size, in its
+    own words and with its own limit. imgrec checks the size itself, from this header, against
+    its own limit (decode_image; the dataset doctor), so it calls the format's plugin, the
+    parser Image.open would pick, directly: for this one image, without switching Pillow's
+    guard off for the whole process."""
+    if fmt not in Image.OPEN:
+        Image.init()  # the plugins beyond the common five (TIFF, WebP) register on first use
+    entry = Image.OPEN.get(fmt)
+    if entry is None:  # a Pillow built without this format: let it say so
+        return Image.open(io.BytesIO(data), formats=[fmt])
+    factory, _accept = entry
+    return factory(io.BytesIO(data))
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -121,7 +140,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = open_image(data, fmt)
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageTooLarge(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .figures import pyplot, save_figure
 from .images import decode_image
 
@@ -40,6 +41,10 @@ def run(image: str | Path, max_side: int = 256) -> Demo:
 
     img = decode_image(image, channels=1)
     img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)  # display size, not a model
+    if min(img.size) < 3:
+        raise InputError(f"{image}: {img.width}x{img.height} pixels (at most {max_side} on a "
+                         "side) is too small for a 3x3 kernel",
+                         "give an image at least 3 pixels on each side, not a thin strip")
     x = torch.from_numpy(np.asarray(img, np.float32) / 255.0)[None, None]
     h, w = x.shape[-2:]
     outputs: dict[str, np.ndarray] = {}
@@ -53,7 +58,6 @@ def run(image: str | Path, max_side: int = 256) -> Demo:
                                    ("valid padding, stride 2", 0, 2),
                                    ("same padding, stride 2", 1, 2)):
         y = F.conv2d(x, edge, padding=padding, stride=stride)[0, 0]
-        assert tuple(y.shape) == (out_size(h, 3, padding, stride), out_size(w, 3, padding, stride))
         outputs[f"Laplacian, {label}"] = y.numpy()
         sizes.append((f"3x3 conv, {label}", tuple(y.shape)))
     relu = F.relu(F.conv2d(x, edge, padding=1))

@@ -1,5 +1,5 @@
 """`imgrec preview DATA`: look at the data before training on it — a grid of samples per
-class, and the same images after the training augmentation (training/augment.Augment), so the
+class, and the same images after the training augmentation (imgrec.augment.Augment), so the
 workshops' "is my ImageDataGenerator sensible?" check is one command. Images go through the
 preprocessing contract (contract.load_input / fit_arrays), as in training."""
 
@@ -54,7 +54,7 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
     """Write the figure: originals on the left, the same images augmented on the right."""
     import torch
 
-    from .training.augment import Augment
+    from .augment import Augment
 
     plt = pyplot()
 

@@ -9,7 +9,6 @@ fingerprints that tie the page to what produced it.
 from __future__ import annotations
 
 import hashlib
-import html
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, atomic_write_text
-from .contract import fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError, ImgrecError
-from .evaluation import EvalReport, evaluate_bundle
+from .evaluation import EvalReport, evaluate_bundle, evaluated_pixels
 from .figures import pyplot, save_figure
+from .history import plot_curves, read_history
 from .zoo import open_bundle
 
 BINS = 15
@@ -153,15 +152,6 @@ def calibrate_bundle(bundle: Bundle, data: Dataset | str, engine: str = "auto",
     return before, bundle.temperature, val.n
 
 
-def _pixels_of(item: str, ds: Dataset, split: str, bundle: Bundle) -> np.ndarray:
-    """The contract's uint8 C x H x W view of one evaluated input (a path or `name/split#i`)."""
-    marker = f"{ds.name}/{split}#"
-    if item.startswith(marker) and ds.splits[split].images is not None:
-        i = int(item[len(marker):])
-        return fit_arrays(ds.splits[split].images[i : i + 1], bundle.preprocess)[0]
-    return load_input(item, bundle.preprocess)
-
-
 def _save_png(pixels: np.ndarray, path: Path) -> None:
     from PIL import Image
 
@@ -181,80 +171,115 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
                  data_dir: str | None = None, engine: str = "auto", calibrate: bool = False,
                  mistakes: int = 12, gradcam: bool = True, quiet: bool = True) -> ReportResult:
     """Evaluate `model` on `data` and write DIR/index.html with its figures beside it."""
-    from . import __version__
-
     bundle = model if isinstance(model, Bundle) else open_bundle(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = _dataset_for(bundle, data, data_dir)
     notes: list[str] = []
     t_before = bundle.temperature
-    cal_before = None
+    rep, cal, cal_before = _evaluate(bundle, ds, split, engine, calibrate, notes)
+    conf_png = rep.plot_confusion(out / "confusion_matrix.png")
+    plot_reliability(cal, out / "reliability.png",
+                     f"Reliability: {ds.name} {rep.split} (temperature {bundle.temperature:g})")
+    curves, history = _training_curves(bundle, out)
+    wrong = _mistakes_gallery(bundle, rep, ds, out / "mistakes", mistakes, gradcam, notes)
+    page = _Page(bundle, rep, cal, cal_before, t_before, wrong, conf_png.name,
+                 curves.name if curves else None, history, _fingerprint(bundle, ds, data, rep),
+                 notes)
+    index = out / "index.html"
+    atomic_write_text(index, render_html(page))
+    return ReportResult(index, rep, cal["ece"], bundle.temperature, t_before, wrong, notes)
+
+
+def _evaluate(bundle: Bundle, ds: Dataset, split: str, engine: str, calibrate: bool,
+              notes: list[str]) -> tuple[EvalReport, dict[str, Any], dict[str, Any] | None]:
+    """Evaluate (after fitting the temperature when `calibrate`): the report, its calibration
+    and, when calibrated, the calibration at the temperature before."""
+    t_before = bundle.temperature
     if calibrate:
         _, t_new, n_val = calibrate_bundle(bundle, ds, engine)
         notes.append(f"--calibrate: temperature {t_before:g} -> {t_new:g}, fitted on the "
                      f"validation split ({n_val} images) and stored in the bundle")
     rep = evaluate_bundle(bundle, ds, split, engine=engine)
-    if calibrate and rep.split == "val":
-        notes.append("the evaluated split is the validation split the temperature was fitted "
-                     "on: its calibration is optimistic (add a test split)")
+    cal_before = None
     if calibrate:
+        if rep.split == "val":
+            notes.append("the evaluated split is the validation split the temperature was "
+                         "fitted on: its calibration is optimistic (add a test split)")
         cal_before = calibration_bins(rescale(rep.probs, bundle.temperature, t_before),
                                       rep.y_true)
-    cal = calibration_bins(rep.probs, rep.y_true)
+    return rep, calibration_bins(rep.probs, rep.y_true), cal_before
 
-    conf_png = rep.plot_confusion(out / "confusion_matrix.png")
-    plot_reliability(cal, out / "reliability.png",
-                     f"Reliability: {ds.name} {rep.split} (temperature {bundle.temperature:g})")
 
-    # training curves: the bundle's own figure, else drawn from its history
-    curves = None
-    src_curves = bundle.path / "curves.png"
-    from .training.record import plot_curves, read_history
-
+def _training_curves(bundle: Bundle, out: Path) -> tuple[Path | None, list[dict]]:
+    """The bundle's own curves.png copied to `out`, else drawn from its history.csv; and the
+    history (empty when the bundle has none)."""
     history = read_history(bundle.path / "history.csv")
-    if src_curves.is_file():
-        curves = out / "curves.png"
-        curves.write_bytes(src_curves.read_bytes())
+    src = bundle.path / "curves.png"
+    curves = out / "curves.png"
+    if src.is_file():
+        curves.write_bytes(src.read_bytes())
     elif history:
-        curves = out / "curves.png"
         plot_curves(curves, history, f"{bundle.name} training")
+    else:
+        return None, history
+    return curves, history
 
-    # the most confident mistakes, with Grad-CAM overlays
-    wrong = rep.mistakes(mistakes)
-    gallery = out / "mistakes"
+
+def _explainer(bundle: Bundle, notes: list[str]) -> Any:
+    """A Grad-CAM explainer for the bundle, or None (with a note) when it cannot have one."""
+    try:
+        from .explain import Explainer
+
+        return Explainer(bundle)
+    except ImgrecError as e:
+        notes.append(f"Grad-CAM overlays skipped: {e}")
+        return None
+
+
+def _mistakes_gallery(bundle: Bundle, rep: EvalReport, ds: Dataset, gallery: Path, k: int,
+                      gradcam: bool, notes: list[str]) -> list[dict[str, Any]]:
+    """The k most confident mistakes, each drawn into `gallery` from the very pixels
+    evaluation scored (evaluation.evaluated_pixels), with a Grad-CAM overlay beside it."""
+    wrong = rep.mistakes(k)
     gallery.mkdir(exist_ok=True)
-    explainer = None
-    if gradcam and wrong:
+    explainer = _explainer(bundle, notes) if gradcam and wrong else None
+    for i, m in enumerate(wrong):
+        m["p_true"] = float(rep.probs[rep.inputs.index(m["input"]),
+                                      bundle.classes.index(m["true"])])
         try:
-            from .explain import Explainer
-
-            explainer = Explainer(bundle)
-        except ImgrecError as e:
-            notes.append(f"Grad-CAM overlays skipped: {e}")
-    for k, m in enumerate(wrong):
-        try:
-            pixels = _pixels_of(m["input"], ds, rep.split, bundle)
+            pixels = evaluated_pixels(m["input"], ds, rep.split, bundle.preprocess)
         except ImgrecError as e:
             m["error"] = str(e)
             continue
-        _save_png(pixels, gallery / f"{k:03d}.png")
-        m["image"] = f"mistakes/{k:03d}.png"
-        if explainer is not None:
-            from .explain import save_overlay_png
+        _save_png(pixels, gallery / f"{i:03d}.png")
+        m["image"] = f"{gallery.name}/{i:03d}.png"
+        if explainer is not None and not _draw_gradcam(explainer, pixels, m, gallery,
+                                                       f"{i:03d}-gradcam.png", notes):
+            explainer = None  # one failure says the model cannot be explained: stop trying
+    return wrong
 
-            try:
-                exp = explainer.gradcam(pixels, bundle.classes.index(m["predicted"]))
-                save_overlay_png(exp, gallery / f"{k:03d}-gradcam.png")
-                m["gradcam"] = f"mistakes/{k:03d}-gradcam.png"
-            except ImgrecError as e:
-                notes.append(f"Grad-CAM failed on {m['input']}: {e}")
-                explainer = None
-        i_true = bundle.classes.index(m["true"])
-        idx = rep.inputs.index(m["input"])
-        m["p_true"] = float(rep.probs[idx, i_true])
 
-    fingerprint = {
+def _draw_gradcam(explainer: Any, pixels: np.ndarray, m: dict[str, Any], gallery: Path,
+                  name: str, notes: list[str]) -> bool:
+    """The Grad-CAM overlay for the predicted class of mistake `m`, saved as gallery/name."""
+    from .explain import save_overlay_png
+
+    try:
+        exp = explainer.gradcam(pixels, explainer.classes.index(m["predicted"]))
+        save_overlay_png(exp, gallery / name)
+    except ImgrecError as e:
+        notes.append(f"Grad-CAM failed on {m['input']}: {e}")
+        return False
+    m["gradcam"] = f"{gallery.name}/{name}"
+    return True
+
+
+def _fingerprint(bundle: Bundle, ds: Dataset, data: str, rep: EvalReport) -> dict[str, str]:
+    """What ties the page to what produced it: data, bundle files, versions, time."""
+    from . import __version__
+
+    return {
         "dataset": ds.name, "dataset source": ds.source or data,
         "dataset fingerprint": ds.fingerprint(),
         "bundle trained on (fingerprint)": bundle.training.get("data_fingerprint", "unknown"),
@@ -267,127 +292,92 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
         "temperature": f"{bundle.temperature:g}", "imgrec": __version__,
         "report written": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    same = fingerprint["bundle trained on (fingerprint)"] == fingerprint["dataset fingerprint"]
-    page = _html(bundle, rep, cal, cal_before, t_before, wrong, conf_png.name,
-                 curves.name if curves else None, history, fingerprint, same, notes)
-    index = out / "index.html"
-    atomic_write_text(index, page)
-    return ReportResult(index, rep, cal["ece"], bundle.temperature, t_before, wrong, notes)
 
 
 # -- HTML ------------------------------------------------------------------------------------
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
-margin:0;padding:20px 28px;color:#1d2330;background:#fafbfc;max-width:1220px}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:26px 0 10px;
-border-bottom:1px solid #d8dde6;padding-bottom:4px}.sub{color:#5b6475;font-size:13px}
-.cards{display:flex;gap:12px;flex-wrap:wrap;margin:14px 0}.card{background:#fff;
-border:1px solid #d8dde6;border-radius:8px;padding:10px 16px;min-width:120px}
-.card b{display:block;font-size:22px}.card span{color:#5b6475;font-size:12px}
-.row{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
-table{border-collapse:collapse;font-size:13px;background:#fff}
-td,th{border:1px solid #d8dde6;padding:4px 8px;text-align:right}
-th{background:#eef1f6}td.l,th.l{text-align:left}
-figure{margin:0;background:#fff;border:1px solid #d8dde6;border-radius:8px;padding:8px}
-figcaption{font-size:12px;color:#5b6475;margin-top:4px}
-.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:12px}
-.mistake{background:#fff;border:1px solid #d8dde6;border-radius:8px;padding:8px;font-size:12px}
-.mistake .pair{display:flex;gap:6px}.mistake img{width:116px;height:116px;
-object-fit:contain;image-rendering:pixelated;background:#000;border-radius:4px}
-.bad{color:#b42318}.ok{color:#067647}.note{background:#fff8e6;border:1px solid #f1d38a;
-padding:6px 10px;border-radius:6px;font-size:13px;margin:6px 0}
-code{font-size:12px}
-"""
+@dataclass
+class _Page:
+    """Everything the page shows."""
+
+    bundle: Bundle
+    rep: EvalReport
+    cal: dict[str, Any]
+    cal_before: dict[str, Any] | None
+    t_before: float
+    wrong: list[dict[str, Any]]
+    confusion_png: str
+    curves_png: str | None
+    history: list[dict]
+    fingerprint: dict[str, str]
+    notes: list[str]
 
 
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def _html(bundle: Bundle, rep: EvalReport, cal, cal_before, t_before, wrong, conf_png,
-          curves_png, history, fingerprint, same, notes) -> str:
-    per = rep.per_class()
+def _cards(page: _Page, per: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
+    rep = page.rep
     macro_f1 = float(np.mean([m["f1"] for m in per.values()])) if per else 0.0
     cards = [("accuracy", f"{rep.accuracy:.2%}"),
              ("top-5 accuracy", "-" if rep.top5_accuracy is None else f"{rep.top5_accuracy:.2%}"),
              ("macro F1", f"{macro_f1:.4f}"), ("images", f"{rep.n}"),
              ("mistakes", f"{int((rep.y_pred != rep.y_true).sum())}"),
-             ("expected calibration error", f"{cal['ece']:.4f}")]
-    if cal_before is not None:
-        cards.append(("ECE before calibration", f"{cal_before['ece']:.4f}"))
-    rows = "".join(
-        f"<tr><td class=l>{_e(lab)}</td><td>{m['precision']:.4f}</td><td>{m['recall']:.4f}"
-        f"</td><td>{m['f1']:.4f}</td><td>{m['support']}</td></tr>" for lab, m in per.items())
-    items = []
-    for m in wrong:
-        if "image" not in m:
-            items.append(f"<div class=mistake>{_e(m['input'])}: {_e(m.get('error', ''))}</div>")
-            continue
-        cam = (f"<img src='{_e(m['gradcam'])}' alt='Grad-CAM for {_e(m['predicted'])}' "
-               f"title='Grad-CAM: where the evidence for {_e(m['predicted'])} is'>"
-               if m.get("gradcam") else "")
-        items.append(
-            f"<div class=mistake><div class=pair><img src='{_e(m['image'])}' "
-            f"alt='{_e(m['input'])}' title='model input'>{cam}</div>"
-            f"<div>true <b class=ok>{_e(m['true'])}</b> ({m['p_true']:.1%})</div>"
-            f"<div>predicted <b class=bad>{_e(m['predicted'])}</b> ({m['probability']:.1%})</div>"
-            f"<div class=sub title='{_e(m['input'])}'>{_e(Path(m['input']).name)}</div></div>")
-    gallery = ("<div class=gallery id=mistakes>" + "".join(items) + "</div>" if items else
-               "<p id=mistakes>No mistakes on this split.</p>")
-    if history:
-        keys = [k for k in history[0] if k != "epoch"]
-        hist_rows = "".join("<tr><td>" + _e(int(h["epoch"])) + "</td>" + "".join(
-            f"<td>{h[k]:.4g}</td>" if isinstance(h.get(k), float) else f"<td>{_e(h.get(k))}</td>"
-            for k in keys) + "</tr>" for h in history)
-        hist = ("<table><tr><th>epoch</th>" + "".join(f"<th>{_e(k)}</th>" for k in keys) +
-                "</tr>" + hist_rows + "</table>")
-    else:
-        hist = "<p>The bundle has no training history (no history.csv).</p>"
-    curves = (f"<figure><img src='{_e(curves_png)}' alt='training curves' width=760>"
-              "<figcaption>loss and accuracy per epoch, from the bundle</figcaption></figure>"
-              if curves_png else "")
-    fp_rows = "".join(f"<tr><th class=l>{_e(k)}</th><td class=l><code>{_e(v)}</code></td></tr>"
-                      for k, v in fingerprint.items())
-    match = ("<span class=ok>the bundle was trained on exactly this dataset listing</span>"
-             if same else "<span class=bad>the dataset differs from the one the bundle was "
-             "trained on (or the bundle is pretrained)</span>")
-    note_html = "".join(f"<div class=note>{_e(n)}</div>" for n in notes + (
-        [f"skipped {len(rep.skipped)} unreadable file(s)"] if rep.skipped else []))
-    return f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8>
-<meta name=viewport content="width=device-width, initial-scale=1">
-<title>imgrec report: {_e(bundle.name)} on {_e(rep.dataset)} {_e(rep.split)}</title>
-<style>{_CSS}</style></head><body>
-<h1>{_e(bundle.name)} on {_e(rep.dataset)} / {_e(rep.split)}</h1>
-<div class=sub>{_e(bundle.architecture.get('name'))}, {len(bundle.classes)} classes,
-dataset fingerprint <code>{_e(fingerprint['dataset fingerprint'])}</code>,
-weights <code>{_e(fingerprint['weights sha256'])}</code> — {match}</div>
-{note_html}
-<div class=cards>{''.join(f'<div class=card><b>{_e(v)}</b><span>{_e(k)}</span></div>'
-                          for k, v in cards)}</div>
-<h2>Confusion matrix and per-class metrics</h2>
-<div class=row>
-<figure id=confusion><img src='{_e(conf_png)}' alt='confusion matrix' width=560>
-<figcaption>rows: true class, columns: predicted class</figcaption></figure>
-<table id=per-class><tr><th class=l>class</th><th>precision</th><th>recall</th><th>F1</th>
-<th>support</th></tr>{rows}</table>
-</div>
-<h2>Most confident mistakes</h2>
-<p class=sub>Each: the model's input, and a Grad-CAM overlay of where it found evidence for the
-wrong class (red = most).</p>
-{gallery}
-<h2>Calibration</h2>
-<div class=row><figure id=calibration><img src='reliability.png' alt='reliability diagram'
-width=480><figcaption>a calibrated model's bars follow the diagonal; expected calibration
-error {cal['ece']:.4f} at temperature {bundle.temperature:g}
-{'' if cal_before is None else f'(was {cal_before["ece"]:.4f} at {t_before:g})'}</figcaption>
-</figure></div>
-<h2>Training</h2>
-{curves}
-{hist}
-<h2>Fingerprint</h2>
-<table id=fingerprint>{fp_rows}</table>
-<p class=sub>Written by imgrec {_e(fingerprint['imgrec'])}. Everything on this page is local:
-no scripts, fonts or images are fetched.</p>
-</body></html>
-"""
+             ("expected calibration error", f"{page.cal['ece']:.4f}")]
+    if page.cal_before is not None:
+        cards.append(("ECE before calibration", f"{page.cal_before['ece']:.4f}"))
+    return cards
+
+
+def _mistake_view(m: dict[str, Any]) -> dict[str, Any]:
+    """One gallery entry, its numbers formatted (the template escapes every value)."""
+    if "image" not in m:
+        return {"image": None, "input": m["input"], "error": m.get("error", "")}
+    return {"image": m["image"], "gradcam": m.get("gradcam"), "input": m["input"],
+            "name": Path(m["input"]).name, "true": m["true"], "p_true": f"{m['p_true']:.1%}",
+            "predicted": m["predicted"], "probability": f"{m['probability']:.1%}"}
+
+
+def _history_table(history: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(column names after `epoch`, rows of formatted cells) of the training history."""
+    if not history:
+        return [], []
+    keys = [k for k in history[0] if k != "epoch"]
+    rows = [[str(int(h["epoch"]))] + [f"{h[k]:.4g}" if isinstance(h.get(k), float)
+                                      else str(h.get(k)) for k in keys] for h in history]
+    return keys, rows
+
+
+def _context(page: _Page) -> dict[str, Any]:
+    """The template's variables: strings and lists of strings, numbers already formatted."""
+    bundle, rep, fp = page.bundle, page.rep, page.fingerprint
+    per = rep.per_class()
+    history_keys, history_rows = _history_table(page.history)
+    skipped = [f"skipped {len(rep.skipped)} unreadable file(s)"] if rep.skipped else []
+    return {
+        "model": bundle.name, "dataset": rep.dataset, "split": rep.split,
+        "architecture": bundle.architecture.get("name"), "n_classes": len(bundle.classes),
+        "fingerprint": fp,
+        "same_data": fp["bundle trained on (fingerprint)"] == fp["dataset fingerprint"],
+        "notes": page.notes + skipped, "cards": _cards(page, per),
+        "confusion_png": page.confusion_png,
+        "per_class": [{"label": lab, "precision": f"{m['precision']:.4f}",
+                       "recall": f"{m['recall']:.4f}", "f1": f"{m['f1']:.4f}",
+                       "support": m["support"]} for lab, m in per.items()],
+        "mistakes": [_mistake_view(m) for m in page.wrong],
+        "ece": f"{page.cal['ece']:.4f}", "temperature": f"{bundle.temperature:g}",
+        "ece_before": None if page.cal_before is None else f"{page.cal_before['ece']:.4f}",
+        "temperature_before": f"{page.t_before:g}",
+        "curves_png": page.curves_png, "history_keys": history_keys,
+        "history_rows": history_rows,
+    }
+
+
+def _environment():
+    """The templates in imgrec/templates, autoescaped: labels and file names are user data."""
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("imgrec", "templates"),
+                              autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+
+def render_html(page: _Page) -> str:
+    """The report page (templates/report.html.j2)."""
+    return _environment().get_template("report.html.j2").render(_context(page))
