@@ -1,0 +1,133 @@
+"""Reading uploads: a multipart form (`file`, `files`) or the raw image as the whole body.
+
+The form fields are declared as FastAPI `File` parameters, so /openapi.json documents them,
+but the routes that take uploads use `UploadRoute`: its request reads a form under the
+server's limits and answers whatever is wrong with it in the API's error schema (400
+`bad_input`, or 413 past the upload limit), where FastAPI alone would answer a bare 400 or a
+422. And only multipart/form-data is a form here: any other body, curl's default
+application/x-www-form-urlencoded included, is left unread for the raw-image path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+from fastapi import Depends, File, Request, Response, UploadFile
+from fastapi.routing import APIRoute
+from pydantic import TypeAdapter, WithJsonSchema
+from starlette.datastructures import FormData
+from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import InputError
+from .errors import ApiError
+
+#: A form field meant to carry a file. Typed to admit text as well, so that a text value
+#: reaches the route and gets the API's 400 `bad_input` (FastAPI would answer its own 422);
+#: documented as the file it should be.
+FileField = Annotated[UploadFile | str, WithJsonSchema(TypeAdapter(UploadFile).json_schema())]
+#: text fields a form may carry beside its files
+EXTRA_FIELDS = 8
+
+#: The body's fields are optional to FastAPI (a missing one is answered here, as 400
+#: `bad_input`, not as FastAPI's 422), but the body itself is required.
+FORM_BODY: dict[str, Any] = {"requestBody": {"required": True}}
+#: ...and the one body FastAPI's parameters cannot declare: the image as the whole body, with
+#: the schema FastAPI gives a file field.
+FORM_OR_RAW_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"image/*": {
+    "schema": {**TypeAdapter(UploadFile).json_schema(),
+               "description": "the image's bytes as the whole body, any Content-Type (the "
+                              "bytes decide the format)"}}}}}
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
+
+
+def _too_many(form: FormData, files: int) -> str | None:
+    """Starlette's own refusal for a form over `files` files (or the text fields beside
+    them), for a route whose limit is below the server's."""
+    items = form.multi_items()
+    n_files = sum(isinstance(v, StarletteUploadFile) for _, v in items)
+    if n_files > files:
+        return f"Too many files. Maximum number of files is {files}."
+    if len(items) - n_files > files + EXTRA_FIELDS:
+        return f"Too many fields. Maximum number of fields is {files + EXTRA_FIELDS}."
+    return None
+
+
+class UploadRequest(Request):
+    """A request whose form is read under the server's limits, errors in the API's schema."""
+
+    async def form(self, **_: Any) -> FormData:  # FastAPI may pass its own limits: ours rule
+        if not is_multipart(self):
+            return FormData()  # the body stays unread: it is the raw image
+        max_files = self.app.state.service.config.max_files
+        try:
+            return await super().form(max_files=max_files,
+                                      max_fields=max_files + EXTRA_FIELDS)
+        except ApiError:
+            raise
+        except StarletteHTTPException as e:  # starlette's MultiPartException, as a 400
+            raise ApiError.of(InputError(f"cannot read the multipart form ({e.detail})")) \
+                from None
+
+
+class UploadRoute(APIRoute):
+    """FastAPI's custom route class: hands the endpoint an UploadRequest."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def upload_handler(request: Request) -> Response:
+            return await handler(UploadRequest(request.scope, request.receive))
+
+        return upload_handler
+
+
+async def _read(item: UploadFile | str) -> bytes:
+    if isinstance(item, str):
+        raise InputError("the `file` field must be a file upload, not text")
+    return await item.read()
+
+
+async def one_image(
+    request: Request,
+    file: Annotated[FileField | None, File(
+        description="the image (JPEG, PNG, GIF, BMP, TIFF or WebP: the bytes decide, not the "
+                    "name); required in a multipart request")] = None,
+) -> bytes:
+    """The image's bytes: the form's `file`, or the whole body when the request is no form."""
+    if not is_multipart(request):
+        return await request.body()
+    problem = _too_many(await request.form(), files=1)
+    if problem:
+        raise InputError(f"cannot read the multipart form ({problem})")
+    if file is None:
+        raise InputError("no `file` field in the multipart form",
+                         "send the image as the form field `file`")
+    return await _read(file)
+
+
+async def several_images(
+    request: Request,
+    files: Annotated[list[FileField] | None, File(
+        description="the images, one `files` field each")] = None,
+    file: Annotated[list[FileField] | None, File(
+        description="also accepted: the images as repeated `file` fields")] = None,
+) -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every image in a multipart batch, `files` first, then `file`."""
+    if not is_multipart(request):
+        raise InputError("a batch is a multipart/form-data request",
+                         "send the images as repeated form fields `files`")
+    items = (files or []) + (file or [])
+    if not items:
+        raise InputError("no `files` fields in the multipart form",
+                         "send the images as repeated form fields `files`")
+    return [(getattr(it, "filename", None) or f"#{i}", await _read(it))
+            for i, it in enumerate(items)]
+
+
+OneImage = Annotated[bytes, Depends(one_image)]
+SeveralImages = Annotated[list[tuple[str, bytes]], Depends(several_images)]
