@@ -154,3 +154,82 @@ def test_explain_cli(scratch_bundle, shapes, tmp_path, capsys, monkeypatch):
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     assert main(["explain", str(bundle), str(bad)]) == 2
+
+
+#: what `imgrec explain --feature-maps` shows for each scratch net (recorded before Grad-CAM
+#: moved onto forward_features): stage names and map shapes, 2 classes; and the side of the
+#: map Grad-CAM weighs (unchanged too)
+CAM_SIDE = {"cnn": 3, "cifar-cnn": 6, "small-cnn": 4, "fast-cnn": 7, "res-cnn": 4}
+STAGES = {
+    ("cnn", 28, 1): [("features.1", (32, 26, 26)), ("features.4", (64, 11, 11)),
+                     ("features.7", (64, 3, 3))],
+    ("cifar-cnn", 32, 3): [("features.1", (32, 32, 32)), ("features.3", (32, 30, 30)),
+                           ("features.7", (64, 15, 15)), ("features.9", (64, 13, 13))],
+    ("small-cnn", 48, 3): [("features.1", (32, 46, 46)), ("features.4", (64, 21, 21)),
+                           ("features.7", (128, 8, 8))],
+    ("fast-cnn", 28, 1): [("features.0", (16, 28, 28)), ("features.4", (32, 14, 14)),
+                          ("features.8", (64, 7, 7))],
+    ("res-cnn", 32, 3): [("features.0", (64, 32, 32)), ("features.1", (128, 32, 32)),
+                         ("features.3", (128, 16, 16)), ("features.4", (256, 16, 16)),
+                         ("features.6", (512, 8, 8)), ("features.8", (512, 4, 4))],
+}
+
+
+@pytest.mark.parametrize("case", list(STAGES), ids=lambda c: c[0])
+def test_feature_map_stages_are_unchanged(case, scratch_bundle):
+    from imgrec.explain import Explainer
+
+    arch, size, channels = case
+    ex = Explainer(scratch_bundle(arch, size, channels))
+    pixels = np.random.default_rng(0).integers(0, 256, (channels, size, size), dtype=np.uint8)
+    _, maps = ex.feature_maps(pixels)
+    assert [(n, m.shape) for n, m in maps] == STAGES[case]
+    exp = ex.gradcam(pixels)  # on forward_features: the last stage's map
+    assert exp.layer == "forward_features" and exp.raw.shape == (CAM_SIDE[arch],) * 2
+
+
+def test_gradcam_with_flip_tta_is_mirror_symmetric(scratch_bundle, tmp_path):
+    """With flip TTA the score is the mean over the image and its mirror, and the CAM the
+    mean of the image's and the (mirrored back) mirror's: explaining the mirrored image gives
+    the same probabilities and the mirrored heatmap."""
+    import torch
+
+    from imgrec.bundle import read_bundle
+    from imgrec.explain import Explainer
+
+    torch.manual_seed(0)
+    path = scratch_bundle("fast-cnn", 32, 3)
+    bundle = read_bundle(path)
+    bundle.preprocess = bundle.preprocess.replace(tta=["flip"])
+    bundle.write_meta()
+    ex = Explainer(path)
+    pixels = np.random.default_rng(3).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+    pixels[:, :, :9] = 255
+    a = ex.gradcam(pixels, "square")
+    b = ex.gradcam(np.ascontiguousarray(pixels[:, :, ::-1]), "square")
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6)
+    assert a.raw.max() > 0  # an untrained net: tiny values, compared relative to the peak
+    np.testing.assert_allclose(a.raw, b.raw[:, ::-1], atol=1e-4 * a.raw.max())
+    np.testing.assert_allclose(a.heatmap, b.heatmap[:, ::-1], atol=1e-4)
+    assert not np.allclose(a.heatmap, a.heatmap[:, ::-1], atol=0.05)  # the image is not
+
+
+def test_transfer_net_is_explained(tmp_path):
+    """The 'transfer' architecture (backbone + MLP head) has timm's interface too."""
+    from imgrec.bundle import Bundle
+    from imgrec.contract import Preprocess
+    from imgrec.explain import Explainer
+    from imgrec.models import build_model
+    from imgrec.network import save_bundle
+
+    args = {"backbone": "efficientnet_lite0", "num_classes": 2, "image_size": 64}
+    contract = Preprocess(input_size=64, channels=3)
+    path = save_bundle(Bundle(tmp_path / "t", {"name": "transfer", "args": args},
+                              ["disc", "square"], contract), build_model("transfer", **args)).path
+    ex = Explainer(path)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    exp = ex.gradcam(pixels)
+    assert exp.raw.shape == (2, 2) and exp.heatmap.shape == (64, 64)
+    _, maps = ex.feature_maps(pixels)
+    names = [n for n, _ in maps]
+    assert names[0] == "backbone.conv_stem" and names[-1] == "backbone.conv_head"

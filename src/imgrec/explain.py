@@ -1,12 +1,12 @@
 """See what a network looks at: Grad-CAM heatmaps, feature maps of each convolutional stage,
 and the first layer's learned kernels.
 
-Reads only the bundle (zoo.open_bundle + network.load_model) and turns an image into model
-input only through the preprocessing contract (contract.load_input), so the heatmap is drawn
-over exactly the pixels the model saw. The layer Grad-CAM hooks is found generically: timm
-networks expose `forward_features` / `forward_head` (the last feature map before global
-pooling); imgrec's scratch networks expose `.features` / `.classifier`, where the target is the
-last spatial (H x W > 1) output before pooling or flattening.
+Reads only the bundle (zoo.open_bundle + network.load_model), turns an image into model input
+only through the preprocessing contract (contract.load_input, with predict's invert), and
+scores it with the contract's test-time augmentation (Preprocess.tta_logits), so the heatmap
+is drawn over exactly the pixels the model saw and the probabilities are predict's. Every
+network, timm's or imgrec's, exposes timm's interface: Grad-CAM hooks nothing, it takes the
+output of `forward_features` (the last feature map before pooling) and runs `forward_head`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from .figures import pyplot, save_figure
 from .network import load_model
 from .zoo import open_bundle
 
+#: containers whose children are a network's stages (imgrec's `features`, timm's `blocks`,
+#: `stages`, `layers`); a nested backbone (anything with forward_features) is walked too
+STAGE_CONTAINERS = ("features", "blocks", "stages", "layers")
+
 
 # -- finding the layers ----------------------------------------------------------------------
 def _is_act(m: Any) -> bool:
@@ -39,45 +43,34 @@ def _has_conv(m: Any) -> bool:
     return any(isinstance(x, nn.Conv2d) for x in m.modules())
 
 
-def _is_timm(model: Any) -> bool:
-    return hasattr(model, "forward_features") and hasattr(model, "forward_head")
-
-
-def _scratch_stages(model: Any) -> list[tuple[str, Any]]:
-    """(name, module) whose outputs are the activations of each conv stage of a `.features`
-    network: a conv block's own output, or the activation right after a bare conv."""
+def _stage_candidates(module: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """The network's top-level modules in order, with stage containers and nested backbones
+    opened one level, so each entry is a stem, a stage, a head or a single layer."""
     from torch import nn
 
-    children = list(model.features.named_children())
-    stages = []
-    for i, (name, child) in enumerate(children):
-        if not _has_conv(child):
-            continue
-        if isinstance(child, nn.Conv2d) and i + 1 < len(children) and _is_act(children[i + 1][1]):
-            stages.append((f"features.{children[i + 1][0]}", children[i + 1][1]))
+    out = []
+    for name, child in module.named_children():
+        container = isinstance(child, nn.Sequential | nn.ModuleList) and name in STAGE_CONTAINERS
+        if container or hasattr(child, "forward_features"):
+            out += _stage_candidates(child, f"{prefix}{name}.")
         else:
-            stages.append((f"features.{name}", child))
-    return stages
+            out.append((f"{prefix}{name}", child))
+    return out
 
 
 def conv_stages(model: Any) -> list[tuple[str, Any]]:
-    """The modules whose outputs are the per-stage activation maps (the workshop figure)."""
-    if hasattr(model, "features") and hasattr(model, "classifier") and not _is_timm(model):
-        stages = _scratch_stages(model)
-    elif _is_timm(model):
-        stages = []
-        for name in ("conv_stem", "stem"):
-            if hasattr(model, name):
-                stages.append((name, getattr(model, name)))
-                break
-        blocks = getattr(model, "blocks", None) or getattr(model, "stages", None) or \
-            getattr(model, "layers", None)
-        if blocks is not None:
-            stages += [(f"blocks.{i}", b) for i, b in enumerate(blocks)]
-        if hasattr(model, "conv_head"):
-            stages.append(("conv_head", model.conv_head))
-    else:
-        stages = []
+    """The modules whose outputs are the per-stage activation maps (the workshop figure): each
+    entry holding a convolution, or the activation right after a bare Conv2d."""
+    from torch import nn
+
+    entries = _stage_candidates(model)
+    stages = []
+    for i, (name, module) in enumerate(entries):
+        if not _has_conv(module):
+            continue
+        nxt = entries[i + 1] if i + 1 < len(entries) else None
+        bare = isinstance(module, nn.Conv2d) and nxt is not None and _is_act(nxt[1])
+        stages.append(nxt if bare else (name, module))
     if not stages:
         raise ModelError(f"cannot find convolutional stages in {type(model).__name__}",
                          "explain works on CNNs (imgrec's conv nets and timm CNNs)")
@@ -121,15 +114,25 @@ class Explainer:
         self.classes = self.bundle.classes
 
     # -- inputs ----------------------------------------------------------------------------
-    def prepare(self, source: Any) -> np.ndarray:
-        """File path, bytes or a uint8 C x H x W array -> uint8 C x H x W through the contract."""
+    def prepare(self, source: Any, invert: str | None = None) -> np.ndarray:
+        """File path, bytes or a uint8 C x H x W array -> uint8 C x H x W through the contract
+        (decoded and inverted exactly as predict does: same function, same `invert`)."""
         if isinstance(source, np.ndarray):
             return source
-        return load_input(source, self.bundle.preprocess)
+        return load_input(source, self.bundle.preprocess, invert)
 
     def _tensor(self, pixels: np.ndarray):
         x = self.bundle.preprocess.normalize(pixels[None].astype(np.uint8))
         return self.torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    def probabilities(self, source: Any, invert: str | None = None) -> np.ndarray:
+        """Class probabilities as predict computes them (contract, TTA, temperature)."""
+        from .predict import softmax
+
+        x = self._tensor(self.prepare(source, invert))
+        with self.torch.no_grad():
+            logits = self.bundle.preprocess.tta_logits(self.model, x)
+        return softmax(logits.float().cpu().numpy(), self.bundle.temperature)[0]
 
     def class_index(self, name: str | int | None, probs: np.ndarray) -> int:
         """A class by index, exact name or synonym (ImageNet names list several), or unique
@@ -159,62 +162,57 @@ class Explainer:
                          f"its classes: {', '.join(self.classes[:10])}")
 
     # -- Grad-CAM --------------------------------------------------------------------------
-    def gradcam(self, source: Any, target: str | int | None = None) -> Explanation:
+    def gradcam(self, source: Any, target: str | int | None = None,
+                invert: str | None = None) -> Explanation:
         """Grad-CAM (Selvaraju et al. 2017) for `target` (default: the top class): the last
-        conv stage's channels weighted by the mean gradient of the class score, ReLU."""
+        conv stage's channels weighted by the mean gradient of the class score, ReLU. The
+        score is the contract's TTA'd logit (predict's); with flip TTA the mirror's CAM is
+        mirrored back and the two are averaged."""
         from .predict import softmax
 
         torch = self.torch
-        pixels = self.prepare(source)
-        x = self._tensor(pixels)
+        pixels = self.prepare(source, invert)
+        self._check_conv()
+        kept: list[Any] = []
         with torch.enable_grad():
-            logits, feats, layer = self._forward_keep_features(x)
+            logits = self.bundle.preprocess.tta_logits(lambda t: self._head(t, kept),
+                                                       self._tensor(pixels))
             probs = softmax(logits.detach().float().cpu().numpy(), self.bundle.temperature)[0]
             idx = self.class_index(target, probs)
             self.model.zero_grad(set_to_none=True)
             logits[0, idx].backward()
-        grads = feats.grad[0].float()  # C x h x w
-        act = feats.detach()[0].float()
-        cam = torch.relu((grads.mean(dim=(1, 2))[:, None, None] * act).sum(0))
+        cams = [_cam(feats) for feats in kept]
+        cam = cams[0] if len(cams) == 1 else (cams[0] + cams[1].flip(-1)) / 2
         raw = cam.cpu().numpy().astype(np.float32)
         up = torch.nn.functional.interpolate(cam[None, None], size=tuple(pixels.shape[1:]),
                                              mode="bilinear", align_corners=False)[0, 0]
         up = up.cpu().numpy().astype(np.float32)
         up -= up.min()
         heat = up / up.max() if up.max() > 0 else up
-        return Explanation(pixels, heat, raw, probs, idx, self.classes[idx], layer, self.classes)
+        return Explanation(pixels, heat, raw, probs, idx, self.classes[idx], "forward_features",
+                           self.classes)
 
-    def _forward_keep_features(self, x):
-        """(logits, last conv-stage feature map with its gradient retained, its name)."""
-        model = self.model
-        if _is_timm(model):  # forward_features ends at the last conv stage, before pooling
-            feats = model.forward_features(x)
-            feats.retain_grad()
-            return model.forward_head(feats), feats, "forward_features"
-        if not (hasattr(model, "features") and hasattr(model, "classifier")):
-            raise ModelError(f"cannot find the last convolutional stage of "
-                             f"{type(model).__name__}", "Grad-CAM needs a CNN")
-        children = list(model.features.named_children())
-        convs = [i for i, (_, c) in enumerate(children) if _has_conv(c)]
-        if not convs:
+    def _check_conv(self) -> None:
+        if not _has_conv(self.model):
             raise ModelError("this network has no convolutional layer (a dense net)",
                              "Grad-CAM needs a CNN; try a conv model")
-        h, feats, layer = x, None, ""
-        for i, (name, child) in enumerate(children):
-            h = child(h)
-            # the last spatial map at or after the last conv (not global pooling or Flatten)
-            if i >= convs[-1] and h.dim() == 4 and h.shape[-1] * h.shape[-2] > 1:
-                feats, layer = h, f"features.{name}"
-        if feats is None:
-            raise ModelError("no spatial feature map after the last conv layer")
+
+    def _head(self, x, kept: list):
+        """forward_head(forward_features(x)), keeping the feature map and its gradient."""
+        feats = self.model.forward_features(x)
+        if feats.dim() != 4 or feats.shape[-1] * feats.shape[-2] <= 1:
+            raise ModelError(f"{type(self.model).__name__}.forward_features gives no spatial "
+                             f"feature map (shape {tuple(feats.shape)})", "Grad-CAM needs a CNN")
         feats.retain_grad()
-        return model.classifier(h), feats, layer
+        kept.append(feats)
+        return self.model.forward_head(feats)
 
     # -- feature maps and filters -----------------------------------------------------------
-    def feature_maps(self, source: Any) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
+    def feature_maps(self, source: Any, invert: str | None = None
+                     ) -> tuple[np.ndarray, list[tuple[str, np.ndarray]]]:
         """The activations (C x h x w) of each conv stage for one image."""
         torch = self.torch
-        pixels = self.prepare(source)
+        pixels = self.prepare(source, invert)
         maps: list[tuple[str, np.ndarray]] = []
         hooks = []
         for name, module in conv_stages(self.model):
@@ -223,8 +221,8 @@ class Explainer:
                     (name, (o[0] if isinstance(o, tuple | list) else o)[0].detach().float()
                      .cpu().numpy()))))
         try:
-            with torch.no_grad():
-                self.model(self._tensor(pixels))
+            with torch.no_grad():  # every conv stage lies on the forward_features path
+                self.model.forward_features(self._tensor(pixels))
         finally:
             for h in hooks:
                 h.remove()
@@ -238,6 +236,13 @@ class Explainer:
             if isinstance(m, nn.Conv2d):
                 return name, m.weight.detach().float().cpu().numpy()
         raise ModelError("this network has no convolutional layer", "--filters needs a CNN")
+
+
+def _cam(feats) -> Any:
+    """ReLU(sum over channels of activation x mean gradient): h x w."""
+    grads = feats.grad[0].float()  # C x h x w
+    act = feats.detach()[0].float()
+    return (grads.mean(dim=(1, 2))[:, None, None] * act).sum(0).relu()
 
 
 # -- figures -------------------------------------------------------------------------------

