@@ -33,8 +33,10 @@ from .middleware import RequestMetrics, UploadLimit
 from .routes import ROUTERS, STATIC
 from .service import Service
 
-__all__ = ["CONFIG_ENV", "STATIC", "ServeConfig", "Service", "UploadTooLarge",
-           "available_cores", "create_app", "create_app_from_env", "error_response"]
+# the names this module has always offered stay importable from here
+__all__ = ["CONFIG_ENV", "STATIC", "RequestMetrics", "ServeConfig", "Service", "UploadLimit",
+           "UploadTooLarge", "available_cores", "create_app", "create_app_from_env",
+           "error_response"]
 
 log = logging.getLogger("imgrec.serve")
 

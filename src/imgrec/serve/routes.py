@@ -17,14 +17,16 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from .errors import error_response
 from .schemas import BatchResponse, Health, ModelInfo, PredictResponse, error_responses
 from .service import ServiceDep
-from .uploads import FORM_BODY, FORM_OR_RAW_BODY, OneImage, SeveralImages, UploadRoute
+from .uploads import (
+    FORM_BODY,
+    FORM_OR_RAW_BODY,
+    OneImage,
+    SeveralImages,
+    Started,
+    UploadRoute,
+)
 
 STATIC = Path(__file__).parent / "static"
-
-
-def _started() -> float:
-    """When the request reached its route (its answer's `elapsed_ms` counts from here)."""
-    return time.perf_counter()
 
 
 def _top_k(service: ServiceDep, top_k: Annotated[int | None, Query(
@@ -37,7 +39,6 @@ def _ms_since(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 2)
 
 
-Started = Annotated[float, Depends(_started)]
 TopK = Annotated[int, Depends(_top_k)]
 
 # -- predictions ------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Reading uploads: a multipart form (`file`, `files`) or the raw image as the whole body.
 
-The form fields are declared as FastAPI `File` parameters, so /openapi.json documents them,
-but the routes that take uploads use `UploadRoute`: its request reads a form under the
-server's limits and answers whatever is wrong with it in the API's error schema (400
-`bad_input`, or 413 past the upload limit), where FastAPI alone would answer a bare 400 or a
-422. And only multipart/form-data is a form here: any other body, curl's default
-application/x-www-form-urlencoded included, is left unread for the raw-image path.
+The form fields are declared as FastAPI `File` parameters, so /openapi.json documents them.
+The routes that take uploads use `UploadRoute`, whose request reads a form under the server's
+limits and answers a malformed one in the API's error schema (400 `bad_input`; 413 past the
+upload limit) where FastAPI alone would answer its generic 400. And only multipart/form-data
+is a form here: any other body, curl's default application/x-www-form-urlencoded included, is
+left unread for the raw-image path, as FastAPI's form parsing would swallow it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -75,15 +76,22 @@ class UploadRequest(Request):
 
 
 class UploadRoute(APIRoute):
-    """FastAPI's custom route class: hands the endpoint an UploadRequest."""
+    """FastAPI's custom route class: hands the endpoint an UploadRequest, and notes when the
+    route started, before FastAPI reads the upload (`elapsed_ms` counts the upload)."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def upload_handler(request: Request) -> Response:
+            request.state.started = time.perf_counter()
             return await handler(UploadRequest(request.scope, request.receive))
 
         return upload_handler
+
+
+def started(request: Request) -> float:
+    """When the route started (UploadRoute), else now."""
+    return getattr(request.state, "started", None) or time.perf_counter()
 
 
 async def _read(item: UploadFile | str) -> bytes:
@@ -129,5 +137,6 @@ async def several_images(
             for i, it in enumerate(items)]
 
 
+Started = Annotated[float, Depends(started)]
 OneImage = Annotated[bytes, Depends(one_image)]
 SeveralImages = Annotated[list[tuple[str, bytes]], Depends(several_images)]
