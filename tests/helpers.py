@@ -74,7 +74,7 @@ def trained_shapes(tmp_path_factory, **options) -> Path:
     if "shapes" not in _TRAINED:
         from conftest import make_shapes_dataset
 
-        from imgrec.training.loop import train
+        from imgrec.training.api import train
 
         base = tmp_path_factory.mktemp("trained-shapes")
         data = make_shapes_dataset(base / "shapes", per_class=40)

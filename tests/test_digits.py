@@ -174,15 +174,13 @@ def test_jpeg_photos_decode_big_enough_for_the_fit(tmp_path):
 def test_recipes_record_the_fit(tmp_path):
     from helpers import write_fake_mnist
 
-    from imgrec.training.loop import TrainConfig, Trainer
+    from imgrec.training.api import plan
 
     write_fake_mnist(tmp_path)
     (tmp_path / "fashion-mnist").symlink_to(tmp_path / "mnist")
     for data, fit in (("mnist", "digit"), ("fashion-mnist", "object")):
-        t = Trainer(TrainConfig(data=data, data_dir=str(tmp_path), quiet=True,
-                                out=str(tmp_path / data)))
+        t = plan(data, data_dir=str(tmp_path), quiet=True, out=str(tmp_path / data))
         assert (t.contract.fit, t.contract.invert) == (fit, "auto")
         # an explicit --invert still wins over the recipe
-        t = Trainer(TrainConfig(data=data, data_dir=str(tmp_path), quiet=True, invert="no",
-                                out=str(tmp_path / data)))
+        t = plan(data, data_dir=str(tmp_path), quiet=True, invert="no", out=str(tmp_path / data))
         assert t.contract.invert == "no"

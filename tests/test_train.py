@@ -19,7 +19,10 @@ from imgrec.errors import ImgrecError
 from imgrec.evaluation import evaluate_bundle
 from imgrec.network import load_model
 from imgrec.predict import Predictor
-from imgrec.training.loop import TrainConfig, Trainer, _class_weights, train
+from imgrec.training.api import plan, train
+from imgrec.training.callbacks import Callback
+from imgrec.training.engine import EpochLoop
+from imgrec.training.engine import class_weights as _class_weights
 
 pytestmark = pytest.mark.slow
 
@@ -75,18 +78,15 @@ def test_train_pixel_csv_in_memory(tmp_path):
 
 def test_resume_after_interrupt_continues(shapes, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = Trainer._train_epoch
 
-    def interrupt_in_epoch_2(self, model, batches, opt, sched, *a, **k):
-        if a[4] == 2:  # the epoch argument
-            raise KeyboardInterrupt
-        return real(self, model, batches, opt, sched, *a, **k)
+    class InterruptInEpoch2(Callback):  # Ctrl-C during the second epoch
+        def on_batch_end(self, state, batch, logs):
+            if state.epoch == 2:
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "_train_epoch", interrupt_in_epoch_2)
-    first = train(str(shapes), epochs=2, out=str(out), **FAST)
+    first = train(str(shapes), epochs=2, out=str(out), callbacks=[InterruptInEpoch2()], **FAST)
     assert first.interrupted and len(first.history) == 1
     assert (out / "model.safetensors").is_file()  # the best so far is saved
-    monkeypatch.setattr(Trainer, "_train_epoch", real)
 
     resumed = train(str(shapes), epochs=2, out=str(out), resume=True, **FAST)
     assert not resumed.interrupted
@@ -126,11 +126,11 @@ def test_early_stopping_restores_best(shapes, tmp_path, monkeypatch):
     scripted = iter([0.5, 0.9, 0.6, 0.6, 0.6, 0.6])
     states = []
 
-    def fake_evaluate(self, model, *a, **k):
-        states.append(copy.deepcopy(model.state_dict()))
+    def fake_validate(self, state):
+        states.append(copy.deepcopy(self.model.state_dict()))
         return 0.5, next(scripted)
 
-    monkeypatch.setattr(Trainer, "_evaluate", fake_evaluate)
+    monkeypatch.setattr(EpochLoop, "validate", fake_validate)
     result = train(str(shapes), epochs=6, patience=2, out=str(tmp_path / "run"),
                    tensorboard=False, **FAST)
     assert result.stopped_early and len(result.history) == 4
@@ -183,7 +183,7 @@ def test_invalid_config():
     for bad in ({"epochs": 0}, {"optimizer": "foo"}, {"lr": -1.0}, {"invert": "maybe"},
                 {"image_size": 4}):
         with pytest.raises(ImgrecError):
-            Trainer(TrainConfig(data="mnist", **bad))
+            plan("mnist", **bad)
 
 
 def test_optimizers_all_train(shapes, tmp_path):
@@ -198,6 +198,6 @@ def test_optimizers_all_train(shapes, tmp_path):
 
 def test_public_train_function_survives_importing_the_training_package():
     import imgrec
-    import imgrec.training.loop  # noqa: F401
+    import imgrec.training.api  # noqa: F401
 
     assert callable(imgrec.train) and callable(imgrec.evaluate)

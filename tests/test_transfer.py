@@ -122,12 +122,12 @@ def test_weights_file_loads_a_local_safetensors(tmp_path):
 
 
 def test_mode_defaults_to_features_for_a_pretrained_backbone_on_a_folder(shapes):
-    from imgrec.training.loop import TrainConfig, Trainer
+    from imgrec.training.api import plan
 
-    t = Trainer(TrainConfig(data=str(shapes), model="efficientnet_lite0", quiet=True))
+    t = plan(str(shapes), model="efficientnet_lite0", quiet=True)
     assert t.mode == "features" and t.contract.mean == (0.5, 0.5, 0.5)
     assert t.contract.input_size == 224
-    assert Trainer(TrainConfig(data=str(shapes), quiet=True)).mode == "scratch"
+    assert plan(str(shapes), quiet=True).mode == "scratch"
 
 
 # -- the cache -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The small public API:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__", "load", "train", "evaluate", "Predictor"]
 
@@ -21,8 +21,10 @@ def load(model=None):
     return open_bundle(model)
 
 
-def train(data: str, **options):
-    from .training.loop import train as _train
+def train(data, **options):
+    """Train a classifier: `imgrec.train("mnist")`, or `imgrec.train((x, y), model=net,
+    callbacks=[cb], epochs=5)`; see imgrec.training.api.train."""
+    from .training.api import train as _train
 
     return _train(data, **options)
 

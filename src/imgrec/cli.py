@@ -3,12 +3,13 @@ print one line and exit with status 2; nothing prints a traceback."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import click
 import typer
@@ -26,115 +27,55 @@ app = typer.Typer(
 )
 
 
-class Mode(StrEnum):
-    scratch = "scratch"
-    features = "features"
-    finetune = "finetune"
-
-
-class Head(StrEnum):
-    linear = "linear"
-    mlp = "mlp"
-
-
 class Invert(StrEnum):
     auto = "auto"
     yes = "yes"
     no = "no"
 
 
-class Optimizer(StrEnum):
-    adamw = "adamw"
-    adam = "adam"
-    sgd = "sgd"
-    rmsprop = "rmsprop"
-
-
-class ClassWeights(StrEnum):
-    auto = "auto"
-    balanced = "balanced"
-    none = "none"
-
-
 def _echo(msg: str = "") -> None:
     print(msg, flush=True)
 
 
-@app.command()
-def train(
-    data: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10, a folder or a CSV")],
-    model: Annotated[str | None, typer.Option(help="registry or timm name (default: the "
-                                              "dataset's recipe); see `imgrec models`")] = None,
-    mode: Annotated[Mode | None, typer.Option(
-        help="scratch: all weights from random init; features: frozen pretrained backbone, "
-             "cached features, new head; finetune: head warm-up then unfreeze (default: "
-             "features for a pretrained --model on an image folder, else scratch)")] = None,
-    pretrained: Annotated[bool, typer.Option(
-        "--pretrained", help="ImageNet weights for a timm --model from timm's hub")] = False,
-    weights: Annotated[Path | None, typer.Option(
-        help="local .safetensors or .pth state dict for --model (loaded without pickle)")] =
-    None,
-    head: Annotated[Head, typer.Option(help="transfer head: linear, or mlp (dense + dropout)")]
-    = Head.linear,
-    augment_views: Annotated[int, typer.Option(
-        min=0, max=64, help="features mode: K augmented views per training image (cached)")] = 0,
-    epochs: Annotated[int | None, typer.Option(min=1, help="epochs (default: recipe)")] = None,
-    image_size: Annotated[int | None, typer.Option(min=8, max=1024,
-                                                   help="input side in pixels")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1)] = None,
-    augment: Annotated[str | None, typer.Option(
-        help="preset (none, flip, light, digits, standard, strong) and/or key=value list: "
-             "rotation=DEG, shift=F, width_shift=F, height_shift=F, zoom=F, flip, brightness=F; "
-             "e.g. 'standard,zoom=0.3'")] = None,
-    out: Annotated[Path | None, typer.Option(help="bundle folder (default runs/DATA-MODEL)")] = (
-        None
-    ),
-    seed: Annotated[int, typer.Option(help="seed for splits, init and shuffling")] = 0,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate (one-cycle)")] = None,
-    optimizer: Annotated[Optimizer | None, typer.Option()] = None,
-    weight_decay: Annotated[float | None, typer.Option(min=0.0)] = None,
-    label_smoothing: Annotated[float | None, typer.Option(min=0.0, max=0.99)] = None,
-    patience: Annotated[int | None, typer.Option(min=0, help="early-stop patience in epochs "
-                                                 "(0: off); the best epoch is restored")] = None,
-    val_fraction: Annotated[float | None, typer.Option(
-        min=0.0, max=0.89, help="validation share carved from train when there is none")] = None,
-    class_weights: Annotated[ClassWeights, typer.Option(
-        help="auto: balance the loss when classes are imbalanced")] = ClassWeights.auto,
-    invert: Annotated[Invert | None, typer.Option(
-        help="recorded in the contract: invert dark-on-light inputs (MNIST-style)")] = None,
-    tta: Annotated[str | None, typer.Option(
-        help="test-time augmentation recorded in the contract: flip (average the image and "
-             "its mirror) or none (default: the recipe's)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its checkpoint")] =
-    False,
-    data_dir: Annotated[Path | None, typer.Option(help="root of built-in datasets "
-                                                  "(else $IMGREC_DATA)")] = None,
-    workers: Annotated[int | None, typer.Option(min=0, help="image decoding processes")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1, mps (default: best)")] =
-    None,
-    tensorboard: Annotated[bool, typer.Option(help="write TensorBoard scalars")] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
-) -> None:
+def _config_options() -> list[inspect.Parameter]:
+    """`imgrec train`'s arguments and options, built from TrainConfig's fields (their help,
+    limits and choices live there), so the CLI and the Python API offer the same options."""
+    from typing import get_type_hints
+
+    from .training.config import TrainConfig, cli_fields
+
+    hints = get_type_hints(TrainConfig)
+    params = []
+    for f in cli_fields():
+        meta = f.metadata
+        if meta.get("argument"):
+            info, default = typer.Argument(help=meta["help"]), inspect.Parameter.empty
+        else:
+            limits = {k: meta[k] for k in ("min", "max") if meta.get(k) is not None}
+            info = typer.Option(*meta.get("flags", ()), help=meta.get("help") or None, **limits)
+            default = f.default
+        kind = hints[f.name]
+        if meta.get("choices"):  # Typer offers a Literal's values as the option's choices
+            kind = Literal[meta["choices"]]
+            kind = kind if default is not None else kind | None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[kind, info]))
+    json_info = typer.Option("--json", help="print a JSON summary")
+    params.append(inspect.Parameter("json_out", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                    annotation=Annotated[bool, json_info]))
+    return params
+
+
+def train(**options) -> None:
     """Train a classifier and write a bundle.
 
     Example: imgrec train mnist --out runs/mnist
     """
-    from .training.loop import TrainConfig, Trainer
+    from .training.api import train as run
 
-    cfg = TrainConfig(
-        data=data, model=model, mode=mode.value if mode else None, epochs=epochs,
-        image_size=image_size,
-        batch_size=batch_size, augment=augment, out=str(out) if out else None, seed=seed, lr=lr,
-        optimizer=optimizer.value if optimizer else None, weight_decay=weight_decay,
-        label_smoothing=label_smoothing, patience=patience, val_fraction=val_fraction,
-        class_weights=class_weights.value, invert=invert.value if invert else None, tta=tta,
-        resume=resume, data_dir=str(data_dir) if data_dir else None, workers=workers,
-        device=device, quiet=quiet or json_out, tensorboard=tensorboard,
-        pretrained=pretrained, weights=str(weights) if weights else None, head=head.value,
-        augment_views=augment_views,
-    )
-    result = Trainer(cfg).run()
+    json_out = options.pop("json_out")
+    options["quiet"] = options["quiet"] or json_out
+    result = run(options.pop("data"), **options)
     summary = {"bundle": str(result.bundle.path), "seconds": round(result.seconds, 1),
                "epochs_run": len(result.history), "history": result.history,
                "test": result.test_metrics and {k: result.test_metrics[k]
@@ -146,6 +87,10 @@ def train(
         _echo(f"bundle  {result.bundle.path}  ({result.seconds:.1f}s)")
     if result.interrupted:
         raise typer.Exit(130)
+
+
+train.__signature__ = inspect.Signature(_config_options())
+app.command()(train)
 
 
 @app.command()

@@ -151,10 +151,11 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
 
 
 def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
-                  photos: list[str | Path] | None = None) -> ExportResult:
+                  photos: list[str | Path] | None = None, network: Any = None) -> ExportResult:
     """Write model.onnx (and with `int8` model.int8.onnx) into a bundle, or into the cached
     bundle of a pretrained name, check it against PyTorch on real photos, and record in
-    imgrec.json which file serving runs."""
+    imgrec.json which file serving runs. `network`: the bundle's network already in memory
+    (one imgrec cannot rebuild: a caller's own nn.Module)."""
     from .network import load_model
     from .predict import softmax
     from .zoo import open_bundle
@@ -167,9 +168,9 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
         raise ModelError("exporting needs PyTorch, which is not installed",
                          "pip install 'imgrec[train]', or export on the training machine and "
                          "copy the bundle") from None
-    bundle = open_bundle(model, need_weights=True)
+    bundle = open_bundle(model, need_weights=network is None)
     contract = bundle.preprocess
-    net = load_model(bundle)
+    net = (network.cpu().eval() if network is not None else load_model(bundle))
     shape = (contract.channels, contract.input_size, contract.input_size)
     onnx_path = export_onnx(net, bundle.onnx_path, shape, opset)
 

@@ -17,6 +17,9 @@ import torch
 from .bundle import FORMAT, WEIGHTS_FILE, Bundle
 from .errors import BundleError
 
+#: the architecture name of a network the caller built (`imgrec.train(data, model=module)`)
+CUSTOM_ARCHITECTURE = "custom"
+
 
 def save_bundle(bundle: Bundle, model: Any) -> Bundle:
     """Write weights (safetensors) and metadata into bundle.path."""
@@ -40,6 +43,13 @@ def load_model(bundle: Bundle):
 
     from .models import build_model
 
+    if bundle.architecture["name"] == CUSTOM_ARCHITECTURE:
+        cls = bundle.architecture.get("args", {}).get("class", "a Python class")
+        raise BundleError(
+            f"{bundle.path}: its network ({cls}) was built in Python; imgrec cannot rebuild it",
+            "predict, evaluate and serve run its model.onnx; to reload it in PyTorch, register "
+            "its builder with imgrec.models.register_model and train with model='NAME'",
+        )
     model = build_model(bundle.architecture["name"], **bundle.architecture.get("args", {}))
     try:
         state = load_file(str(bundle.weights_path))
@@ -69,16 +79,19 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: Any = None):
-        self.torch = torch
+    def __init__(self, bundle: Bundle | None, device: Any = None, model: Any = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = load_model(bundle).to(self.device)
+        self.model = (model if model is not None else load_model(bundle)).to(self.device).eval()
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, device: Any = None) -> TorchEngine:
+        """A network in memory (training scores its test split with it, before any export)."""
+        return cls(None, device, model)
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
         with torch.inference_mode():
             t = torch.from_numpy(x).to(self.device)
             if self.channels_last:

@@ -104,7 +104,8 @@ def stratified_split(
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held))
 
 
-def _carve(splits: dict[str, Split], val_fraction: float, test_fraction: float, seed: int) -> None:
+def carve_splits(splits: dict[str, Split], val_fraction: float, test_fraction: float,
+                 seed: int) -> None:
     """Add the missing validation/test splits, stratified, from train (a CSV or folder of
     test images alone has no train split to carve from, and needs none to be evaluated)."""
     if "train" not in splits:
@@ -147,7 +148,7 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
             splits[split] = Split(labels, paths=paths)
     if "train" not in splits:
         raise DataError(f"{path}: no images found", "put .jpg/.png files in the class folders")
-    _carve(splits, val_fraction, test_fraction if "val" not in split_dirs else 0.0, seed)
+    carve_splits(splits, val_fraction, test_fraction if "val" not in split_dirs else 0.0, seed)
     return Dataset(path.name, classes, 3, splits, in_memory=False, source=str(path))
 
 
@@ -178,7 +179,7 @@ def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Da
         s: Split(np.array([y for _, y in v], np.int64), paths=[p for p, _ in v])
         for s, v in by_split.items()
     }
-    _carve(splits, val_fraction, test_fraction, seed)
+    carve_splits(splits, val_fraction, test_fraction, seed)
     return Dataset(path.stem, classes, 3, splits, in_memory=False, source=str(path))
 
 
@@ -212,7 +213,7 @@ def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed
     remap[labels] = np.arange(len(labels))
     for s in splits.values():
         s.labels = remap[s.labels]
-    _carve(splits, val_fraction, test_fraction, seed)
+    carve_splits(splits, val_fraction, test_fraction, seed)
     return Dataset(path.stem, classes, 1, splits, in_memory=True, native_size=x.shape[-1],
                    source=str(path))
 
@@ -224,7 +225,7 @@ def _builtin(name: str, data_dir, val_fraction: float, test_fraction: float,
     spec = BUILTINS[name]
     tx, ty, vx, vy = load_arrays(name, data_dir)
     splits = {"train": Split(ty, images=tx), "test": Split(vy, images=vx)}
-    _carve(splits, val_fraction, 0.0, seed)
+    carve_splits(splits, val_fraction, 0.0, seed)
     return Dataset(name, list(spec.classes), tx.shape[1], splits, in_memory=True,
                    native_size=tx.shape[-1], source=f"builtin:{name}")
 
@@ -238,7 +239,7 @@ def _cifar(c: CifarArrays, source: str, val_fraction: float, test_fraction: floa
     splits = {"train": Split(c.train_y, images=c.train_x)}
     if c.test_x is not None:
         splits["test"] = Split(c.test_y, images=c.test_x)
-    _carve(splits, val_fraction, test_fraction, seed)
+    carve_splits(splits, val_fraction, test_fraction, seed)
     notes = [n for n in [c.note(test_fraction, seed)] if n]
     for note in notes:
         print(note, file=sys.stderr, flush=True)

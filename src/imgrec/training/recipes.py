@@ -46,3 +46,13 @@ def recipe_for(key: str) -> dict[str, Any]:
     """The recipe for a built-in dataset name, 'memory' (pixel CSVs) or 'folder'; GENERIC
     alone for anything else (used before the data is loaded)."""
     return {**GENERIC, **RECIPES.get(key, {})}
+
+#: The transfer modes' defaults where the user gave none. features: the head's epochs, lr and
+#: batch on the feature tensor; finetune: the whole network's (after the same head warm-up,
+#: which uses the features defaults).
+TRANSFER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "features": {"epochs": 100, "lr": 1e-3, "batch_size": 256, "patience": 15,
+                 "weight_decay": 1e-2, "label_smoothing": 0.1, "augment": "standard"},
+    "finetune": {"epochs": 4, "lr": 2e-4, "batch_size": 32, "patience": 2,
+                 "weight_decay": 1e-2, "label_smoothing": 0.1, "augment": "light"},
+}

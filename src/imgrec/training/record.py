@@ -1,10 +1,16 @@
-"""TensorBoard logging for a training run (history.csv and curves.png: imgrec.history)."""
+"""The record of a training run: the bundle with its training summary, history.csv,
+curves.png, config.json (RecordWriter) and TensorBoard logs."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from ..bundle import Bundle
 from ..figures import pyplot
+from ..history import plot_curves, write_history
 
 
 class TensorBoard:
@@ -64,3 +70,54 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class RecordWriter:
+    """The one writer of a run's record, whatever the mode: the bundle (weights, and
+    imgrec.json with the training summary and test metrics), history.csv, curves.png and
+    config.json."""
+
+    def __init__(self, plan: Any):
+        self.plan = plan
+
+    def summary(self, history: list[dict], best_epoch: int, seconds: float,
+                stopped_early: bool, interrupted: bool, skipped: dict[str, str],
+                **extra: Any) -> dict[str, Any]:
+        """imgrec.json's "training": what ran, on what, how long, how it ended."""
+        import torch
+
+        from .. import _version
+
+        p, ds = self.plan, self.plan.data
+        return {
+            "data": p.cfg.data, "dataset": ds.name, "data_fingerprint": ds.fingerprint(),
+            "splits": {k: len(v) for k, v in ds.splits.items()},
+            "val_fraction": p.val_fraction, "test_fraction": p.test_fraction, "mode": p.mode,
+            "epochs_run": len(history), "epochs": p.epochs, "best_epoch": best_epoch,
+            "batch_size": p.batch_size, "lr": p.lr, "optimizer": p.optimizer,
+            "label_smoothing": p.label_smoothing, "augment": p.augment.describe(),
+            "seed": p.cfg.seed, "seconds": round(seconds, 1), "device": str(p.device),
+            "stopped_early": stopped_early, "interrupted": interrupted,
+            "skipped_files": len(skipped), "imgrec_version": _version.__version__,
+            "torch_version": torch.__version__, **extra,
+        }
+
+    def save(self, model: Any, arch: dict[str, Any], history: list[dict],
+             training: dict[str, Any], title: str) -> Bundle:
+        """Write the bundle and the record beside it."""
+        from ..network import save_bundle
+
+        p = self.plan
+        bundle = Bundle(p.out, arch, list(p.data.classes), p.contract, training=training)
+        save_bundle(bundle, model)
+        write_history(p.out / "history.csv", history)
+        plot_curves(p.out / "curves.png", history, title)
+        (p.out / "config.json").write_text(json.dumps(asdict(p.cfg), indent=2, default=str)
+                                           + "\n")
+        return bundle
+
+    @staticmethod
+    def add_test_metrics(bundle: Bundle, metrics: dict[str, Any], skipped: int) -> None:
+        bundle.metrics = {"test": metrics}
+        bundle.training["skipped_files"] = skipped
+        bundle.write_meta()

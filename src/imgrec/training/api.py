@@ -1,0 +1,54 @@
+"""`imgrec.train`: the one-line Python API, with more beneath it for those who need it.
+
+    imgrec.train("mnist")                                   # the recipe decides everything
+    imgrec.train("photos/", model="efficientnet_lite0", epochs=5)
+    imgrec.train((x, y), model=my_module, callbacks=[cb])   # arrays, your own nn.Module
+
+`data` is a built-in name, a folder or CSV path, NumPy arrays `(x, y)` or a torch Dataset of
+`(image, label)` items; `model` a registry or timm name or an `nn.Module`; options are
+TrainConfig's fields (the same as `imgrec train`'s flags).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ImgrecError
+from .config import TrainConfig
+from .plan import RunPlan, make_plan
+from .runners import TrainResult, run_plan
+
+
+def plan(data: Any, model: Any = None, **options: Any) -> RunPlan:
+    """Every choice of a run, settled (data loaded, recipe applied) but nothing trained."""
+    module = model if _is_module(model) else None
+    source = None if isinstance(data, str | Path) else data
+    if source is not None:
+        options.setdefault("data_name", "arrays" if isinstance(data, tuple) else "dataset")
+    name = str(options.pop("data_name", data))
+    try:
+        cfg = TrainConfig(data=name, model=None if module is not None else model, **options)
+    except TypeError as e:  # an option TrainConfig does not have
+        raise ImgrecError(f"imgrec.train: {e}", "see imgrec.training.TrainConfig") from None
+    return make_plan(cfg, source, module)
+
+
+def train(data: Any, model: Any = None, callbacks: list[Any] = (), **options: Any) -> TrainResult:
+    """Train a classifier and write its bundle; returns TrainResult (.bundle, .history,
+    .test_metrics). `callbacks`: objects with any of the hooks of
+    imgrec.training.callbacks.Callback (on_epoch_end, on_batch_end, on_train_end...)."""
+    return run_plan(plan(data, model, **options), callbacks)
+
+
+def _is_module(model: Any) -> bool:
+    if model is None or isinstance(model, str):
+        return False
+    try:
+        from torch import nn
+    except ImportError:
+        return False
+    if not isinstance(model, nn.Module):
+        raise ImgrecError(f"model must be a name or a torch nn.Module, not "
+                          f"{type(model).__name__}")
+    return True

@@ -1,0 +1,204 @@
+"""Callbacks: how progress bars, TensorBoard, checkpoints, early stopping and anything else
+(a web page showing progress, a tuner pruning trials, a distributed launcher) hook into a
+training run without touching the loop.
+
+Every runner (scratch, features, finetune) calls the same hooks with a RunState. A callback
+stops the run by setting `state.stop_training = True` (Keras' way): the epoch in progress
+ends, the best model is restored and the bundle is written as for any early stop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RunState:
+    """What a run exposes to its callbacks. `model` is the network being trained (for the
+    features mode: the head on the cached features); `optimizer` and `scheduler` are set by
+    the epoch loop."""
+
+    plan: Any
+    model: Any = None
+    epochs: int = 0
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    stop_training: bool = False
+    stop_reason: str | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    val_confusion: Any = None
+    tracker: EarlyStopping | None = None
+    stage: str = "train"  # "head" while the features / warm-up head trains
+
+    def stop(self, reason: str) -> None:
+        self.stop_training, self.stop_reason = True, reason
+
+
+class Callback:
+    """Override the hooks you need. `logs` on a batch: the batch's inputs `x` (uint8, after
+    augmentation is drawn later), labels `y`, and the epoch's running `loss_sum` / `correct`
+    / `seen` (tensors: reading them syncs a GPU, so do it sparingly); on an epoch: the
+    history row (epoch, lr, train_loss, train_acc, val_loss, val_acc, seconds); at the end:
+    history, best_epoch, stopped_early, interrupted and the test metrics."""
+
+    def on_train_begin(self, state: RunState) -> None: ...
+
+    def on_epoch_begin(self, state: RunState, epoch: int) -> None: ...
+
+    def on_batch_end(self, state: RunState, batch: int, logs: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, state: RunState, epoch: int, logs: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, state: RunState, logs: dict[str, Any]) -> None: ...
+
+    def on_note(self, state: RunState, message: str) -> None:
+        """A line about the run (data, model, cache, early stop...): ProgressPrinter prints it."""
+
+
+class CallbackList:
+    """Calls a hook on each callback in order. A callback needs only the hooks it uses (any
+    object with an `on_epoch_end` method will do)."""
+
+    def __init__(self, callbacks: list[Any]):
+        self.callbacks = list(callbacks)
+
+    def __getattr__(self, hook: str):
+        if not hook.startswith("on_"):
+            raise AttributeError(hook)
+
+        def call(*args: Any) -> None:
+            for cb in self.callbacks:
+                method = getattr(cb, hook, None)
+                if method is not None:
+                    method(*args)
+
+        return call
+
+
+class EarlyStopping(Callback):
+    """Tracks the best epoch (validation accuracy, then lower validation loss; training
+    figures without a validation split), keeps a copy of its weights for restore-best, and
+    stops the run after `patience` epochs without gain (0: never; only with validation).
+    The one tracker every runner shares."""
+
+    def __init__(self, patience: int = 0, has_validation: bool = True):
+        self.patience, self.has_validation = patience, has_validation
+        self.best: dict[str, Any] = {"acc": -1.0, "loss": math.inf, "epoch": 0, "state": None}
+        self.bad_epochs = 0
+
+    def start_from(self, acc: float, loss: float, model: Any, epoch: int = 0) -> None:
+        """A network that is already trained (the warmed-up head) counts as `epoch`."""
+        self.best = {"acc": acc, "loss": loss, "epoch": epoch,
+                     "state": copy.deepcopy(model.state_dict())}
+
+    def on_epoch_end(self, state: RunState, epoch: int, logs: dict[str, Any]) -> None:
+        score = (logs.get("val_acc", logs["train_acc"]), -logs.get("val_loss", logs["train_loss"]))
+        if score > (self.best["acc"], -self.best["loss"]):
+            self.best = {"acc": score[0], "loss": -score[1], "epoch": epoch,
+                         "state": copy.deepcopy(state.model.state_dict())}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        if self.has_validation and self.patience and self.bad_epochs >= self.patience:
+            state.stop(f"no validation gain for {self.patience} epochs")
+
+    def restore(self, model: Any) -> None:
+        """Load the best epoch's weights (with a validation split: else the last are best)."""
+        if self.best["state"] is not None and self.has_validation:
+            model.load_state_dict(self.best["state"])
+
+    @property
+    def best_epoch(self) -> int:
+        return self.best["epoch"]
+
+
+class ProgressPrinter(Callback):
+    """The command line's progress: notes, a tqdm bar per epoch and one line per epoch, on
+    stderr (stdout stays for results and --json)."""
+
+    def __init__(self, stream: Any = None, head_every: int = 10):
+        self.stream, self.head_every, self.bar = stream or sys.stderr, head_every, None
+
+    def _print(self, msg: str) -> None:
+        print(msg, file=self.stream, flush=True)
+
+    def on_note(self, state: RunState, message: str) -> None:
+        self._print(message)
+
+    def on_epoch_begin(self, state: RunState, epoch: int) -> None:
+        if state.stage != "train":
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=state.plan.steps_per_epoch, desc=f"epoch {epoch}/{state.epochs}",
+                        leave=False, unit="batch", dynamic_ncols=True, file=self.stream)
+
+    def on_batch_end(self, state: RunState, batch: int, logs: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if batch % 20 == 0 and int(logs["seen"]):
+            seen = int(logs["seen"])
+            self.bar.set_postfix(loss=f"{float(logs['loss_sum']) / seen:.4f}",
+                                 acc=f"{int(logs['correct']) / seen:.4f}")
+
+    def on_epoch_end(self, state: RunState, epoch: int, logs: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        head = state.stage == "head"
+        if head and not (epoch % self.head_every == 0 or epoch == 1):
+            return
+        msg = f"{'head epoch' if head else 'epoch'} {epoch}/{state.epochs}  " \
+              f"loss {logs['train_loss']:.4f}  acc {logs['train_acc']:.4f}"
+        if "val_acc" in logs:
+            msg += f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_acc']:.4f}"
+        self._print(msg if head else msg + f"  ({logs['seconds']:.1f}s)")
+
+    def on_train_end(self, state: RunState, logs: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class TensorBoardLogger(Callback):
+    """Scalars per epoch, one training batch as the model sees it (augmented) and the
+    validation confusion matrix, in the bundle folder (training/record.py's writer)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.tb = Path(log_dir), None
+
+    def on_train_begin(self, state: RunState) -> None:
+        from .record import TensorBoard
+
+        self.tb = TensorBoard(self.log_dir)
+
+    def on_batch_end(self, state: RunState, batch: int, logs: dict[str, Any]) -> None:
+        if self.tb is None or self.tb.has_batch or "x" not in logs:
+            return
+        import torch
+
+        plan = state.plan
+        cuda = [plan.device.index or 0] if plan.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the same training with or without it
+            self.tb.sample_batch(plan.augment(logs["x"].float()), logs["y"], plan.data.classes,
+                                 state.epoch)
+
+    def on_epoch_end(self, state: RunState, epoch: int, logs: dict[str, Any]) -> None:
+        if self.tb is None:
+            return
+        self.tb.epoch(logs)
+        if state.val_confusion is not None and state.stage == "train":
+            self.tb.confusion(state.val_confusion, state.plan.data.classes, epoch)
+
+    def on_train_end(self, state: RunState, logs: dict[str, Any]) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

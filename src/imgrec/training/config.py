@@ -1,0 +1,132 @@
+"""TrainConfig: the one list of training options.
+
+The Python API takes these as keyword arguments (`imgrec.train("mnist", epochs=3)`) and the
+command line builds `imgrec train`'s options from the same fields (help, limits and choices
+are in each field's metadata), so the two never drift apart. Torch-free: the CLI imports it
+to build --help quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ..errors import ImgrecError
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+MODES = ("auto", "scratch", "features", "finetune")
+HEADS = ("linear", "mlp")
+CLASS_WEIGHTS = ("auto", "balanced", "none")
+INVERT = ("auto", "yes", "no")
+
+
+def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (),
+           min: float | None = None, max: float | None = None,
+           choices: tuple[str, ...] | None = None, cli: bool = True, factory: Any = None) -> Any:
+    """A TrainConfig field with what the command line needs to offer it."""
+    meta = {"help": help, "flags": flags, "min": min, "max": max, "choices": choices, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run is asked to do. None means 'the recipe decides' (training/recipes.py).
+    Fields follow `imgrec train`'s option order."""
+
+    data: str = field(metadata={"help": "mnist, fashion-mnist, cifar10, a folder or a CSV",
+                                "argument": True})
+    model: str | None = option(None, "registry or timm name (default: the dataset's recipe); "
+                                     "see `imgrec models`")
+    mode: str | None = option(
+        None, "scratch: all weights from random init; features: frozen pretrained backbone, "
+              "cached features, new head; finetune: head warm-up then unfreeze (default: "
+              "features for a pretrained --model on an image folder, else scratch)",
+        choices=("scratch", "features", "finetune"))
+    pretrained: bool = option(False, "ImageNet weights for a timm --model from timm's hub",
+                              flags=("--pretrained",))
+    weights: str | None = option(None, "local .safetensors or .pth state dict for --model "
+                                       "(loaded without pickle)")
+    head: str = option("linear", "transfer head: linear, or mlp (dense + dropout)",
+                       choices=HEADS)
+    augment_views: int = option(0, "features mode: K augmented views per training image "
+                                   "(cached)", min=0, max=64)
+    epochs: int | None = option(None, "epochs (default: recipe)", min=1)
+    image_size: int | None = option(None, "input side in pixels", min=8, max=1024)
+    batch_size: int | None = option(None, "", min=1)
+    augment: str | None = option(
+        None, "preset (none, flip, light, digits, standard, strong) and/or key=value list: "
+              "rotation=DEG, shift=F, width_shift=F, height_shift=F, zoom=F, flip, "
+              "brightness=F; e.g. 'standard,zoom=0.3'")
+    out: str | None = option(None, "bundle folder (default runs/DATA-MODEL)")
+    seed: int = option(0, "seed for splits, init and shuffling")
+    lr: float | None = option(None, "peak learning rate (one-cycle)")
+    optimizer: str | None = option(None, "", choices=OPTIMIZERS)
+    weight_decay: float | None = option(None, "", min=0.0)
+    label_smoothing: float | None = option(None, "", min=0.0, max=0.99)
+    patience: int | None = option(None, "early-stop patience in epochs (0: off); the best "
+                                        "epoch is restored", min=0)
+    val_fraction: float | None = option(None, "validation share carved from train when there "
+                                              "is none", min=0.0, max=0.89)
+    test_fraction: float | None = option(None, cli=False)
+    class_weights: str = option("auto", "auto: balance the loss when classes are imbalanced",
+                                choices=CLASS_WEIGHTS)
+    invert: str | None = option(None, "recorded in the contract: invert dark-on-light inputs "
+                                      "(MNIST-style)", choices=INVERT)
+    tta: str | None = option(None, "test-time augmentation recorded in the contract: flip "
+                                   "(average the image and its mirror) or none (default: the "
+                                   "recipe's)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    data_dir: str | None = option(None, "root of built-in datasets (else $IMGREC_DATA)")
+    workers: int | None = option(None, "image decoding processes", min=0)
+    device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: best)")
+    tensorboard: bool = option(True, "write TensorBoard scalars")
+    quiet: bool = option(False, "no progress output", flags=("--quiet", "-q"))
+    model_args: dict[str, Any] = option(cli=False, factory=dict)
+
+
+def cli_fields() -> list:
+    """The TrainConfig fields `imgrec train` offers, in order."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject bad options with one clear line before any data is read (the CLI's limits
+    already stop most of them; the Python API relies on this)."""
+    checks = [
+        (cfg.epochs is not None and cfg.epochs < 1, "--epochs must be at least 1"),
+        (cfg.batch_size is not None and cfg.batch_size < 1, "--batch-size must be at least 1"),
+        (cfg.image_size is not None and not 8 <= cfg.image_size <= 1024,
+         "--image-size must be between 8 and 1024"),
+        (cfg.lr is not None and not 0 < cfg.lr < 10, "--lr must be a positive number below 10"),
+        (cfg.optimizer is not None and cfg.optimizer not in OPTIMIZERS,
+         f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (cfg.val_fraction is not None and not 0 <= cfg.val_fraction < 0.9,
+         "--val-fraction must be in [0, 0.9)"),
+        (cfg.label_smoothing is not None and not 0 <= cfg.label_smoothing < 1,
+         "--label-smoothing must be in [0, 1)"),
+        (cfg.class_weights not in CLASS_WEIGHTS,
+         "--class-weights must be auto, balanced or none"),
+        (cfg.invert not in (None, *INVERT), "--invert must be auto, yes or no"),
+        (cfg.tta not in (None, "none", "flip"), f"--tta must be none or flip, not {cfg.tta!r}"),
+        (cfg.augment_views < 0 or cfg.augment_views > 64,
+         "--augment-views must be between 0 and 64"),
+    ]
+    for bad, message in checks:
+        if bad:
+            raise ImgrecError(message)
+    _validate_transfer(cfg)
+
+
+def _validate_transfer(cfg: TrainConfig) -> None:
+    if (cfg.mode or "auto") not in MODES:
+        raise ImgrecError(f"unknown --mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
+    if cfg.head not in HEADS:
+        raise ImgrecError(f"unknown --head {cfg.head!r}", "use --head linear or --head mlp")
+    if cfg.mode == "scratch" and (cfg.pretrained or cfg.weights):
+        raise ImgrecError("--mode scratch trains from random weights; --pretrained/--weights "
+                          "need a transfer mode", "use --mode features or --mode finetune")
+    if cfg.mode in ("features", "finetune") and not cfg.model:
+        raise ImgrecError(f"--mode {cfg.mode} needs a pretrained backbone",
+                          "add --model efficientnet_lite0 (offline ImageNet weights)")

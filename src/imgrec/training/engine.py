@@ -1,0 +1,282 @@
+"""The epoch loop that trains a whole network (scratch and finetune modes): one-cycle
+schedule, label smoothing, class weights, mixed precision on CUDA, validation with the
+contract's own test-time augmentation, an atomic checkpoint every epoch and --resume,
+Ctrl-C / SIGTERM saving the best so far. Everything else (progress, TensorBoard, early
+stopping, a user's hooks) is a callback.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..bundle import atomic_write_bytes
+from ..errors import ImgrecError
+from .callbacks import CallbackList, EarlyStopping, RunState
+from .loaders import Batches
+from .plan import RunPlan
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class LoopResult:
+    history: list[dict]
+    best_epoch: int
+    stopped_early: bool
+    interrupted: bool
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def optimizer_for(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
+    raise ImgrecError(f"unknown optimizer {name!r}", "choose adamw, adam, sgd or rmsprop")
+
+
+def one_cycle(opt, lr: float | list[float], steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """One-cycle over `steps` optimizer steps. Warm-up is a quarter of the run but at least
+    1.5 steps: OneCycleLR divides by zero when its warm-up phase ends on step 0 (<= 4 steps)."""
+    total = max(2, steps)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
+                                               pct_start=max(0.25, 1.5 / total))
+
+
+def class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor | None:
+    """Balanced weights when the largest class is over 1.5x the smallest (or when asked)."""
+    counts = np.bincount(labels, minlength=n).astype(np.float64)
+    if mode == "none" or counts.min() == 0:
+        return None
+    if mode == "auto" and counts.max() / counts.min() < 1.5:
+        return None
+    w = counts.sum() / (n * counts)
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
+class EpochLoop:
+    """Trains `model` for plan.epochs. `param_groups` (discriminative learning rates) and
+    `train_mode` (frozen BatchNorm) come from the finetune runner; `tracker` may start from
+    a warmed-up network."""
+
+    def __init__(self, plan: RunPlan, model: torch.nn.Module, callbacks: CallbackList,
+                 tracker: EarlyStopping, param_groups: list[dict] | None = None,
+                 train_mode: Any = None):
+        self.plan, self.model, self.callbacks, self.tracker = plan, model, callbacks, tracker
+        self.train_mode = train_mode or (lambda m: m.train())
+        self.channels_last = plan.device.type != "mps"
+        if self.channels_last:
+            self.model = model.to(memory_format=torch.channels_last)
+        ds, seed, workers = plan.data, plan.cfg.seed, plan.cfg.workers
+        self.train_batches = Batches(ds.splits["train"], plan.contract, plan.batch_size, True,
+                                     plan.device, seed, workers)
+        self.val_batches = (Batches(ds.splits["val"], plan.contract, max(256, plan.batch_size),
+                                    False, plan.device, seed, workers)
+                            if plan.has_validation else None)
+        self.opt = optimizer_for(plan.optimizer, param_groups or model.parameters(), plan.lr,
+                                 plan.weight_decay)
+        max_lr = [g["lr"] for g in self.opt.param_groups]  # per group: discriminative rates
+        self.sched = one_cycle(self.opt, max_lr if len(max_lr) > 1 else plan.lr,
+                               plan.epochs * len(self.train_batches))
+        self.weights = class_weights(ds.splits["train"].labels, len(ds.classes),
+                                     plan.cfg.class_weights, plan.device)
+        self.amp = plan.device.type == "cuda"
+        bf16 = self.amp and torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not bf16)
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self, state: RunState) -> LoopResult:
+        plan = self.plan
+        state.optimizer, state.scheduler, state.epochs = self.opt, self.sched, plan.epochs
+        if self.weights is not None:
+            self.callbacks.on_note(state, "classes are imbalanced: the loss weighs them "
+                                          "inversely to their counts")
+        start = self._resume(state) if plan.cfg.resume else 1
+        interrupted = False
+        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            for epoch in range(start, plan.epochs + 1):
+                self._epoch(state, epoch)
+                if state.stop_training:
+                    self.callbacks.on_note(state, f"early stop: {state.stop_reason}")
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+            self.callbacks.on_note(state, "interrupted: saving the best model so far "
+                                          "(resume with --resume)")
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+        if not state.history:
+            raise ImgrecError("training stopped before the first epoch finished; nothing saved")
+        self.tracker.restore(self.model)
+        return LoopResult(state.history, self.tracker.best_epoch, state.stop_training,
+                          interrupted, state.skipped)
+
+    def _epoch(self, state: RunState, epoch: int) -> None:
+        t0 = time.time()
+        state.epoch = epoch
+        self.callbacks.on_epoch_begin(state, epoch)
+        loss, acc = self.train_epoch(state, epoch)
+        row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": loss,
+               "train_acc": acc}
+        if self.val_batches is not None:
+            row["val_loss"], row["val_acc"] = self.validate(state)
+        row["seconds"] = round(time.time() - t0, 2)
+        state.history.append(row)
+        self.tracker.on_epoch_end(state, epoch, row)
+        self.callbacks.on_epoch_end(state, epoch, row)
+        self._checkpoint(state, epoch)
+
+    # -- one epoch -------------------------------------------------------------------------
+    def _prep(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        x = x.float()
+        if train:
+            x = self.plan.augment(x)
+        x = self.plan.contract.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def train_epoch(self, state: RunState, epoch: int) -> tuple[float, float]:
+        """One pass over the training split: (mean loss, accuracy)."""
+        self.train_mode(self.model)
+        dev = self.plan.device
+        logs = {"loss_sum": torch.zeros((), device=dev),
+                "correct": torch.zeros((), device=dev, dtype=torch.long), "seen": 0}
+        for step, (x, y, bad) in enumerate(self.train_batches):
+            state.skipped.update(dict(bad))
+            if x is not None:
+                self._step(x, y, logs, epoch)
+                logs.update(x=x, y=y)
+            elif self.sched.last_epoch < self.sched.total_steps - 1:
+                self.sched.step()  # a batch of unreadable files still moves the schedule
+            self.callbacks.on_batch_end(state, step, logs)
+        seen = logs["seen"]
+        if not seen:
+            raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
+        return logs["loss_sum"].item() / seen, logs["correct"].item() / seen
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, logs: dict[str, Any], epoch: int) -> None:
+        x = self._prep(x, True)
+        with torch.autocast(self.plan.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=self.weights,
+                                   label_smoothing=self.plan.label_smoothing)
+        if not torch.isfinite(loss):
+            raise ImgrecError(f"the loss became {loss.item()} at epoch {epoch}",
+                              "lower --lr (the run diverged)")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.sched.last_epoch < self.sched.total_steps - 1:
+            self.sched.step()
+        logs["loss_sum"] += loss.detach() * len(y)
+        logs["correct"] += (logits.argmax(1) == y).sum()
+        logs["seen"] += len(y)
+
+    @torch.no_grad()
+    def validate(self, state: RunState) -> tuple[float, float]:
+        """(loss, accuracy) on the validation split, scored as predict scores (the contract's
+        TTA); the confusion matrix goes to state.val_confusion (TensorBoard)."""
+        self.model.eval()
+        n = len(self.plan.data.classes)
+        total_loss, correct, seen = 0.0, 0, 0
+        cm = torch.zeros(n * n, dtype=torch.long, device=self.plan.device)
+        for x, y, bad in self.val_batches:
+            state.skipped.update(dict(bad))
+            if x is None:
+                continue
+            with torch.autocast(self.plan.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                logits = self.plan.contract.tta_logits(lambda b: self.model(b).float(),
+                                                       self._prep(x, False))
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            cm += torch.bincount(y * n + logits.argmax(1), minlength=n * n)
+            seen += len(y)
+        state.val_confusion = cm.view(n, n).cpu().numpy()
+        return total_loss / max(seen, 1), correct / max(seen, 1)
+
+    # -- checkpoint and resume -------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.plan.out / CHECKPOINT
+
+    def _checkpoint(self, state: RunState, epoch: int) -> None:
+        """Everything needed to resume, written atomically (a crash keeps the last one)."""
+        best = self.tracker.best
+        payload = {
+            "fingerprint": self.plan.fingerprint(), "epoch": epoch, "history": state.history,
+            "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(), "best_acc": best["acc"],
+            "best_loss": best["loss"], "best_epoch": best["epoch"],
+            "best_state": best["state"], "skipped": state.skipped,
+            "rng": torch.get_rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+
+    def _resume(self, state: RunState) -> int:
+        """Load the checkpoint in --out; the epoch to continue from."""
+        saved = _read_checkpoint(self.checkpoint_path, self.plan)
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["optimizer"])
+        _restore_schedule(self.sched, saved["scheduler"])
+        torch.set_rng_state(saved["rng"].cpu())
+        self.tracker.best = {"acc": saved["best_acc"], "loss": saved["best_loss"],
+                             "epoch": saved["best_epoch"], "state": saved["best_state"]}
+        state.history[:] = saved["history"]
+        state.skipped.update(saved.get("skipped", {}))
+        self.callbacks.on_note(state, f"resume  from epoch {saved['epoch']} of "
+                                      f"{self.plan.epochs}")
+        return saved["epoch"] + 1
+
+
+def _raise_interrupt(signum, frame):
+    """A `kill` saves the work as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def _read_checkpoint(path: Path, plan: RunPlan) -> dict:
+    if not path.is_file():
+        raise ImgrecError(f"--resume: no checkpoint at {path}",
+                          "give the --out folder of the interrupted run")
+    try:
+        saved = torch.load(path, map_location=plan.device, weights_only=True)
+    except Exception as e:
+        raise ImgrecError(f"--resume: {path} is unreadable ({e})",
+                          "start again without --resume") from None
+    if saved.get("fingerprint") != plan.fingerprint():
+        raise ImgrecError(
+            "--resume: the checkpoint was made with other data, model or settings",
+            "repeat the original command with --resume, or train into another --out",
+        )
+    return saved
+
+
+def _restore_schedule(sched, saved: dict) -> None:
+    """The saved one-cycle position; with another --epochs the schedule stretches to the
+    new length."""
+    if saved.get("total_steps") == sched.total_steps:
+        sched.load_state_dict(saved)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = min(int(saved.get("last_epoch", 0)), sched.total_steps - 1)
+        while sched.last_epoch < target:
+            sched.step()

@@ -1,0 +1,212 @@
+"""The run plan: what to train, on what data and how, settled once from a TrainConfig (the
+recipe fills what the user left open) and frozen. Runners read it and never change it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..augment import Augment
+from ..contract import Preprocess, scratch_contract
+from ..data.arrays import dataset_from_arrays, dataset_from_torch
+from ..data.datasets import Dataset, builtin_key, load_dataset
+from ..errors import ImgrecError
+from ..models.registry import MODELS, resolve_model_name
+from .config import TrainConfig, validate
+from .recipes import BUILTIN_RECIPES, TRANSFER_DEFAULTS, recipe_for
+
+HYPER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
+         "patience")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: TrainConfig
+    data: Dataset
+    mode: str  # scratch, features or finetune
+    model_name: str
+    model_args: dict[str, Any]
+    contract: Preprocess
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    weight_decay: float
+    label_smoothing: float
+    patience: int
+    augment: Augment
+    device: torch.device
+    out: Path
+    val_fraction: float
+    test_fraction: float
+    backbone: Any = None  # models.pretrained.Backbone in the transfer modes
+    module: Any = None  # a network the caller built (the Python API's model=nn.Module)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.data.splits["train"]) / self.batch_size)
+
+    @property
+    def has_validation(self) -> bool:
+        return "val" in self.data.splits and len(self.data.splits["val"]) > 0
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must match to be resumed (not epochs: `--resume --epochs N`
+        extends a run)."""
+        return {"data": self.data.fingerprint(), "model": self.model_name,
+                "model_args": self.model_args, "image_size": self.image_size,
+                "batch_size": self.batch_size}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """CUDA when present (or asked for), then Apple's MPS, else the CPU."""
+    if name:
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise ImgrecError(f"--device {name}: no CUDA GPU is available", "use --device cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPlan:
+    """Settle every choice of a run. `source`: data the caller holds instead of `cfg.data`
+    (NumPy arrays `(x, y)` or a torch Dataset); `module`: a network the caller built."""
+    validate(cfg)
+    augment_default = Augment.parse(cfg.augment)  # a bad --augment fails before data loads
+    key = builtin_key(cfg.data) if source is None else None
+    recipe = recipe_for(key or cfg.data.lower())
+    pick = _picker(cfg, recipe)
+    ds = _load(cfg, source, pick("val_fraction"), pick("test_fraction"))
+    if key not in BUILTIN_RECIPES:  # folders, CSVs, arrays: by how the data is held
+        recipe = recipe_for("memory" if ds.in_memory else "folder")
+        pick = _picker(cfg, recipe)
+    name, args = _model_choice(cfg, recipe, module)
+    size = _image_size(cfg, ds, name)
+    mode = _mode(cfg, ds, name, module)
+    hyper = {h: pick(h) for h in HYPER}
+    augment = Augment.parse(pick("augment")) if cfg.augment is None else augment_default
+    backbone, contract = None, _contract(cfg, ds, name, size, pick, recipe)
+    if mode != "scratch":
+        backbone, contract = _backbone(cfg, name, contract)
+        size = contract.input_size
+        hyper, augment = _transfer_defaults(cfg, mode, hyper, augment)
+    out = Path(cfg.out or Path("runs") / f"{ds.name}-{name}")
+    return RunPlan(cfg, ds, mode, name, args, contract, size, **hyper, augment=augment,
+                   device=pick_device(cfg.device), out=out,
+                   val_fraction=pick("val_fraction"), test_fraction=pick("test_fraction"),
+                   backbone=backbone, module=module)
+
+
+def _picker(cfg: TrainConfig, recipe: dict[str, Any]):
+    """An option's value: the user's when given, else the recipe's."""
+    return lambda name: getattr(cfg, name) if getattr(cfg, name) is not None \
+        else recipe.get(name)
+
+
+def _load(cfg: TrainConfig, source: Any, val_fraction: float, test_fraction: float) -> Dataset:
+    if source is None:
+        return load_dataset(cfg.data, cfg.data_dir, val_fraction=val_fraction,
+                            test_fraction=test_fraction, seed=cfg.seed)
+    if isinstance(source, tuple) and len(source) == 2:
+        return dataset_from_arrays(source[0], source[1], name=cfg.data,
+                                   val_fraction=val_fraction, test_fraction=test_fraction,
+                                   seed=cfg.seed)
+    if hasattr(source, "__getitem__") and hasattr(source, "__len__"):
+        return dataset_from_torch(source, name=cfg.data, val_fraction=val_fraction,
+                                  test_fraction=test_fraction, seed=cfg.seed)
+    raise ImgrecError(f"cannot train on a {type(source).__name__}",
+                      "give a dataset name, a folder, a CSV, arrays (x, y) or a torch Dataset")
+
+
+def _model_choice(cfg: TrainConfig, recipe: dict[str, Any], module: Any):
+    if module is not None:
+        return f"custom:{type(module).__name__}", {}
+    name = resolve_model_name(cfg.model or recipe["model"])
+    return name, dict(cfg.model_args or (recipe.get("model_args", {}) if not cfg.model else {}))
+
+
+def _image_size(cfg: TrainConfig, ds: Dataset, name: str) -> int:
+    """--image-size, else in-memory data's own size, else the model's default, else 224."""
+    default = MODELS[name].default_size if name in MODELS else 224
+    if name.startswith("efficientnet_lite"):
+        default = None
+    native = ds.native_size if ds.in_memory else None
+    return cfg.image_size or native or default or 224
+
+
+def _mode(cfg: TrainConfig, ds: Dataset, name: str, module: Any) -> str:
+    """--mode; auto: a pretrained backbone on colour image files -> features, else scratch."""
+    from ..models.pretrained import OFFLINE_WEIGHTS
+
+    files = not ds.in_memory and ds.channels == 3
+    pretrained = bool(cfg.pretrained or cfg.weights or name in OFFLINE_WEIGHTS)
+    mode = cfg.mode or "auto"
+    if mode == "auto":
+        mode = "features" if pretrained and files and cfg.model else "scratch"
+    if mode != "scratch" and module is not None:
+        raise ImgrecError(f"--mode {mode} takes a pretrained backbone by name, not a module",
+                          "give model='efficientnet_lite0' (or another timm name)")
+    if mode != "scratch" and not files:
+        raise ImgrecError(f"--mode {mode} needs colour image files (a folder or a CSV of paths)",
+                          "built-in array datasets train with --mode scratch")
+    return mode
+
+
+def _contract(cfg: TrainConfig, ds: Dataset, name: str, size: int, pick,
+              recipe: dict[str, Any]) -> Preprocess:
+    """The preprocessing a new model trains with, recorded in its bundle: the pretrained
+    weights' own for EfficientNet-Lite, else by the data; the recipe's framing of custom
+    images (MNIST's digit fit) and --tta on top."""
+    if name.startswith("efficientnet_lite"):
+        from ..models.pretrained import lite_preprocess
+
+        contract = lite_preprocess(name, size)
+    else:
+        contract = scratch_contract(ds.channels, size, pick("invert"), ds.in_memory)
+    if (pick("tta") or "none") == "flip":
+        contract = contract.replace(tta=("flip",))
+    if recipe.get("fit"):
+        contract = contract.replace(fit=recipe["fit"])
+    return contract
+
+
+def _backbone(cfg: TrainConfig, name: str, contract: Preprocess):
+    """The transfer modes' backbone (where its weights come from, checked up front) and its
+    pixels; the data's framing (fit, invert) and --tta are kept."""
+    from ..models.pretrained import resolve_backbone
+
+    backbone = resolve_backbone(name, cfg.pretrained, cfg.weights, cfg.image_size)
+    return backbone, backbone.contract.replace(tta=tuple(contract.tta), fit=contract.fit,
+                                               invert=contract.invert)
+
+
+def _transfer_defaults(cfg: TrainConfig, mode: str, hyper: dict[str, Any], augment: Augment):
+    """The transfer modes' own defaults where the user gave none (recipes.TRANSFER_DEFAULTS)."""
+    defaults = TRANSFER_DEFAULTS[mode]
+    hyper = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else defaults.get(k, v))
+             for k, v in hyper.items()}
+    if cfg.optimizer is None:
+        hyper["optimizer"] = "adamw"
+    if cfg.augment is None:
+        augment = Augment.parse(defaults["augment"])
+    if cfg.augment_views and not augment.active:
+        raise ImgrecError("--augment-views needs an augmentation to draw the views from",
+                          "drop --augment none, or give e.g. --augment standard")
+    return hyper, augment

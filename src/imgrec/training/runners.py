@@ -1,0 +1,264 @@
+"""One runner per mode: scratch, features, finetune. Each turns a RunPlan into a bundle with
+the same callbacks, the same early-stopping tracker (callbacks.EarlyStopping) and the same
+record writer (record.RecordWriter); they differ only in what trains.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..bundle import Bundle
+from ..errors import skipped_report
+from ..network import CUSTOM_ARCHITECTURE as CUSTOM
+from .callbacks import (
+    CallbackList,
+    EarlyStopping,
+    ProgressPrinter,
+    RunState,
+    TensorBoardLogger,
+)
+from .engine import EpochLoop, LoopResult
+from .plan import RunPlan, seed_everything
+from .record import RecordWriter
+from .transfer import (
+    FREEZE_BN_BELOW,
+    LAYER_DECAY,
+    FeatureSet,
+    HeadSettings,
+    compose,
+    extract_features,
+    frozen_bn_train_mode,
+    head_logits,
+    head_note,
+    layer_decay_groups,
+    train_head,
+)
+
+
+@dataclass
+class TrainResult:
+    bundle: Bundle
+    history: list[dict]
+    skipped: dict[str, str]
+    test_metrics: dict[str, Any] | None
+    seconds: float
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+def default_callbacks(plan: RunPlan) -> list[Any]:
+    """Progress on stderr unless quiet, TensorBoard unless switched off."""
+    out: list[Any] = [] if plan.cfg.quiet else [ProgressPrinter()]
+    if plan.cfg.tensorboard:
+        out.append(TensorBoardLogger(plan.out))
+    return out
+
+
+class Runner:
+    """What every mode does around its training: the output folder, the seed, the opening
+    notes, the callbacks' begin/end, the test metrics and the skipped-files warning."""
+
+    title = "training"
+
+    def __init__(self, plan: RunPlan, callbacks: list[Any] = ()):
+        self.plan = plan
+        self.callbacks = CallbackList([*default_callbacks(plan), *callbacks])
+        self.state = RunState(plan, epochs=plan.epochs)
+        self.record = RecordWriter(plan)
+
+    def run(self) -> TrainResult:
+        t0 = time.time()
+        self.plan.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(self.plan.cfg.seed)
+        self.note(f"data    {self.plan.data.describe()}")
+        logs: dict[str, Any] = {"history": self.state.history}
+        self.callbacks.on_train_begin(self.state)
+        try:
+            bundle, loop = self.train(t0)
+            test = None if loop.interrupted else self.test_metrics(bundle)
+            logs.update(history=loop.history, best_epoch=loop.best_epoch, test=test,
+                        stopped_early=loop.stopped_early, interrupted=loop.interrupted)
+        finally:
+            self.callbacks.on_train_end(self.state, logs)
+        if loop.skipped:  # a warning about the data, not progress: shown even with --quiet
+            print(skipped_report(loop.skipped), file=sys.stderr, flush=True)
+        return TrainResult(bundle, loop.history, loop.skipped, test, time.time() - t0,
+                           loop.stopped_early, loop.interrupted)
+
+    def note(self, message: str) -> None:
+        self.callbacks.on_note(self.state, message)
+
+    def train(self, t0: float) -> tuple[Bundle, LoopResult]:
+        raise NotImplementedError
+
+    def test_metrics(self, bundle: Bundle) -> dict[str, Any] | None:
+        """Accuracy on the test split, scored by the trained network as predict scores it."""
+        plan = self.plan
+        if "test" not in plan.data.splits:
+            return None
+        from ..evaluation import evaluate_bundle
+        from ..network import TorchEngine
+
+        engine = TorchEngine.from_model(self.state.model, plan.device)
+        report = evaluate_bundle(bundle, plan.data, "test", engine=engine)
+        self.state.skipped.update(report.skipped)  # bad test files are reported too
+        self.record.add_test_metrics(bundle, report.headline(), len(self.state.skipped))
+        self.note(f"test    accuracy {report.accuracy:.4f} on {report.n} images")
+        return report.headline()
+
+
+class ScratchRunner(Runner):
+    """A network from random weights (a registry or timm name, or the caller's module)."""
+
+    def train(self, t0: float) -> tuple[Bundle, LoopResult]:
+        plan = self.plan
+        model, arch = self.build()
+        model = model.to(plan.device)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.note(f"model   {plan.model_name} ({n_params / 1e6:.2f}M parameters), input "
+                  f"{plan.image_size}px x{plan.data.channels}, device {plan.device}")
+        self.note(f"recipe  {plan.epochs} epochs, batch {plan.batch_size}, {plan.optimizer} "
+                  f"lr {plan.lr:g} one-cycle, label smoothing {plan.label_smoothing:g}, "
+                  f"augment {plan.augment.describe()}")
+        return self.fit(model, arch, t0, EarlyStopping(plan.patience, plan.has_validation))
+
+    def build(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+        plan = self.plan
+        if plan.module is not None:
+            cls = type(plan.module)
+            return plan.module, {"name": CUSTOM, "args": {
+                "class": f"{cls.__module__}.{cls.__qualname__}",
+                "in_channels": plan.data.channels, "num_classes": len(plan.data.classes),
+                "image_size": plan.image_size}}
+        from ..models import build_model
+
+        args = {"in_channels": plan.data.channels, "num_classes": len(plan.data.classes),
+                "image_size": plan.image_size, **plan.model_args}
+        return build_model(plan.model_name, **args), {"name": plan.model_name, "args": args}
+
+    def fit(self, model: torch.nn.Module, arch: dict[str, Any], t0: float,
+            tracker: EarlyStopping, extra: dict[str, Any] | None = None,
+            **loop_options: Any) -> tuple[Bundle, LoopResult]:
+        """The epoch loop, then the bundle (restore-best already applied)."""
+        self.state.model, self.state.tracker = model, tracker
+        loop = EpochLoop(self.plan, model, self.callbacks, tracker, **loop_options).run(self.state)
+        training = self.record.summary(loop.history, loop.best_epoch, time.time() - t0,
+                                       loop.stopped_early, loop.interrupted, loop.skipped,
+                                       **(extra or {}))
+        bundle = self.record.save(model, arch, loop.history, training,
+                                  f"{self.plan.model_name} on {self.plan.data.name}")
+        if arch["name"] == CUSTOM:
+            self._export_custom(bundle, model)
+        return bundle, loop
+
+    def _export_custom(self, bundle: Bundle, model: torch.nn.Module) -> None:
+        """imgrec cannot rebuild a network it did not define: its model.onnx is how predict,
+        evaluate and serve run it."""
+        from ..errors import ModelError
+        from ..export import export_bundle
+
+        try:
+            export_bundle(bundle.path, network=model)
+        except ModelError as e:
+            self.note(f"warning: the network could not be exported to ONNX ({e}); the bundle "
+                      "holds its weights only")
+
+
+class FinetuneRunner(ScratchRunner):
+    """The head warm-up on cached features, then the whole network in the epoch loop with
+    layer-wise learning-rate decay and, for small batches, frozen BatchNorm statistics."""
+
+    def train(self, t0: float) -> tuple[Bundle, LoopResult]:
+        plan = self.plan
+        self.note(f"warm-up {plan.cfg.head} head on frozen {plan.model_name} features")
+        fs = extract_features(plan, self.callbacks, self.state)
+        head = train_head(fs, plan, HeadSettings.of(plan, warmup=True), self.callbacks,
+                          self.state)
+        self.note(head_note(plan, fs, head))
+        model, arch = compose(plan.backbone, fs.extractor.model(), head.head, plan.cfg.head,
+                              len(plan.data.classes))
+        freeze = plan.batch_size < FREEZE_BN_BELOW
+        self.note(f"unfreeze all layers: layer-wise lr decay {LAYER_DECAY}, BatchNorm "
+                  f"statistics {'frozen' if freeze else 'updated'} (batch {plan.batch_size})")
+        model = model.to(plan.device)
+        tracker = EarlyStopping(plan.patience, plan.has_validation)
+        if head.val_acc is not None:  # the warmed-up network is epoch 0 of restore-best
+            tracker.start_from(head.val_acc, head.val_loss, model)
+        extra = {**transfer_record(plan, fs), "warmup_best_epoch": head.best_epoch,
+                 "warmup_val_acc": head.val_acc, "layer_decay": LAYER_DECAY,
+                 "bn_frozen": freeze}
+        self.state.epochs, self.state.history = plan.epochs, []  # the warm-up's was the head's
+        return self.fit(model, arch, t0, tracker, extra,
+                        param_groups=layer_decay_groups(model, plan.lr, plan.weight_decay),
+                        train_mode=frozen_bn_train_mode if freeze else None)
+
+
+class FeaturesRunner(Runner):
+    """A head on the frozen backbone's cached features; the bundle holds backbone + head."""
+
+    def train(self, t0: float) -> tuple[Bundle, LoopResult]:
+        plan = self.plan
+        self.note(f"model   {plan.model_name} frozen ({plan.backbone.source} weights), input "
+                  f"{plan.image_size}px; {plan.cfg.head} head, {plan.epochs} epochs max, "
+                  f"lr {plan.lr:g}")
+        self.features = fs = extract_features(plan, self.callbacks, self.state)
+        self.state.skipped.update(fs.skipped)
+        head = train_head(fs, plan, HeadSettings.of(plan, warmup=False), self.callbacks,
+                          self.state)
+        self.note(head_note(plan, fs, head))
+        self.head = head.head
+        model, arch = compose(plan.backbone, fs.extractor.model(), head.head, plan.cfg.head,
+                              len(plan.data.classes))
+        self.state.model = model
+        loop = LoopResult(head.history, head.best_epoch, head.stopped_early, False,
+                          self.state.skipped)
+        training = self.record.summary(
+            loop.history, loop.best_epoch, time.time() - t0, loop.stopped_early, False,
+            loop.skipped, **transfer_record(plan, fs))
+        training["optimizer"] = "adamw"
+        training["augment"] = plan.augment.describe() if plan.cfg.augment_views else "none"
+        bundle = self.record.save(model, arch, loop.history, training,
+                                  f"{plan.model_name} features on {plan.data.name}")
+        return bundle, loop
+
+    def test_metrics(self, bundle: Bundle) -> dict[str, Any] | None:
+        """With flip TTA the bundle's network scores the test images (the real path);
+        otherwise head(cached features) is that network's output, so a warm run skips the
+        backbone (the ONNX export is checked against PyTorch)."""
+        fs = self.features
+        if "test" not in fs.splits or not len(fs.splits["test"][0]):
+            return None
+        if self.plan.contract.tta:
+            return super().test_metrics(bundle)
+        from ..evaluation import EvalReport
+        from ..predict import softmax
+
+        x, y, paths = fs.splits["test"]
+        test_paths = set(self.plan.data.splits["test"].paths)
+        skipped = {p: r for p, r in fs.skipped.items() if p in test_paths}
+        report = EvalReport(list(self.plan.data.classes), y,
+                            softmax(head_logits(self.head, x[:, 0])), [str(p) for p in paths],
+                            "test", self.plan.data.name, skipped)
+        self.record.add_test_metrics(bundle, report.headline(), len(self.state.skipped))
+        self.note(f"test    accuracy {report.accuracy:.4f} on {report.n} images")
+        return report.headline()
+
+
+def transfer_record(plan: RunPlan, fs: FeatureSet) -> dict[str, Any]:
+    """What imgrec.json records about the backbone and its features."""
+    b = plan.backbone
+    return {"backbone": b.name, "weights_source": b.source, "weights": b.identity,
+            "head": plan.cfg.head, "augment_views": plan.cfg.augment_views, **fs.record()}
+
+
+RUNNERS = {"scratch": ScratchRunner, "features": FeaturesRunner, "finetune": FinetuneRunner}
+
+
+def run_plan(plan: RunPlan, callbacks: list[Any] = ()) -> TrainResult:
+    """Train what the plan says with the mode's runner."""
+    return RUNNERS[plan.mode](plan, callbacks).run()
