@@ -9,7 +9,7 @@ import os
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import click
 import typer
@@ -31,6 +31,11 @@ class Invert(StrEnum):
     auto = "auto"
     yes = "yes"
     no = "no"
+
+
+def _figure_option(default_name: str) -> Any:
+    """The --out option of a command that draws one figure."""
+    return Annotated[Path | None, typer.Option(help=f"figure PNG (default {default_name})")]
 
 
 def _echo(msg: str = "") -> None:
@@ -119,29 +124,50 @@ def evaluate(
 
     Example: imgrec evaluate runs/mnist mnist --json metrics.json --report runs/mnist/report
     """
-    from .evaluation import evaluate_bundle
     from .zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=engine == "torch")
-    built = None
+    root = str(data_dir) if data_dir else None
     if report is not None:
         from .report import build_report
 
-        built = build_report(bundle, data, report, split, str(data_dir) if data_dir else None,
-                             engine, calibrate=calibrate, mistakes=max(mistakes, 12))
-        rep = built.evaluation
+        built = build_report(bundle, data, report, split, root, engine, calibrate=calibrate,
+                             mistakes=max(mistakes, 12))
         for note in built.notes:
             _echo(note)
+        _print_evaluation(built.evaluation, mistakes)
+        _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
+        _echo(f"report: {built.path}")
+        rep = built.evaluation
     else:
-        if calibrate:
-            from .report import calibrate_bundle
+        rep = _evaluate_plain(bundle, data, split, root, engine, calibrate)
+        _print_evaluation(rep, mistakes)
+        folder = bundle.path / "evaluation" / f"{rep.dataset}-{rep.split}"
+        png = rep.plot_confusion(Path(folder) / "confusion_matrix.png")
+        _echo(f"\nconfusion matrix: {png}")
+    if rep.skipped:
+        _echo(skipped_report(rep.skipped))
+    if json_file:
+        rep.write_json(json_file)
+        _echo(f"metrics: {json_file}")
 
-            before, after, n_val = calibrate_bundle(bundle, data, engine,
-                                                    str(data_dir) if data_dir else None)
-            _echo(f"temperature {before:g} -> {after:g} (fitted on {n_val} validation images, "
-                  f"stored in {bundle.path / 'imgrec.json'})")
-        rep = evaluate_bundle(bundle, data, split, data_dir=str(data_dir) if data_dir else None,
-                              engine=engine)
+
+def _evaluate_plain(bundle, data: str, split: str, root: str | None, engine: str,
+                    calibrate: bool):
+    """`imgrec evaluate` without --report: calibrate first when asked, then measure."""
+    from .evaluation import evaluate_bundle
+
+    if calibrate:
+        from .report import calibrate_bundle
+
+        before, after, n_val = calibrate_bundle(bundle, data, engine, root)
+        _echo(f"temperature {before:g} -> {after:g} (fitted on {n_val} validation images, "
+              f"stored in {bundle.path / 'imgrec.json'})")
+    return evaluate_bundle(bundle, data, split, data_dir=root, engine=engine)
+
+
+def _print_evaluation(rep, mistakes: int) -> None:
+    """The headline, the per-class table and the most confident mistakes."""
     _echo(f"{rep.dataset} {rep.split}: accuracy {rep.accuracy:.4f}" +
           (f"  top-5 {rep.top5_accuracy:.4f}" if rep.top5_accuracy is not None else "") +
           f"  (n={rep.n})")
@@ -154,18 +180,6 @@ def evaluate(
         for m in wrong:
             _echo(f"  {m['input']}: {m['true']} predicted as {m['predicted']} "
                   f"({m['probability']:.1%})")
-    if built is not None:
-        _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
-        _echo(f"report: {built.path}")
-    else:
-        folder = bundle.path / "evaluation" / f"{rep.dataset}-{rep.split}"
-        png = rep.plot_confusion(Path(folder) / "confusion_matrix.png")
-        _echo(f"\nconfusion matrix: {png}")
-    if rep.skipped:
-        _echo(skipped_report(rep.skipped))
-    if json_file:
-        rep.write_json(json_file)
-        _echo(f"metrics: {json_file}")
 
 
 @app.command()
@@ -357,8 +371,7 @@ def explain(
 @app.command()
 def kernels(
     image: Annotated[Path, typer.Argument(help="any image file")],
-    out: Annotated[Path | None, typer.Option(help="figure PNG (default IMAGE-kernels.png)")] =
-    None,
+    out: _figure_option("IMAGE-kernels.png") = None,
 ) -> None:
     """The convolution demo: smoothing, horizontal, vertical and all-edges kernels on your
     image, valid vs same padding, stride 1 vs 2 and max pooling, with the output sizes.
@@ -377,8 +390,7 @@ def kernels(
 @app.command()
 def preview(
     data: Annotated[str, typer.Argument(help="built-in name, folder or CSV")],
-    out: Annotated[Path | None, typer.Option(help="figure PNG (default preview-DATA.png)")] =
-    None,
+    out: _figure_option("preview-DATA.png") = None,
     augment: Annotated[str, typer.Option(help="augmentation preset or key=value list, as in "
                                          "`imgrec train --augment`")] = "standard",
     per_class: Annotated[int, typer.Option(min=1, max=16, help="images per class")] = 6,

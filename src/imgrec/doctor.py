@@ -20,7 +20,7 @@ import shutil
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,9 +60,6 @@ class Issue:
     kind: str
     detail: str
 
-    def to_dict(self) -> dict[str, str]:
-        return {"path": self.path, "kind": self.kind, "detail": self.detail}
-
 
 @dataclass
 class FileInfo:
@@ -88,7 +85,7 @@ class DoctorReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"files_scanned": self.files_scanned,
-                "issues": [i.to_dict() for i in self.issues],
+                "issues": [asdict(i) for i in self.issues],
                 "classes": self.classes, "imbalance_ratio": self.imbalance_ratio,
                 "layout": self.layout, "data": str(self.root)}
 

@@ -10,7 +10,7 @@ import os
 import urllib.request
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ class Prediction:
     probability: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "index": self.index, "probability": self.probability}
+        return asdict(self)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -277,7 +277,7 @@ def _draw_gradcam(explainer: Any, pixels: np.ndarray, m: dict[str, Any], gallery
 
 def _fingerprint(bundle: Bundle, ds: Dataset, data: str, rep: EvalReport) -> dict[str, str]:
     """What ties the page to what produced it: data, bundle files, versions, time."""
-    from . import __version__
+    from ._version import __version__
 
     return {
         "dataset": ds.name, "dataset source": ds.source or data,

@@ -105,7 +105,7 @@ def _mount_docs(app: FastAPI) -> None:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 
