@@ -145,10 +145,16 @@ def _model_choice(cfg: TrainConfig, recipe: dict[str, Any], module: Any):
 def _image_size(cfg: TrainConfig, ds: Dataset, name: str) -> int:
     """--image-size, else in-memory data's own size, else the model's default, else 224."""
     default = MODELS[name].default_size if name in MODELS else 224
-    if name.startswith("efficientnet_lite"):
+    if _pretrained_contract(name):  # the weights' own size, set by their contract
         default = None
     native = ds.native_size if ds.in_memory else None
     return cfg.image_size or native or default or 224
+
+
+def _pretrained_contract(name: str) -> bool:
+    """Whether the registry says this model trains with its pretrained weights' contract
+    (the offline EfficientNet-Lite), whatever the data."""
+    return name in MODELS and MODELS[name].contract == "lite_contract"
 
 
 def _mode(cfg: TrainConfig, ds: Dataset, name: str, module: Any) -> str:
@@ -174,7 +180,7 @@ def _contract(cfg: TrainConfig, ds: Dataset, name: str, size: int, pick,
     """The preprocessing a new model trains with, recorded in its bundle: the pretrained
     weights' own for EfficientNet-Lite, else by the data; the recipe's framing of custom
     images (MNIST's digit fit) and --tta on top."""
-    if name.startswith("efficientnet_lite"):
+    if _pretrained_contract(name):
         from ..models.pretrained import lite_preprocess
 
         contract = lite_preprocess(name, size)
