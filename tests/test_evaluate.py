@@ -93,9 +93,11 @@ def test_evaluate_cli(tmp_path_factory, tmp_path, capsys):
     assert "accuracy" in text and "confusion matrix" in text
     assert (tmp_path / "rep" / "confusion_matrix.png").is_file()
     assert DESIGN_KEYS <= set(json.loads(out.read_text()))
-    # default report folder is inside the bundle
+    # the default figure folder is beside the data, never inside the bundle it reads
+    before = sorted(p.name for p in (base / "bundle").rglob("*"))
     assert main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--split", "val"]) == 0
-    assert list((base / "bundle" / "evaluation").glob("*/confusion_matrix.png"))
+    assert (base / "shapes-eval-bundle-val" / "confusion_matrix.png").is_file()
+    assert sorted(p.name for p in (base / "bundle").rglob("*")) == before
 
 
 def test_evaluate_skips_bad_files(tmp_path_factory, tmp_path):

@@ -90,8 +90,8 @@ def train(**options) -> None:
         _echo(json.dumps(summary, indent=2))
     else:
         _echo(f"bundle  {result.bundle.path}  ({result.seconds:.1f}s)")
-    if result.interrupted:
-        raise typer.Exit(130)
+    if result.interrupted:  # 128 + the signal, as a shell reports it
+        raise typer.Exit(143 if result.terminated else 130)
 
 
 train.__signature__ = inspect.Signature(_config_options())
@@ -109,8 +109,11 @@ def evaluate(
     report: Annotated[Path | None, typer.Option(
         help="write a self-contained HTML report here (DIR/index.html): metrics, confusion "
              "matrix, mistakes with Grad-CAM, calibration, training curves, fingerprints "
-             "(default: only the confusion-matrix PNG in the bundle's evaluation/ folder)")] =
+             "(default: only the confusion-matrix PNG, in --out)")] =
     None,
+    out: Annotated[Path | None, typer.Option(
+        help="folder for the confusion-matrix PNG (default: DATA-eval-MODEL beside a data "
+             "folder or CSV, else in the current folder; never inside the bundle)")] = None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
     engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
     mistakes: Annotated[int, typer.Option(min=0, help="how many confident mistakes to list")] =
@@ -124,10 +127,17 @@ def evaluate(
 
     Example: imgrec evaluate runs/mnist mnist --json metrics.json --report runs/mnist/report
     """
+    from .files import check_output_file, check_output_folder
     from .zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=engine == "torch")
     root = str(data_dir) if data_dir else None
+    if json_file:  # outputs are checked before the evaluation runs, not after
+        check_output_file(json_file, "--json")
+    if report is not None:
+        check_output_folder(report, "--report")
+    else:
+        out = check_output_folder(out or _evaluation_folder(data, bundle, split))
     if report is not None:
         from .report import build_report
 
@@ -142,14 +152,23 @@ def evaluate(
     else:
         rep = _evaluate_plain(bundle, data, split, root, engine, calibrate)
         _print_evaluation(rep, mistakes)
-        folder = bundle.path / "evaluation" / f"{rep.dataset}-{rep.split}"
-        png = rep.plot_confusion(Path(folder) / "confusion_matrix.png")
+        png = rep.plot_confusion(out / "confusion_matrix.png")
         _echo(f"\nconfusion matrix: {png}")
     if rep.skipped:
         _echo(skipped_report(rep.skipped))
     if json_file:
         rep.write_json(json_file)
         _echo(f"metrics: {json_file}")
+
+
+def _evaluation_folder(data: str, bundle, split: str) -> Path:
+    """Where `imgrec evaluate` puts its figure by default: beside a data folder or CSV (in
+    the current folder for a built-in or an unwritable place), never in the bundle it reads."""
+    name = f"{Path(data).name}-eval-{bundle.path.name}-{split}"
+    beside = Path(data).expanduser().resolve().parent
+    if Path(data).expanduser().exists() and os.access(beside, os.W_OK):
+        return beside / name
+    return Path.cwd() / name
 
 
 def _evaluate_plain(bundle, data: str, split: str, root: str | None, engine: str,
@@ -501,9 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         print("imgrec: aborted", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # 128 + the signal: SIGTERM (training's Terminated) or SIGINT
         print("imgrec: interrupted", file=sys.stderr)
-        return 130
+        return 143 if type(e).__name__ == "Terminated" else 130
     except MemoryError:
         print("imgrec: error: out of memory; lower --batch-size or --image-size", file=sys.stderr)
         return 2

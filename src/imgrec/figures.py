@@ -17,11 +17,17 @@ def pyplot():
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    """Lay out, write atomically (creating the folder) and close a figure; returns its path."""
+    import io
+
+    from .bundle import atomic_write_bytes
+
     path = Path(path)
     if tight:
         fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # a crash never leaves half a PNG
     return path

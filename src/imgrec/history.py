@@ -6,8 +6,10 @@ Torch-free: training writes it, the report reads and draws it.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
+from .bundle import atomic_write_text
 from .figures import pyplot, save_figure
 
 
@@ -17,12 +19,11 @@ def write_history(path: Path, history: list[dict]) -> None:
     keys = list(history[0].keys())
     for row in history[1:]:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_history(path: Path) -> list[dict]:

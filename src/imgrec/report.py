@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, atomic_write_text
+from .bundle import Bundle, atomic_write_bytes, atomic_write_text
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError, ImgrecError
 from .evaluation import EvalReport, evaluate_bundle, evaluated_pixels
@@ -218,7 +218,7 @@ def _training_curves(bundle: Bundle, out: Path) -> tuple[Path | None, list[dict]
     src = bundle.path / "curves.png"
     curves = out / "curves.png"
     if src.is_file():
-        curves.write_bytes(src.read_bytes())
+        atomic_write_bytes(curves, src.read_bytes())
     elif history:
         plot_curves(curves, history, f"{bundle.name} training")
     else:

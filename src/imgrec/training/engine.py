@@ -35,6 +35,7 @@ class LoopResult:
     stopped_early: bool
     interrupted: bool
     skipped: dict[str, str] = field(default_factory=dict)
+    terminated: bool = False  # by SIGTERM rather than Ctrl-C
 
 
 def optimizer_for(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -109,15 +110,20 @@ class EpochLoop:
                                           "inversely to their counts")
         start = self._resume(state) if plan.cfg.resume else 1
         interrupted = False
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        self.terminate = False
+        old_term = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             for epoch in range(start, plan.epochs + 1):
                 self._epoch(state, epoch)
                 if state.stop_training:
                     self.callbacks.on_note(state, f"early stop: {state.stop_reason}")
                     break
-        except KeyboardInterrupt:
-            interrupted = True
+        except KeyboardInterrupt as e:
+            if not state.history:  # nothing to save: the interrupt ends the command
+                self.callbacks.on_note(state, "interrupted before the first epoch finished: "
+                                              "nothing saved")
+                raise
+            interrupted = "terminated" if isinstance(e, Terminated) else True
             self.callbacks.on_note(state, "interrupted: saving the best model so far "
                                           "(resume with --resume)")
         finally:
@@ -126,7 +132,18 @@ class EpochLoop:
             raise ImgrecError("training stopped before the first epoch finished; nothing saved")
         self.tracker.restore(self.model)
         return LoopResult(state.history, self.tracker.best_epoch, state.stop_training,
-                          interrupted, state.skipped)
+                          bool(interrupted), state.skipped, interrupted == "terminated")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """A `kill` saves the work as Ctrl-C does, at the next batch boundary (never in the
+        middle of writing the checkpoint); a second one stops at once."""
+        if self.terminate:
+            raise Terminated
+        self.terminate = True
+
+    def _check_terminate(self) -> None:
+        if self.terminate:
+            raise Terminated
 
     def _epoch(self, state: RunState, epoch: int) -> None:
         t0 = time.time()
@@ -142,6 +159,7 @@ class EpochLoop:
         self.tracker.on_epoch_end(state, epoch, row)
         self.callbacks.on_epoch_end(state, epoch, row)
         self._checkpoint(state, epoch)
+        self._check_terminate()
 
     # -- one epoch -------------------------------------------------------------------------
     def _prep(self, x: torch.Tensor, train: bool) -> torch.Tensor:
@@ -163,8 +181,11 @@ class EpochLoop:
                 self._step(x, y, logs, epoch)
                 logs.update(x=x, y=y)
             elif self.sched.last_epoch < self.sched.total_steps - 1:
-                self.sched.step()  # a batch of unreadable files still moves the schedule
+                with warnings.catch_warnings():  # "scheduler before optimizer": on purpose
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.sched.step()  # a batch of unreadable files still moves the schedule
             self.callbacks.on_batch_end(state, step, logs)
+            self._check_terminate()
         seen = logs["seen"]
         if not seen:
             raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
@@ -247,9 +268,8 @@ class EpochLoop:
         return saved["epoch"] + 1
 
 
-def _raise_interrupt(signum, frame):
-    """A `kill` saves the work as Ctrl-C does."""
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: saved like Ctrl-C; the command line then exits 143 (128 + SIGTERM)."""
 
 
 def _read_checkpoint(path: Path, plan: RunPlan) -> dict:

@@ -18,6 +18,7 @@ from ..contract import Preprocess, scratch_contract
 from ..data.arrays import dataset_from_arrays, dataset_from_torch
 from ..data.datasets import Dataset, builtin_key, load_dataset
 from ..errors import ImgrecError
+from ..files import check_output_folder
 from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, validate
 from .recipes import BUILTIN_RECIPES, TRANSFER_DEFAULTS, recipe_for
@@ -89,6 +90,8 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     """Settle every choice of a run. `source`: data the caller holds instead of `cfg.data`
     (NumPy arrays `(x, y)` or a torch Dataset); `module`: a network the caller built."""
     validate(cfg)
+    if cfg.out:  # an unwritable --out fails now, not after the data has loaded
+        check_output_folder(cfg.out)
     augment_default = Augment.parse(cfg.augment)  # a bad --augment fails before data loads
     key = builtin_key(cfg.data) if source is None else None
     recipe = recipe_for(key or cfg.data.lower())

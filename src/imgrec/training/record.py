@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..bundle import Bundle
+from ..bundle import Bundle, atomic_write_text
 from ..figures import pyplot
 from ..history import plot_curves, write_history
 
@@ -112,8 +112,8 @@ class RecordWriter:
         save_bundle(bundle, model)
         write_history(p.out / "history.csv", history)
         plot_curves(p.out / "curves.png", history, title)
-        (p.out / "config.json").write_text(json.dumps(asdict(p.cfg), indent=2, default=str)
-                                           + "\n")
+        atomic_write_text(p.out / "config.json",
+                          json.dumps(asdict(p.cfg), indent=2, default=str) + "\n")
         return bundle
 
     @staticmethod

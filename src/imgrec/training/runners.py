@@ -14,6 +14,7 @@ import torch
 
 from ..bundle import Bundle
 from ..errors import skipped_report
+from ..files import output_folder
 from ..network import CUSTOM_ARCHITECTURE as CUSTOM
 from .callbacks import (
     CallbackList,
@@ -49,6 +50,7 @@ class TrainResult:
     seconds: float
     stopped_early: bool = False
     interrupted: bool = False
+    terminated: bool = False  # interrupted by SIGTERM (the CLI exits 143, Ctrl-C 130)
 
 
 def default_callbacks(plan: RunPlan) -> list[Any]:
@@ -72,8 +74,12 @@ class Runner:
         self.record = RecordWriter(plan)
 
     def run(self) -> TrainResult:
+        """Train in a locked output folder; a run that fails removes the folder it made."""
+        with output_folder(self.plan.out):
+            return self._run()
+
+    def _run(self) -> TrainResult:
         t0 = time.time()
-        self.plan.out.mkdir(parents=True, exist_ok=True)
         seed_everything(self.plan.cfg.seed)
         self.note(f"data    {self.plan.data.describe()}")
         logs: dict[str, Any] = {"history": self.state.history}
@@ -88,7 +94,7 @@ class Runner:
         if loop.skipped:  # a warning about the data, not progress: shown even with --quiet
             print(skipped_report(loop.skipped), file=sys.stderr, flush=True)
         return TrainResult(bundle, loop.history, loop.skipped, test, time.time() - t0,
-                           loop.stopped_early, loop.interrupted)
+                           loop.stopped_early, loop.interrupted, loop.terminated)
 
     def note(self, message: str) -> None:
         self.callbacks.on_note(self.state, message)

@@ -1,0 +1,116 @@
+"""Where imgrec writes: outputs checked before any work starts, a lock so two runs never
+write one folder, and a failed run leaving nothing it created behind. (Each file itself is
+written atomically by bundle.atomic_write_bytes / atomic_write_text.) Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ImgrecError
+
+LOCK_FILE = ".imgrec.lock"
+
+
+def _probe(folder: Path, option: str, path: Path) -> None:
+    """Create and delete a file in `folder`: the only test that holds everywhere (root
+    passes os.access on read-only mounts and /proc)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".imgrec-probe-"):
+            pass
+    except OSError as e:
+        raise ImgrecError(f"{option} {path}: cannot write there ({e.strerror or e})",
+                          "choose a folder you can write to") from None
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: str | Path, option: str = "--out") -> Path:
+    """A folder imgrec will create or fill: not a file, and writable."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ImgrecError(f"{option} {path} is a file, not a folder",
+                          f"give {option} a folder (new or existing)")
+    base = _nearest_existing(path)
+    if not base.is_dir():
+        raise ImgrecError(f"{option} {path}: {base} is a file, not a folder")
+    _probe(base, option, path)
+    return path
+
+
+def check_output_file(path: str | Path, option: str) -> Path:
+    """A file imgrec will write at the end of a command: checked before the work starts."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ImgrecError(f"{option} {path} is a folder", f"give {option} a file name")
+    base = _nearest_existing(path.parent)
+    if not base.is_dir():
+        raise ImgrecError(f"{option} {path}: {base} is a file, not a folder")
+    _probe(base, option, path)
+    return path
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (flock on LOCK_FILE: the kernel drops it when
+    the holder dies, so a killed run's lock never sticks). The file names the holder."""
+
+    def __init__(self, folder: Path, option: str = "--out"):
+        self.path, self.option, self.fd = Path(folder) / LOCK_FILE, option, None
+
+    def acquire(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; the run goes ahead
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ImgrecError(f"{self.option} {self.path.parent} is in use by another imgrec "
+                              f"run ({holder})",
+                              f"wait for it to finish, or choose another {self.option}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+
+@contextmanager
+def output_folder(path: str | Path, option: str = "--out") -> Iterator[Path]:
+    """Create (or reuse) a run's output folder and lock it while the run writes. When the
+    run fails and the folder was new, it is removed again: a failed run leaves nothing."""
+    path = check_output_folder(path, option)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ImgrecError(f"{option} {path}: cannot create the folder ({e.strerror or e})",
+                          "choose a folder you can write to") from None
+    lock = FolderLock(path, option).acquire()
+    try:
+        yield path
+    except BaseException:
+        lock.release()
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    lock.release()
