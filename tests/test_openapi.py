@@ -19,13 +19,19 @@ CHELSEA = ROOT / "src" / "imgrec" / "samples" / "chelsea.jpg"
 
 #: every documented operation: its success media type and the error statuses it can answer
 OPERATIONS = {
-    ("/v1/predict", "post"): ("application/json", {400, 413, 415, 422, 500}),
-    ("/v1/predict/batch", "post"): ("application/json", {400, 413, 422, 500}),
+    ("/v1/predict", "post"): ("application/json", {400, 408, 413, 415, 422, 500, 503}),
+    ("/v1/predict/batch", "post"): ("application/json", {400, 408, 413, 422, 500, 503}),
     ("/v1/model", "get"): ("application/json", {500}),
     ("/healthz", "get"): ("application/json", {500, 503}),
+    ("/readyz", "get"): ("application/json", {500, 503}),
     ("/metrics", "get"): ("text/plain", {500}),
     ("/", "get"): ("text/html", {500}),
 }
+#: the operations that need the key when the server has one (and then document 401)
+PROTECTED = {("/v1/predict", "post"), ("/v1/predict/batch", "post"), ("/v1/model", "get"),
+             ("/metrics", "get")}
+#: the headers documented (and always sent) with an error status
+ERROR_HEADERS = {401: "WWW-Authenticate", 503: "Retry-After"}
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +111,29 @@ def assert_documented(spec: dict, path: str, method: str, r) -> None:
 
 # -- the document -------------------------------------------------------------------------
 def test_every_route_documents_its_answer_and_its_errors(spec):
+    _check_operations(spec, keyed=False)
+
+
+def test_with_a_key_the_protected_routes_document_401_and_the_scheme(tiny):
+    with TestClient(create_app(ServeConfig(model=str(tiny), api_keys=["k1"]))) as c:
+        assert c.get("/openapi.json").status_code == 401
+        keyed = c.get("/openapi.json", headers={"Authorization": "Bearer k1"}).json()
+    _check_operations(keyed, keyed=True)
+    assert keyed["components"]["securitySchemes"]["ApiKey"] == {
+        "type": "http", "scheme": "bearer", "description": keyed["components"][
+            "securitySchemes"]["ApiKey"]["description"]}
+    for (path, method) in OPERATIONS:
+        security = keyed["paths"][path][method].get("security")
+        assert (security == [{"ApiKey": []}]) == ((path, method) in PROTECTED), (path, security)
+
+
+def _check_operations(spec: dict, keyed: bool) -> None:
     operations = {(p, m) for p, ops in spec["paths"].items() for m in ops}
     assert operations == set(OPERATIONS)
     schemas = spec["components"]["schemas"]
     for (path, method), (media_type, errors) in OPERATIONS.items():
+        if keyed and (path, method) in PROTECTED:
+            errors = errors | {401}
         responses = spec["paths"][path][method]["responses"]
         ok = responses["200"]["content"]
         assert list(ok) == [media_type], (path, ok)
@@ -122,6 +147,9 @@ def test_every_route_documents_its_answer_and_its_errors(spec):
             assert content["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/ErrorResponse"}, (path, status)
             assert responses[str(status)]["description"], (path, status)
+            header = ERROR_HEADERS.get(status)
+            assert list(responses[str(status)].get("headers", {})) == ([header] if header
+                                                                         else []), (path, status)
     assert "HTTPValidationError" not in schemas  # FastAPI's {"detail": ...} never answers here
 
 
@@ -159,6 +187,7 @@ def test_successes_match_their_schemas(client, spec):
     assert "predictions" in r.json()["results"][0] and "error" in r.json()["results"][1]
     assert_documented(spec, "/v1/model", "get", client.get("/v1/model"))
     assert_documented(spec, "/healthz", "get", client.get("/healthz"))
+    assert_documented(spec, "/readyz", "get", client.get("/readyz"))
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
     assert client.get("/").headers["content-type"].startswith("text/html")
 
@@ -201,4 +230,8 @@ def test_engine_failure_and_a_stopped_batcher_match_the_error_schema(tiny):
         app.state.service.batcher.close()
         r = c.get("/healthz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert r.headers["retry-after"] == "1"
         assert_documented(spec, "/healthz", "get", r)
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert_documented(spec, "/readyz", "get", r)

@@ -4,6 +4,10 @@ A network runs a batch of 8 images in far less than 8 times one image's time, an
 inference thread per process keeps ONNX Runtime's own threads from fighting each other.
 Requests wait at most `max_wait_ms` for company; a batch never exceeds `max_batch`.
 Inference runs in this module's thread, never on the event loop.
+
+Overload is refused, not queued forever: `Admission` bounds the images a server holds at once
+(decoding, queued here, or in the running batch), and an image whose deadline has passed
+before its batch starts is dropped with `Expired` instead of being served late.
 """
 
 from __future__ import annotations
@@ -19,10 +23,50 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class Expired(Exception):
+    """The image waited past its deadline; it was not run."""
+
+
+class Admission:
+    """At most `limit` images admitted at once. `enter(n)` admits n images or refuses them
+    (False); an oversized request is admitted only into an empty pipeline, so it is never
+    refused forever. `on_depth(depth)` is told every change (the queue-depth gauge)."""
+
+    def __init__(self, limit: int, on_depth: Callable[[int], None] | None = None):
+        if limit < 1:
+            raise ValueError("the admission limit must be at least 1")
+        self.limit = limit
+        self.depth = 0
+        self.on_depth = on_depth
+        self._lock = threading.Lock()
+
+    def enter(self, n: int = 1) -> bool:
+        with self._lock:
+            if self.depth and self.depth + n > self.limit:
+                return False
+            self.depth += n
+            depth = self.depth
+        if self.on_depth is not None:
+            self.on_depth(depth)
+        return True
+
+    def leave(self, n: int = 1) -> None:
+        with self._lock:
+            self.depth = max(0, self.depth - n)
+            depth = self.depth
+        if self.on_depth is not None:
+            self.on_depth(depth)
+
+    @property
+    def full(self) -> bool:
+        return self.depth >= self.limit
+
+
 @dataclass
 class _Item:
     pixels: np.ndarray
     future: Future
+    deadline: float | None = None  # time.monotonic() past which the image is not run
 
 
 class MicroBatcher:
@@ -48,17 +92,25 @@ class MicroBatcher:
         self._thread.start()
 
     # -- producers (any thread, or the event loop) --------------------------------------------
-    def submit(self, pixels: np.ndarray) -> Future:
-        """Queue one image; the Future gets its output row (or the engine's exception)."""
+    def submit(self, pixels: np.ndarray, deadline: float | None = None) -> Future:
+        """Queue one image; the Future gets its output row, the engine's exception, or
+        `Expired` when `deadline` (time.monotonic()) passes before its batch starts."""
         fut: Future = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the batcher is closed")
-            self._queue.put(_Item(pixels, fut))
+            self._queue.put(_Item(pixels, fut, deadline))
         return fut
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray:
-        return await asyncio.wrap_future(self.submit(pixels))
+    async def infer(self, pixels: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """The output row; cancelling the await (a request's timeout) takes the image out of
+        the queue if its batch has not started."""
+        return await asyncio.wrap_future(self.submit(pixels, deadline))
+
+    @property
+    def depth(self) -> int:
+        """Images queued for a batch (not counting the batch running)."""
+        return self._queue.qsize()
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish what is queued, then stop the thread (graceful shutdown)."""
@@ -91,6 +143,20 @@ class MicroBatcher:
             batch.append(item)
         return batch, stop
 
+    @staticmethod
+    def _runnable(batch: list[_Item]) -> list[_Item]:
+        """The items still wanted: not cancelled, and not past their deadline (those hear
+        `Expired`)."""
+        now, keep = time.monotonic(), []
+        for item in batch:
+            if not item.future.set_running_or_notify_cancel():
+                continue
+            if item.deadline is not None and now > item.deadline:
+                item.future.set_exception(Expired("the image waited past its deadline"))
+                continue
+            keep.append(item)
+        return keep
+
     def _loop(self) -> None:
         stop = False
         while not stop:
@@ -98,7 +164,7 @@ class MicroBatcher:
             if first is None:
                 break
             batch, stop = self._collect(first)
-            batch = [item for item in batch if item.future.set_running_or_notify_cancel()]
+            batch = self._runnable(batch)
             if not batch:
                 continue
             start = time.perf_counter()

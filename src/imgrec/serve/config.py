@@ -1,10 +1,11 @@
-"""What one server process is told: the model, the limits, the micro-batching window."""
+"""What one server process is told: the model, the limits, the micro-batching window, the
+overload and slow-client bounds, the API keys and the CORS origins."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..images import MAX_PIXELS
 
@@ -35,6 +36,27 @@ class ServeConfig:
     #: run the bundle in PyTorch when it has no model.onnx (set by `imgrec serve` after an
     #: export failed; a plain deployment never imports torch)
     torch_fallback: bool = False
+    #: images a worker holds at once (decoding, waiting for a batch, in the running batch);
+    #: past it a request is refused at once with 503 + Retry-After (default: see `queue_limit`)
+    max_queue: int | None = None
+    #: the longest an image may wait, once its upload is in, before it is answered 503
+    timeout_ms: float = 10_000.0
+    #: the longest a request body may take to arrive; past it 408
+    body_timeout_s: float = 30.0
+    #: request bodies held in memory at once, all requests of a worker together; past it 503
+    #: (default: 16 uploads of the largest size)
+    upload_buffer_mb: float | None = None
+    #: connections a worker keeps open at once (uvicorn's limit_concurrency; default from the
+    #: file-descriptor limit)
+    max_connections: int | None = None
+    #: Bearer keys: when any is set, the API, /metrics and /openapi.json need one
+    api_keys: list[str] = field(default_factory=list, repr=False)
+    #: origins allowed to call the API from a browser (CORS); none: CORS is off
+    cors_origins: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.api_keys = [k for k in self.api_keys if k]
+        self.cors_origins = list(self.cors_origins)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -44,6 +66,18 @@ class ServeConfig:
     def engine_threads(self) -> int:
         """ONNX Runtime threads per worker so that workers x threads <= cores."""
         return self.threads or max(1, available_cores() // max(1, self.workers))
+
+    @property
+    def queue_limit(self) -> int:
+        """--max-queue, else two batches per engine thread (at least two batches): enough
+        that a steady load never waits on it, small enough that a request admitted under
+        overload is answered within a few batches' time."""
+        return self.max_queue or self.max_batch * max(2, self.engine_threads)
+
+    @property
+    def upload_buffer_bytes(self) -> int:
+        mb = self.upload_buffer_mb or 16 * self.max_upload_mb
+        return int(mb * 1024 * 1024)
 
     def to_env(self) -> str:
         return json.dumps(asdict(self))

@@ -1,4 +1,5 @@
-"""Prometheus metrics for `GET /metrics`: requests, latency, batch sizes, errors.
+"""Prometheus metrics for `GET /metrics`: requests, latency, batch sizes, errors, and the
+overload figures (requests shed, images timed out, queue depth).
 
 Each app gets its own registry (several apps in one process, as in tests, never collide).
 With `--workers N`, `imgrec serve` sets PROMETHEUS_MULTIPROC_DIR and every worker's numbers
@@ -13,6 +14,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -40,6 +42,16 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.inference = Histogram("imgrec_inference_seconds", "time of one inference batch",
                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.shed = Counter("imgrec_shed", "requests refused at once with 503 because the "
+                            "server was full (reason: queue_full, upload_buffer_full)",
+                            ["reason"], registry=r)
+        self.timed_out = Counter("imgrec_timed_out", "requests answered 503 because their "
+                                 "image waited past --timeout-ms", registry=r)
+        self.queue_depth = Gauge("imgrec_queue_depth", "images held now: decoding, waiting "
+                                 "for a batch or in the running batch", registry=r,
+                                 multiprocess_mode="livesum")
+        for reason in ("queue_full", "upload_buffer_full"):  # listed (as 0) from the start
+            self.shed.labels(reason)
 
     def on_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -1,5 +1,6 @@
-"""The HTTP routes, as routers: /v1/predict and /v1/predict/batch (uploads), /v1/model,
-/healthz and /metrics (the model and the process), / (the web page).
+"""The HTTP routes, as routers: /v1/predict and /v1/predict/batch (uploads), /v1/model and
+/metrics (the model and the process), /healthz and /readyz (health, always open), / (the web
+page). `PROTECTED` are the routers that need the API key when the server has one.
 
 Every route takes the Service through a dependency, declares its answer as a pydantic model
 (or its media type) and lists the errors it can answer, so /openapi.json is the whole contract.
@@ -14,8 +15,17 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from .errors import error_response
-from .schemas import BatchResponse, Health, ModelInfo, PredictResponse, error_responses
+from .errors import RETRY_AFTER, error_response
+from .schemas import (
+    NOT_READY,
+    UNAVAILABLE,
+    BatchResponse,
+    Health,
+    ModelInfo,
+    PredictResponse,
+    Readiness,
+    error_responses,
+)
 from .service import ServiceDep
 from .uploads import (
     FORM_BODY,
@@ -43,7 +53,7 @@ TopK = Annotated[int, Depends(_top_k)]
 
 # -- predictions ------------------------------------------------------------------------------
 predict = APIRouter(prefix="/v1/predict", tags=["predict"], route_class=UploadRoute,
-                    responses=error_responses(500))
+                    responses=error_responses(408, 500, 503))
 
 
 @predict.post("", openapi_extra=FORM_OR_RAW_BODY,
@@ -79,15 +89,6 @@ async def model_info(service: ServiceDep) -> ModelInfo:
     return service.describe()
 
 
-@info.get("/healthz", tags=["ops"], response_model=Health,
-          responses=error_responses(500, 503))
-async def healthz(service: ServiceDep) -> Health | JSONResponse:
-    """Liveness: ok while the inference thread runs."""
-    if not service.batcher.alive:
-        return error_response(503, "unavailable", "the inference thread has stopped")
-    return Health(status="ok", model=service.name)
-
-
 @info.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
           responses={200: {"description": "Prometheus text exposition format"},
                      **error_responses(500, non_json=True)})
@@ -95,6 +96,32 @@ async def prometheus_metrics(request: Request) -> Response:
     """Prometheus text: requests, latency histogram, batch sizes, errors."""
     metrics = request.app.state.metrics
     return Response(metrics.render(), media_type=metrics.content_type)
+
+
+# -- health: open even when the server has an API key ----------------------------------------
+health = APIRouter(tags=["ops"])
+
+
+@health.get("/healthz", response_model=Health,
+            responses=error_responses(500, 503, notes={503: UNAVAILABLE}))
+async def healthz(service: ServiceDep) -> Health | JSONResponse:
+    """Liveness: ok while the inference thread runs, however loaded the server is."""
+    if not service.batcher.alive:
+        return error_response(503, "unavailable", "the inference thread has stopped",
+                              {"Retry-After": RETRY_AFTER})
+    return Health(status="ok", model=service.name)
+
+
+@health.get("/readyz", response_model=Readiness,
+            responses=error_responses(500, 503, notes={503: NOT_READY}))
+async def readyz(service: ServiceDep) -> Readiness | JSONResponse:
+    """Readiness: the model is loaded, the inference thread runs and the server is not
+    refusing requests (a load balancer sends traffic elsewhere while this answers 503)."""
+    why = service.not_ready()
+    if why is not None:
+        return error_response(503, "not_ready", why, {"Retry-After": RETRY_AFTER})
+    return Readiness(status="ready", model=service.name, queue_depth=service.admission.depth,
+                     max_queue=service.admission.limit)
 
 
 # -- the web page -----------------------------------------------------------------------------
@@ -108,4 +135,6 @@ async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-ROUTERS = (predict, info, page)
+ROUTERS = (predict, info, health, page)
+#: the routers that need the API key when the server has one
+PROTECTED = (predict, info)

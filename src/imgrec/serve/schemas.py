@@ -35,6 +35,11 @@ ERROR_WHEN: dict[int, str] = {
     400: "`bad_input`: empty body or file, no `file`/`files` field, text where a file belongs, "
          "too many files or fields, malformed multipart; `bad_request`: a malformed "
          "Content-Length",
+    401: "`unauthorized`: the server has an API key and the request carries no "
+         "`Authorization: Bearer KEY` header with one of its keys (answered with "
+         "`WWW-Authenticate: Bearer`)",
+    408: "`request_timeout`: the request body did not arrive within the server's body timeout "
+         "(a slow or stalled client); the connection is closed",
     413: "`upload_too_large`: the body is over the upload limit (refused from Content-Length "
          "before it is read, or as soon as a chunked body passes it); `image_too_large`: more "
          "pixels than the limit (decompression bombs are refused from the header)",
@@ -43,8 +48,14 @@ ERROR_WHEN: dict[int, str] = {
     422: "`unreadable_image`: a corrupt or truncated image; `invalid_request`: a bad query "
          "parameter (`top_k=0`)",
     500: "`internal_error`: a bug in the server (still answered as JSON)",
-    503: "`unavailable`: the inference thread has stopped",
+    503: "`overloaded`: the server holds as many images (or upload bytes) as it may, refused "
+         "at once; `timed_out`: the image waited past the server's timeout without being run; "
+         "`unavailable`: the inference thread has stopped. Each comes with `Retry-After`",
 }
+#: the 503 of the health routes, which are never overloaded
+UNAVAILABLE = "`unavailable`: the inference thread has stopped"
+NOT_READY = ("`not_ready`: the inference thread has stopped, the queue is full or the server "
+             "refused a request in the last second (with `Retry-After`)")
 
 
 def error_responses(*statuses: int, notes: dict[int, str] | None = None,
@@ -54,12 +65,24 @@ def error_responses(*statuses: int, notes: dict[int, str] | None = None,
     route (a page, plain text) FastAPI would file the error model under the route's own media
     type; errors are JSON whatever the route serves, so there they are declared explicitly."""
     notes = notes or {}
-    if not non_json:
-        return {s: {"model": ErrorResponse, "description": notes.get(s, ERROR_WHEN[s])}
-                for s in statuses}
     ref = {"$ref": f"#/components/schemas/{ErrorResponse.__name__}"}  # the JSON routes' model
-    return {s: {"description": notes.get(s, ERROR_WHEN[s]),
-                "content": {"application/json": {"schema": ref}}} for s in statuses}
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        out[s] = {"model": ErrorResponse} if not non_json else {
+            "content": {"application/json": {"schema": ref}}}
+        out[s]["description"] = notes.get(s, ERROR_WHEN[s])
+        if s in ERROR_HEADERS:
+            out[s]["headers"] = ERROR_HEADERS[s]
+    return out
+
+
+#: the headers that come with an error status, every time
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`: the scheme the server wants",
+                               "required": True, "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait before trying again",
+                          "required": True, "schema": {"type": "integer", "minimum": 0}}},
+}
 
 
 # -- predictions ------------------------------------------------------------------------------
@@ -119,8 +142,19 @@ class ModelInfo(_Body):
     max_upload_bytes: int
     max_pixels: int
     max_files: int = Field(description="images per /v1/predict/batch request")
+    max_queue: int = Field(description="images the server holds at once (decoding, waiting, "
+                                       "inferring); past it requests are answered 503")
+    timeout_ms: float = Field(description="the longest an image waits once uploaded; past it "
+                                          "the request is answered 503")
 
 
 class Health(_Body):
     status: Literal["ok"]
     model: str
+
+
+class Readiness(_Body):
+    status: Literal["ready"]
+    model: str
+    queue_depth: int = Field(description="images held now")
+    max_queue: int = Field(description="images the server holds at most")

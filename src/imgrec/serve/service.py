@@ -7,6 +7,9 @@ the routes by the `get_service` dependency, never through a closure.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import anyio
@@ -17,10 +20,14 @@ from ..contract import load_input
 from ..errors import BundleError, ImgrecError, InputError
 from ..predict import OnnxEngine, Predictor, make_engine
 from ..zoo import open_bundle
-from .batching import MicroBatcher
+from .batching import Admission, Expired, MicroBatcher
 from .config import ServeConfig, available_cores
+from .errors import Overloaded, TimedOut, public
 from .metrics import Metrics
 from .schemas import BatchFailure, BatchPrediction, ImageError, ModelInfo, Prediction
+
+#: after a request is shed, /readyz answers 503 for this long (a balancer sends traffic elsewhere)
+SHED_NOT_READY_S = 1.0
 
 log = logging.getLogger("imgrec.serve")
 
@@ -39,6 +46,8 @@ class Service:
         self.predictor = Predictor(bundle, engine=self._engine())
         self.batcher = MicroBatcher(self.predictor.probabilities, config.max_batch,
                                     config.max_wait_ms, metrics.on_batch)
+        self.admission = Admission(config.queue_limit, metrics.queue_depth.set)
+        self.last_shed = float("-inf")
         # Decoding a big photo holds tens of MB: bound how many decode at once.
         self.decode_limiter = anyio.CapacityLimiter(max(2, available_cores()
                                                         // max(1, config.workers)))
@@ -74,22 +83,61 @@ class Service:
             onnx_file=self.onnx_file.name if self.on_onnx else None,
             engine_threads=config.engine_threads, max_batch=config.max_batch,
             max_wait_ms=config.max_wait_ms, max_upload_bytes=config.max_upload_bytes,
-            max_pixels=config.max_pixels, max_files=config.max_files)
+            max_pixels=config.max_pixels, max_files=config.max_files,
+            max_queue=self.admission.limit, timeout_ms=config.timeout_ms)
+
+    def not_ready(self) -> str | None:
+        """Why the server should get no traffic now (None: it is ready)."""
+        if not self.batcher.alive:
+            return "the inference thread has stopped"
+        if self.admission.full:
+            return f"the queue is full ({self.admission.depth} images)"
+        if time.monotonic() - self.last_shed < SHED_NOT_READY_S:
+            return "the server refused requests in the last second (overloaded)"
+        return None
+
+    def note_shed(self, reason: str) -> None:
+        """A request was refused because the server is full (/readyz, /metrics)."""
+        self.last_shed = time.monotonic()
+        self.metrics.shed.labels(reason).inc()
+
+    @contextmanager
+    def admitted(self, images: int) -> Iterator[float]:
+        """Hold `images` places in the queue while the block runs, and yield the deadline
+        (time.monotonic()) by which their batch must start; refuse at once when full."""
+        if not self.admission.enter(images):
+            self.note_shed("queue_full")
+            raise Overloaded(f"the server is busy ({self.admission.depth} images queued, the "
+                             f"limit is {self.admission.limit}); retry in a moment")
+        timeout = self.config.timeout_ms / 1000
+        try:
+            with anyio.fail_after(timeout):
+                yield time.monotonic() + timeout
+        except (TimeoutError, Expired):
+            self.metrics.timed_out.inc()
+            raise TimedOut(self.config.timeout_ms) from None
+        finally:
+            self.admission.leave(images)
 
     def top_k(self, requested: int | None) -> int:
         """The request's top_k, else the server's default; never more than there are labels."""
         return min(requested or self.config.default_top_k, len(self.bundle.classes))
 
     async def classify(self, data: bytes, top_k: int) -> list[Prediction]:
-        """Bytes -> top-k predictions; raises ImgrecError (4xx) for bad images. Decoding runs
-        in a bounded worker pool, inference in the micro-batcher: never on the event loop."""
+        """Bytes -> top-k predictions; raises ImgrecError (4xx) for bad images, Overloaded
+        (503) when the queue is full or the image waited past --timeout-ms."""
         if not data:
-            raise InputError("the request carries no image (empty body or file)",
-                             "send the image as multipart field `file` or as the raw body")
+            raise _no_image()
+        with self.admitted(1) as deadline:
+            return await self._classify(data, top_k, deadline)
+
+    async def _classify(self, data: bytes, top_k: int, deadline: float) -> list[Prediction]:
+        """Decoding runs in a bounded worker pool, inference in the micro-batcher: never on
+        the event loop."""
         pixels = await anyio.to_thread.run_sync(
             load_input, data, self.predictor.contract, None, self.config.max_pixels,
             limiter=self.decode_limiter)
-        probs = await self.batcher.infer(pixels)
+        probs = await self.batcher.infer(pixels, deadline)
         return [Prediction(**p.to_dict()) for p in self.predictor.top_k(probs[None], top_k)[0]]
 
     async def classify_each(self, uploads: list[tuple[str, bytes]],
@@ -97,24 +145,38 @@ class Service:
         """Every upload classified concurrently; a bad image gets its own error, in its place,
         and does not fail the others."""
         results: list[BatchPrediction | BatchFailure | None] = [None] * len(uploads)
+        expired: list[Expired] = []
 
-        async def one(i: int, name: str, data: bytes) -> None:
+        async def one(i: int, name: str, data: bytes, deadline: float) -> None:
             try:
-                results[i] = BatchPrediction(filename=name,
-                                             predictions=await self.classify(data, top_k))
+                if not data:
+                    raise _no_image()
+                results[i] = BatchPrediction(filename=name, predictions=await self._classify(
+                    data, top_k, deadline))
             except ImgrecError as e:
                 self.metrics.errors.labels(e.code).inc()
                 results[i] = BatchFailure(filename=name, error=ImageError(
-                    code=e.code, message=str(e), status=e.http_status))
+                    code=e.code, message=public(str(e)), status=e.http_status))
+            except Expired as e:  # raised outside the task group, as one 503
+                expired.append(e)
 
-        async with anyio.create_task_group() as tg:
-            for i, (name, data) in enumerate(uploads):
-                tg.start_soon(one, i, name, data)
+        # the request is admitted, refused or timed out as a whole
+        with self.admitted(len(uploads)) as deadline:
+            async with anyio.create_task_group() as tg:
+                for i, (name, data) in enumerate(uploads):
+                    tg.start_soon(one, i, name, data, deadline)
+            if expired:
+                raise expired[0]
         return [r for r in results if r is not None]
 
     async def aclose(self) -> None:
         """Drain the batcher (uvicorn has finished the in-flight requests) and stop it."""
         await anyio.to_thread.run_sync(self.batcher.close)
+
+
+def _no_image() -> InputError:
+    return InputError("the request carries no image (empty body or file)",
+                      "send the image as multipart field `file` or as the raw body")
 
 
 def get_service(request: Request) -> Service:
