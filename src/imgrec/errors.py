@@ -67,6 +67,14 @@ class ImageTooLarge(UnreadableImage):
     code = "image_too_large"
 
 
+class ExtremeAspectRatio(UnreadableImage):
+    """An image far longer than it is wide (or the reverse): over images.MAX_ASPECT_RATIO,
+    refused from its header (a 200000 x 1 PNG is a hundred bytes)."""
+
+    http_status = 422
+    code = "extreme_aspect_ratio"
+
+
 def skipped_report(skipped: dict[str, str]) -> str:
     """The end-of-run list of files that could not be read (training and evaluation never
     stop for one bad file; they say which ones they passed over, and why)."""
