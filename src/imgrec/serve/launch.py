@@ -1,0 +1,123 @@
+"""Starting the server process: the checks before uvicorn starts (the port is free, a public
+address has a key), the connection limit (from the file-descriptor limit, so /healthz keeps
+answering), and a SIGTERM stop that exits 0. `imgrec serve` calls these; nothing here imports
+torch."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import tempfile
+
+from ..errors import InputError
+from .config import CONFIG_ENV, ServeConfig
+
+#: file descriptors kept back from the connection limit (model files, pipes, the listener)
+FD_MARGIN = 128
+#: the soft file-descriptor limit asked for (a connection is a descriptor)
+FD_WANTED = 65536
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def exposure_warning(host: str, port: int, config: ServeConfig) -> str | None:
+    """The one warning line for a server reachable from other machines without a key."""
+    if config.api_keys or is_loopback(host):
+        return None
+    return (f"imgrec: warning: listening on {host}:{port} without an API key: anyone who can "
+            "reach this port can use the model (set --api-key, $IMGREC_API_KEY or "
+            "--api-key-file)")
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail in one line, before uvicorn starts, when the address cannot be listened on."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise InputError(f"cannot listen on {host!r}: no such host",
+                         "give an address of this machine with --host (127.0.0.1, 0.0.0.0)") \
+            from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise _bind_error(e, host, port) from None
+
+
+def _bind_error(e: OSError, host: str, port: int) -> InputError:
+    if e.errno == errno.EADDRINUSE:
+        return InputError(f"port {port} is in use (something already listens on "
+                          f"{host}:{port})", "stop it, or choose another port with --port")
+    if e.errno == errno.EACCES:
+        return InputError(f"port {port} needs privileges this user lacks",
+                          "choose a port above 1023 with --port")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return InputError(f"cannot listen on {host}: it is no address of this machine",
+                          "use --host 127.0.0.1 or --host 0.0.0.0")
+    return InputError(f"cannot listen on {host}:{port} ({e.strerror or e})")
+
+
+def raise_fd_limit(wanted: int = FD_WANTED) -> int:
+    """Raise this process's soft limit on open files towards `wanted` (never above the hard
+    limit); the limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(config: ServeConfig, fd_limit: int) -> int:
+    """uvicorn's limit_concurrency per worker: --max-connections, else what the descriptors
+    allow. Past it uvicorn answers its own plain-text 503; below it every connection, /healthz
+    included, is served, so the limit sits under the descriptor limit (where accept() itself
+    would fail and the server stop answering)."""
+    return config.max_connections or max(64, fd_limit - FD_MARGIN)
+
+
+def run_server(config: ServeConfig, host: str, port: int, log_level: str = "info") -> None:
+    """uvicorn on the app factory, the config passed in the environment (workers share a
+    Prometheus folder). SIGTERM stops it gracefully (no new connections, the requests in
+    flight answered, the micro-batcher drained) and the process then exits 0 instead of dying
+    of the signal uvicorn re-raises."""
+    import uvicorn
+
+    os.environ[CONFIG_ENV] = config.to_env()
+    shared = None
+    if config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shared = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+            prefix="imgrec-metrics-")
+    limit = connection_limit(config, raise_fd_limit())
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn re-raises it to us
+    try:
+        uvicorn.run("imgrec.serve.app:create_app_from_env", factory=True, host=host, port=port,
+                    workers=config.workers, log_level=log_level, timeout_graceful_shutdown=30,
+                    limit_concurrency=limit, timeout_keep_alive=5, server_header=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if shared:
+            shutil.rmtree(shared, ignore_errors=True)
