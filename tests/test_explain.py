@@ -25,7 +25,7 @@ def assert_labelled(monkeypatch) -> list:
                 continue
             assert ax.get_xlabel() and ax.get_ylabel(), f"unlabelled axis in {args[0]}"
             assert ax.get_title() or fig._suptitle is not None, f"untitled axis in {args[0]}"
-        seen.append(args[0])
+        seen.append(Path(getattr(args[0], "name", args[0])))  # save_figure: bytes, then rename
         return original(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", checked)

@@ -3,6 +3,8 @@ and its augmentation, every figure is labelled and every command's help has an e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,7 +25,7 @@ def _labelled(monkeypatch) -> list:
                 assert ax.get_xlabel() and ax.get_ylabel(), f"unlabelled axis in {args[0]}"
                 assert ax.get_title() or fig._suptitle is not None
         assert fig._suptitle is not None or all(a.get_title() for a in fig.axes if a.axison)
-        seen.append(args[0])
+        seen.append(Path(getattr(args[0], "name", args[0])))  # save_figure: bytes, then rename
         return original(fig, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", checked)

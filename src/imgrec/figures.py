@@ -27,6 +27,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) 
         fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
+    buf.name = str(path)  # where these bytes go (matplotlib and readers of figures see it)
     fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())  # a crash never leaves half a PNG
