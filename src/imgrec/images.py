@@ -448,15 +448,18 @@ def _reduce_factor(size: tuple[int, int], need: tuple[int, int] | None) -> int:
 
 
 def _check_memory(img: Image.Image, claim: Claim, factor: int, name: str) -> None:
+    """The decoder's memory, from the header: the image at the scale it is decoded at (in
+    Pillow's bytes per pixel), the decoder's own buffers, and the reduced conversion."""
     w, h = img.size
     decoded = w * h * _PIXEL_BYTES.get(img.mode, 4)
     converted = math.ceil(w / factor) * math.ceil(h / factor) * 4
     need = decoded + claim.extra_bytes + converted
     if need > MAX_DECODE_BYTES:
+        size = f"{claim.width or w}x{claim.height or h}"
         raise ImageTooLarge(
-            f"{name}: decoding this {img.format} of {w}x{h} pixels ({img.mode}) takes "
-            f"{need / 2**20:,.0f} MB, over the limit of {MAX_DECODE_BYTES / 2**20:,.0f} MB",
-            "resize the image or save it as a JPEG",
+            f"{name}: decoding this {size} {img.format} takes {need / 2**20:,.0f} MB of "
+            f"memory, over the limit of {MAX_DECODE_BYTES / 2**20:,.0f} MB",
+            "resize the image",
         )
 
 
@@ -579,6 +582,8 @@ def _convert(img: Image.Image, channels: int,
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))
         img = background
+    if img.mode not in ("L", "RGB"):  # CMYK, LAB, HSV, YCbCr, 1: Pillow converts all to RGB
+        img = img.convert("L" if img.mode == "1" else "RGB")
     if channels == 1:
         return img if img.mode == "L" else img.convert("L")
     return img if img.mode == "RGB" else img.convert("RGB")
