@@ -38,6 +38,7 @@ from .middleware import ApiKeyAuth, RequestMetrics, UploadLimit
 from .routes import PROTECTED, ROUTERS, STATIC
 from .schemas import error_responses
 from .service import Service
+from .uploads import describe_forms
 
 # the names this module has always offered stay importable from here
 __all__ = ["CONFIG_ENV", "STATIC", "RequestMetrics", "ServeConfig", "Service", "UploadLimit",
@@ -80,10 +81,23 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                                responses=error_responses(401, non_json=True))
         else:
             app.include_router(router)
+    _describe_forms(app, config)
     _mount_docs(app)  # before /static, which would otherwise shadow /static/swagger
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_middleware(app, config, service)
     return app
+
+
+def _describe_forms(app: FastAPI, config: ServeConfig) -> None:
+    """/openapi.json as FastAPI builds it, then told which form fields a request needs."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            describe_forms(build(), config.max_files)  # build() caches it in openapi_schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _add_middleware(app: FastAPI, config: ServeConfig, service: Service) -> None:

@@ -42,6 +42,32 @@ FORM_OR_RAW_BODY: dict[str, Any] = {"requestBody": {"required": True, "content":
                               "bytes decide the format)"}}}}}
 
 
+def describe_forms(schema: dict[str, Any], max_files: int) -> None:
+    """Make /openapi.json say what a form needs. FastAPI declares the file fields optional
+    (so that a missing one reaches the route and gets the API's 400); a request still needs
+    `file` in a /v1/predict form, and one or more `files` (or `file`) fields, at most
+    `max_files`, in a batch."""
+    def form(path: str) -> dict[str, Any] | None:
+        content = schema["paths"].get(path, {}).get("post", {}).get("requestBody", {}).get(
+            "content", {})
+        ref = content.get("multipart/form-data", {}).get("schema", {}).get("$ref", "")
+        return schema["components"]["schemas"].get(ref.rsplit("/", 1)[-1])
+
+    def present(prop: dict[str, Any], **limits: int) -> None:
+        """The field's non-null variant (no null: a field sent is never null)."""
+        kept = [x for x in prop.pop("anyOf", []) if x.get("type") != "null"]
+        prop.update(kept[0] if kept else {}, **limits)
+
+    one, batch = form("/v1/predict"), form("/v1/predict/batch")
+    if one and "file" in one["properties"]:
+        present(one["properties"]["file"])
+        one["required"] = ["file"]
+    if batch and {"files", "file"} <= set(batch["properties"]):
+        for name in ("files", "file"):
+            present(batch["properties"][name], minItems=1, maxItems=max_files)
+        batch["anyOf"] = [{"required": ["files"]}, {"required": ["file"]}]
+
+
 def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").lower().startswith("multipart/form-data")
 
