@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
+import stat
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from imgrec.bundle import FORMAT_VERSION, Bundle, read_bundle
+from imgrec.bundle import (
+    FORMAT_VERSION,
+    Bundle,
+    atomic_write_bytes,
+    onnx_output_size,
+    read_bundle,
+    serving_onnx_path,
+)
 from imgrec.contract import Preprocess
 from imgrec.errors import BundleError
 from imgrec.models.registry import build_model
@@ -109,8 +120,9 @@ def test_not_a_folder_and_nonexistent(tmp_path):
         read_bundle(f)
 
 
-def test_corrupt_weights(saved):
+def test_corrupt_weights_of_a_bundle_without_checksums(saved):
     bundle, _ = saved
+    _edit_meta(bundle, lambda m: m.pop("files"))
     (bundle.path / "model.safetensors").write_bytes(b"garbage" * 10)
     with pytest.raises(BundleError, match="unreadable weights"):
         load_model(read_bundle(bundle.path))
@@ -148,3 +160,203 @@ def test_save_removes_stale_onnx(saved):
     (bundle.path / "model.onnx").write_bytes(b"old")
     save_bundle(bundle, model)
     assert not (bundle.path / "model.onnx").exists()
+
+
+# -- checked, not trusted (issue 11) ----------------------------------------------------------
+def _edit_meta(bundle, change) -> dict:
+    meta = json.loads((bundle.path / "imgrec.json").read_text())
+    change(meta)
+    (bundle.path / "imgrec.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_weights_checksum_is_recorded(saved):
+    bundle, _ = saved
+    data = (bundle.path / "model.safetensors").read_bytes()
+    meta = json.loads((bundle.path / "imgrec.json").read_text())
+    assert meta["files"] == {"model.safetensors": {
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}
+
+
+def test_truncated_weights_are_refused_on_reading(saved):
+    bundle, _ = saved
+    weights = bundle.path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(BundleError) as e:
+        read_bundle(bundle.path)
+    assert str(weights) in str(e.value) and "truncated" in str(e.value)
+
+
+def test_altered_weights_are_refused_on_reading(saved):
+    """Same size, one byte changed in a tensor: loads (and predicts garbage) without the
+    checksum; with it, one line naming the file."""
+    bundle, _ = saved
+    weights = bundle.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="SHA-256") as e:
+        read_bundle(bundle.path)
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(BundleError):
+        Predictor.load(bundle.path, engine="torch")
+
+
+def test_bundle_without_checksums_still_loads(saved):
+    bundle, model = saved
+    _edit_meta(bundle, lambda m: m.pop("files"))
+    loaded = load_model(read_bundle(bundle.path))
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x))
+
+
+def test_class_list_shorter_than_the_outputs(saved):
+    """Three outputs, two classes: once an IndexError at predict, now refused on reading
+    (num_classes recorded) or on loading (the network's output, a custom builder)."""
+    bundle, _ = saved
+    _edit_meta(bundle, lambda m: m.update(classes=["a", "b"]))
+    with pytest.raises(BundleError, match="3 outputs .* 2 classes") as e:
+        read_bundle(bundle.path)
+    assert "imgrec.json" in str(e.value)
+
+
+def test_network_output_checked_at_load(saved, monkeypatch):
+    bundle, _ = saved
+    _edit_meta(bundle, lambda m: (m.update(classes=["a", "b", "c", "d"]),
+                                  m["architecture"]["args"].pop("num_classes")))
+    import imgrec.models as models
+
+    real = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda name, **a: real(name, num_classes=3, **a))
+    again = read_bundle(bundle.path)
+    with pytest.raises(BundleError, match="gives 3 outputs but the bundle lists 4 classes") as e:
+        load_model(again)
+    assert "model.safetensors" in str(e.value)
+    with pytest.raises(BundleError):
+        Predictor(again, engine="torch", device="cpu")
+
+
+def test_paths_outside_the_bundle_are_refused(saved):
+    bundle, _ = saved
+    for change, where in [
+        (lambda m: m.update(export={"serve": "../../elsewhere/model.onnx"}), "export.serve"),
+        (lambda m: m.update(export={"serve": "/etc/passwd"}), "export.serve"),
+        (lambda m: m["files"].update({"../model.safetensors": {"bytes": 1}}), "files"),
+        (lambda m: m.update(export={"int8": "sub/model.int8.onnx"}), "export.int8"),
+    ]:
+        original = (bundle.path / "imgrec.json").read_text()
+        _edit_meta(bundle, change)
+        with pytest.raises(BundleError, match="a path outside the bundle") as e:
+            read_bundle(bundle.path)
+        assert where in str(e.value) and "imgrec.json" in str(e.value)
+        (bundle.path / "imgrec.json").write_text(original)
+    read_bundle(bundle.path)
+
+
+@pytest.fixture
+def exported(tmp_path):
+    from bundles import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path / "tiny")
+
+
+def test_onnx_checksum_and_output_size(exported):
+    path = exported
+    bundle = read_bundle(path, need_weights=False)
+    onnx = path / "model.onnx"
+    assert onnx_output_size(onnx) == 3
+    assert bundle.extra["files"]["model.onnx"]["sha256"] == hashlib.sha256(
+        onnx.read_bytes()).hexdigest()
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="SHA-256") as e:
+        read_bundle(path, need_weights=False)
+    assert str(onnx) in str(e.value)
+
+
+def test_onnx_output_size_must_match_the_classes(exported, tmp_path):
+    """The ONNX path (serve's): a class list edited by hand, the weights' num_classes gone
+    with it, is refused before a session is created; once, serve answered IndexError."""
+    path = exported
+    meta = json.loads((path / "imgrec.json").read_text())
+    meta["classes"] = meta["classes"][:2]
+    meta["architecture"]["args"].pop("num_classes")
+    (path / "imgrec.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="3 outputs but the bundle lists 2 classes") as e:
+        read_bundle(path, need_weights=False)
+    assert "model.onnx" in str(e.value)
+    with pytest.raises(BundleError):
+        Predictor.load(path)
+    (path / "model.safetensors").unlink()
+    (path / "model.onnx").write_bytes(b"not a protobuf")
+    meta.pop("files")
+    (path / "imgrec.json").write_text(json.dumps(meta))
+    assert serving_onnx_path(read_bundle(path, need_weights=False)).name == "model.onnx"
+
+
+def test_cli_says_one_line_and_exits_2(exported, tmp_path, capsys):
+    from PIL import Image
+
+    from imgrec.cli import main
+
+    path = exported
+    onnx = path / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10])
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(img)
+    code = main(["predict", str(img), "--model", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("imgrec: error: ") and "model.onnx" in err[0]
+
+
+def test_atomic_write_flushes_fsyncs_and_renames(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    target = tmp_path / "sub" / "model.safetensors"
+    atomic_write_bytes(target, b"one")
+    assert target.read_bytes() == b"one"
+    assert synced[0] is False  # the file's data, then
+    if sys.platform != "win32":
+        assert synced[-1] is True  # the folder holding the rename
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    target.chmod(0o640)
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sys.platform == "win32" or stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert [p.name for p in target.parent.iterdir()] == ["model.safetensors"]
+
+
+def test_atomic_write_keeps_the_old_file_when_it_fails(tmp_path, monkeypatch):
+    target = tmp_path / "imgrec.json"
+    atomic_write_bytes(target, b"old")
+
+    def crash(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["imgrec.json"]
+
+
+def test_save_bundle_writes_atomically(saved, monkeypatch):
+    import imgrec.network as network
+
+    bundle, model = saved
+    written = []
+    real = network.atomic_write_bytes
+    monkeypatch.setattr(network, "atomic_write_bytes",
+                        lambda path, data: (written.append(path.name), real(path, data)))
+    save_bundle(bundle, model)
+    assert written == ["model.safetensors"]
+    read_bundle(bundle.path)

@@ -1,18 +1,28 @@
 """The model bundle: a directory that everything downstream of training reads.
 
     model.safetensors   weights (never pickle: loading a bundle runs no code)
-    imgrec.json         format version, architecture, classes, preprocessing contract, summary
+    imgrec.json         format version, architecture, classes, preprocessing contract, summary,
+                        and the size and SHA-256 of each model file ("files")
     model.onnx          optional, written by `imgrec export`; serving prefers it
     history.csv, curves.png, events.*   the training record
 
+Checked, not trusted: reading a bundle verifies each recorded model file that is there
+(size, then SHA-256), that every file imgrec.json names lies inside the bundle, and that the
+class list matches the network's output (the architecture's num_classes, each ONNX file's
+output shape; `imgrec.network.load_model` checks the PyTorch network's). Any mismatch is one
+BundleError line naming the file. Bundles written before checksums were recorded load as
+before, their files unverified.
+
 Torch-free (the serve path uses it): writing and loading the network's weights is
-`imgrec.network`'s job.
+`imgrec.network`'s job. Every file is written atomically (atomic_write_bytes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +37,11 @@ FORMAT_VERSION = 1
 META_FILE = "imgrec.json"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+#: imgrec.json key: {file name: {"bytes": size, "sha256": hex digest}} of the model files
+FILES_KEY = "files"
+#: imgrec.json key recording what `imgrec export` wrote and which file serving runs.
+EXPORT_KEY = "export"
 
 
 @dataclass
@@ -68,8 +83,25 @@ class Bundle:
             **{k: v for k, v in self.extra.items() if k != "created"},
         }
 
+    def model_files(self) -> list[str]:
+        """The names of the files holding the network: weights, ONNX exports (those that
+        imgrec.json's export record names, too)."""
+        names = [WEIGHTS_FILE, ONNX_FILE, ONNX_INT8_FILE]
+        export = self.extra.get(EXPORT_KEY)
+        if isinstance(export, dict):
+            names += [v for k, v in export.items()
+                      if k in _EXPORT_FILE_KEYS and isinstance(v, str) and _plain(v)]
+        return list(dict.fromkeys(names))
+
     def write_meta(self) -> None:
-        """Write imgrec.json atomically (a crash never leaves half a file)."""
+        """Write imgrec.json atomically (a crash never leaves half a file), recording the size
+        and SHA-256 of each model file there."""
+        files = {}
+        for name in self.model_files():
+            if (self.path / name).is_file():
+                size, digest = file_digest(self.path / name)
+                files[name] = {"bytes": size, "sha256": digest}
+        self.extra[FILES_KEY] = files
         atomic_write_text(self.path / META_FILE, json.dumps(self.to_json(), indent=2) + "\n")
 
 
@@ -78,15 +110,53 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash or a power cut leaves the old file or the new
+    one, never a part: a temporary file beside it, flushed and fsynced, renamed over it, and
+    the folder fsynced (where the system supports it) so the rename itself is durable."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0o644  # mkstemp's 0600 would hide the file from a server run as another user
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a folder
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse
+        pass
+    finally:
+        os.close(fd)
+
+
+_DIGESTS: dict[tuple, tuple[int, str]] = {}
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file, remembered while its size, mtime and inode stay."""
+    st = path.stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[key] = (st.st_size, hashlib.file_digest(f, "sha256").hexdigest())
+    return _DIGESTS[key]
 
 
 def read_bundle(path: str | Path, need_weights: bool = True) -> Bundle:
@@ -144,11 +214,131 @@ def read_bundle(path: str | Path, need_weights: bool = True) -> Bundle:
         raise BundleError(f"{meta_path}: incomplete bundle description ({e})") from None
     if not classes:
         raise BundleError(f"{meta_path}: the bundle lists no classes")
+    verify_bundle(bundle)
     return bundle
 
 
-#: imgrec.json key recording what `imgrec export` wrote and which file serving runs.
-EXPORT_KEY = "export"
+# -- checks ---------------------------------------------------------------------------------
+_EXPORT_FILE_KEYS = ("onnx", "int8", "serve")
+_DAMAGED = "the bundle is damaged or was changed by hand: restore it, or retrain/re-export it"
+
+
+def _plain(name: str) -> bool:
+    """A file name inside the bundle: no folder, no parent, not absolute (on any system)."""
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and ":" not in name and Path(name).name == name)
+
+
+def verify_bundle(bundle: Bundle) -> None:
+    """The checks `read_bundle` makes (see the module docstring); torch-free."""
+    meta_path = bundle.path / META_FILE
+    export = bundle.extra.get(EXPORT_KEY) or {}
+    records = bundle.extra.get(FILES_KEY) or {}
+    if not isinstance(export, dict) or not isinstance(records, dict):
+        raise BundleError(f"{meta_path}: its {EXPORT_KEY!r} or {FILES_KEY!r} is not a table",
+                          _DAMAGED)
+    named = [(f"{EXPORT_KEY}.{k}", v) for k, v in export.items() if k in _EXPORT_FILE_KEYS]
+    for where, name in named + [(FILES_KEY, n) for n in records]:
+        if not isinstance(name, str) or not _plain(name):
+            raise BundleError(f"{meta_path}: {where} names {name!r}, a path outside the bundle",
+                              _DAMAGED)
+    for name, record in records.items():
+        _verify_file(bundle.path / name, record)
+    n = len(bundle.classes)
+    declared = (bundle.architecture.get("args") or {}).get("num_classes")
+    if isinstance(declared, int) and declared != n:
+        raise BundleError(f"{meta_path}: the network has {declared} outputs (num_classes) but "
+                          f"the bundle lists {n} classes", _DAMAGED)
+    for name in bundle.model_files():
+        path = bundle.path / name
+        if name.endswith(".onnx") and path.is_file():
+            outputs = onnx_output_size(path)
+            if outputs is not None and outputs != n:
+                raise BundleError(f"{path}: the network has {outputs} outputs but the bundle "
+                                  f"lists {n} classes", _DAMAGED)
+
+
+def _verify_file(path: Path, record: Any) -> None:
+    """A recorded model file, if it is there, has the recorded size and SHA-256."""
+    if not isinstance(record, dict) or not path.is_file():
+        return
+    size, want = record.get("bytes"), record.get("sha256")
+    if isinstance(size, int) and path.stat().st_size != size:
+        raise BundleError(f"{path}: {path.stat().st_size:,} bytes where imgrec.json recorded "
+                          f"{size:,} (truncated or replaced)", _DAMAGED)
+    if isinstance(want, str) and file_digest(path)[1] != want:
+        raise BundleError(f"{path}: its SHA-256 is not the one imgrec.json recorded (the file "
+                          "was altered or damaged)", _DAMAGED)
+
+
+# -- the output size of an ONNX network, read from its protobuf without onnx or onnxruntime --
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """(field number, wire type, value or (start, end) of a length-delimited field)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield number, wire, value
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise ValueError("field runs past its message")
+            yield number, wire, (pos, pos + length)
+            pos += length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def _first(buf: memoryview, span: tuple[int, int], number: int) -> tuple[int, int] | None:
+    return next((v for n, w, v in _fields(buf, *span) if n == number and w == 2), None)
+
+
+_ONNX_SIZES: dict[tuple, int | None] = {}
+
+
+def onnx_output_size(path: Path) -> int | None:
+    """The last dimension of an ONNX model's first output (its number of classes), or None
+    when the file does not say (a symbolic dimension, a file that is no ONNX protobuf: ONNX
+    Runtime will say what is wrong with it)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _ONNX_SIZES:
+        _ONNX_SIZES[key] = _read_onnx_output_size(memoryview(path.read_bytes()))
+    return _ONNX_SIZES[key]
+
+
+def _read_onnx_output_size(buf: memoryview) -> int | None:
+    try:
+        graph = _first(buf, (0, len(buf)), 7)  # ModelProto.graph
+        output = graph and _first(buf, graph, 12)  # GraphProto.output[0]
+        kind = output and _first(buf, output, 2)  # ValueInfoProto.type
+        tensor = kind and _first(buf, kind, 1)  # TypeProto.tensor_type
+        shape = tensor and _first(buf, tensor, 2)  # Tensor.shape
+        dims = [d for n, w, d in _fields(buf, *shape) if n == 1 and w == 2] if shape else []
+        if not dims:
+            return None
+        last = [(n, v) for n, w, v in _fields(buf, *dims[-1]) if n == 1 and w == 0]
+        return last[0][1] if last else None
+    except (ValueError, IndexError):
+        return None
+
 
 
 def serving_onnx_path(bundle: Bundle) -> Path:
@@ -157,7 +347,7 @@ def serving_onnx_path(bundle: Bundle) -> Path:
     or retraining makes an old int8 file stale), else model.onnx. Torch-free."""
     fp32 = Path(bundle.onnx_path)
     name = (bundle.extra.get(EXPORT_KEY) or {}).get("serve")
-    if isinstance(name, str) and name and Path(name).name == name and name != fp32.name:
+    if isinstance(name, str) and _plain(name) and name != fp32.name:
         chosen = Path(bundle.path) / name
         if chosen.is_file() and (not fp32.is_file()
                                  or chosen.stat().st_mtime >= fp32.stat().st_mtime):

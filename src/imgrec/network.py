@@ -8,13 +8,12 @@ is asked for.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
-from .bundle import FORMAT, WEIGHTS_FILE, Bundle
+from .bundle import FORMAT, ONNX_INT8_FILE, Bundle, atomic_write_bytes
 from .errors import BundleError
 
 #: the architecture name of a network the caller built (`imgrec.train(data, model=module)`)
@@ -22,16 +21,15 @@ CUSTOM_ARCHITECTURE = "custom"
 
 
 def save_bundle(bundle: Bundle, model: Any) -> Bundle:
-    """Write weights (safetensors) and metadata into bundle.path."""
-    from safetensors.torch import save_file
+    """Write weights (safetensors) and metadata into bundle.path, each atomically; imgrec.json
+    records the weights' size and SHA-256."""
+    from safetensors.torch import save
 
     bundle.path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = bundle.path / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, bundle.weights_path)
+    atomic_write_bytes(bundle.weights_path, save(state, metadata={"format": FORMAT}))
     # The weights changed: an old export (float32 or int8) would disagree with them.
-    for stale in (bundle.onnx_path, bundle.path / "model.int8.onnx"):
+    for stale in (bundle.onnx_path, bundle.path / ONNX_INT8_FILE):
         stale.unlink(missing_ok=True)
     bundle.write_meta()
     return bundle
@@ -70,8 +68,23 @@ def load_model(bundle: Bundle):
             "the bundle is damaged or was written by another version; retrain it",
         )
     model.eval()
+    _check_outputs(model, bundle)
     return model
 
+
+def _check_outputs(model: Any, bundle: Bundle) -> None:
+    """The network gives one logit per class of the bundle (else predict would index past
+    the class list): one forward pass of a blank image."""
+    c = bundle.preprocess
+    with torch.inference_mode():
+        out = model(torch.zeros(1, c.channels, c.input_size, c.input_size))
+    outputs = int(out.shape[-1]) if out.ndim == 2 else None
+    if outputs != len(bundle.classes):
+        raise BundleError(
+            f"{bundle.weights_path}: the network gives {outputs or tuple(out.shape)} outputs but "
+            f"the bundle lists {len(bundle.classes)} classes",
+            "the bundle is damaged or was changed by hand: restore it, or retrain it",
+        )
 
 
 class TorchEngine:
