@@ -313,6 +313,9 @@ CORPUS: dict[str, tuple] = {
         lambda: save(Image.fromarray(np.repeat(gradient(4000, 3000)[..., None], 3, 2)), "JPEG",
                      progressive=True, quality=70), OK),
     "png 8000x8000 greyscale": (lambda: png_raw(8000, 8000, zeros_zlib(8000 * 8001)), OK),
+    "png 41000x1530 rgb (27:1, 63 MP)": (
+        lambda: png_raw(41000, 1530, zeros_zlib(1530 * (1 + 41000 * 3)), colour=2), OK),
+    "webp 4000x4000": (lambda: save(Image.new("RGB", (4000, 4000), (30, 90, 200)), "WEBP"), OK),
     "png 5000x5000 rgba": (lambda: png_raw(5000, 5000, zeros_zlib(5000 * 20001), colour=6),
                            OK),
     "spiral maze for the digit fit": (_spiral, OK),
@@ -368,7 +371,7 @@ WORST = {"png 8000x8000 greyscale", "png 5000x5000 rgba",
          "progressive jpeg 4000x3000", "i;16 png 6000x6000",
          "png 8000x8000 RGB of zeros (64 MP, 256 MB decoded)",
          "webp lossless patched to 3000x2000", "gif screen 8000x8000, 8x8 frame",
-         "float tiff with nan and inf"}
+         "float tiff with nan and inf", "png 41000x1530 rgb (27:1, 63 MP)", "webp 4000x4000"}
 
 _MEASURE = """
 import json, resource, sys

@@ -279,6 +279,8 @@ try:
 except ImageTooLarge as e:
     assert "30000x30000" in str(e), e
 assert I.MAX_IMAGE_PIXELS == default and default == 89478485, I.MAX_IMAGE_PIXELS
+import PIL.ImageFile as F
+assert F.LOAD_TRUNCATED_IMAGES is False
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

@@ -441,18 +441,32 @@ def _check_claim(claim: Claim, fmt: str, name: str) -> None:
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
-def _reduce_factor(size: tuple[int, int], need: tuple[int, int] | None) -> int:
+#: what the converted (reduced, 8-bit) copy of a big image may take: a long thin image is
+#: reduced further than REDUCING_GAP would, never below the size the caller needs
+MAX_CONVERTED_BYTES = 16 * 2**20
+
+
+def _reduce_factor(size: tuple[int, int], need: tuple[int, int] | None, channels: int) -> int:
     if need is None:
         return 1
-    return max(1, int(min(size) / max(max(need), 1) / REDUCING_GAP))
+    side = max(max(need), 1)
+    factor = max(1, int(min(size) / side / REDUCING_GAP))
+    by_memory = math.ceil(math.sqrt(size[0] * size[1] * _out_bytes(channels)
+                                    / MAX_CONVERTED_BYTES))
+    return max(factor, min(by_memory, min(size) // side))
 
 
-def _check_memory(img: Image.Image, claim: Claim, factor: int, name: str) -> None:
+def _out_bytes(channels: int) -> int:
+    return 1 if channels == 1 else 4  # Pillow keeps RGB in 4 bytes a pixel
+
+
+def _check_memory(img: Image.Image, claim: Claim, factor: int, channels: int,
+                  name: str) -> None:
     """The decoder's memory, from the header: the image at the scale it is decoded at (in
     Pillow's bytes per pixel), the decoder's own buffers, and the reduced conversion."""
     w, h = img.size
     decoded = w * h * _PIXEL_BYTES.get(img.mode, 4)
-    converted = math.ceil(w / factor) * math.ceil(h / factor) * 4
+    converted = math.ceil(w / factor) * math.ceil(h / factor) * _out_bytes(channels)
     need = decoded + claim.extra_bytes + converted
     if need > MAX_DECODE_BYTES:
         size = f"{claim.width or w}x{claim.height or h}"
@@ -514,8 +528,8 @@ def _decode(img: ImageFile.ImageFile, claim: Claim, channels: int, max_pixels: i
     check_size(*img.size, name, max_pixels)
     if draft_size is not None and img.format == "JPEG" and claim.draftable:
         img.draft("RGB" if channels == 3 else "L", draft_size)
-    factor = _reduce_factor(img.size, draft_size)
-    _check_memory(img, claim, factor, name)
+    factor = _reduce_factor(img.size, draft_size, channels)
+    _check_memory(img, claim, factor, channels, name)
     img.seek(0)  # first frame of an animation
     img.load()
     orientation = _orientation(img)
