@@ -39,7 +39,7 @@ from .uploads import (
 STATIC = Path(__file__).parent / "static"
 
 
-def _top_k(service: ServiceDep, top_k: Annotated[int | None, Query(
+async def _top_k(service: ServiceDep, top_k: Annotated[int | None, Query(
         ge=1, le=1000, description="labels per image (default: the server's, 5 unless "
                                    "configured; at most the number of classes)")] = None) -> int:
     return service.top_k(top_k)

@@ -179,7 +179,7 @@ def _no_image() -> InputError:
                       "send the image as multipart field `file` or as the raw body")
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
     """The dependency every route takes its Service from (the app's, set by create_app)."""
     return request.app.state.service
 
