@@ -114,3 +114,24 @@ def test_fit_arrays_resizes_and_passes_through():
     big = np.full((3, 1, 16, 16), 200, np.uint8)
     out = fit_arrays(big, c)
     assert out.shape == (3, 1, 8, 8) and np.all(out == 200)
+
+
+@pytest.mark.parametrize("size, fmt", [((640, 480), "WEBP"), ((3000, 1000), "PNG"),
+                                       ((1800, 2400), "TIFF")])
+def test_bounded_decoding_leaves_ordinary_images_as_they_were(size, fmt):
+    """The decoder's memory bounds (issue 11) change no pixel of an ordinary image: load_input
+    gives what decoding it whole with Pillow and applying the contract gives."""
+    import io
+
+    from imgrec.contract import lite_contract
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (size[1] // 50 + 1, size[0] // 50 + 1, 3), np.uint8)
+    img = Image.fromarray(arr).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    whole = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    for contract in (lite_contract(224, 256), Preprocess(32, 3),
+                     Preprocess(28, 1, mean=(0.5,), std=(0.5,))):
+        expected = contract.to_uint8(whole if contract.channels == 3 else whole.convert("L"))
+        assert np.array_equal(load_input(buf.getvalue(), contract), expected)

@@ -18,9 +18,9 @@ markers is refused before Pillow loops over them):
   the format's best compression (a JPEG patched to 8000 x 7999 with 16 x 16 of data) is
   refused as truncated, never padded with grey.
 
-A large image is decoded at reduced scale (JPEG draft) or reduced by an integer factor right
-after decoding, in strips (other formats), to no less than REDUCING_GAP times the size the
-caller needs, so converting it never copies the full-size image.
+A large image is decoded at reduced scale (JPEG draft); one too big to convert whole is reduced
+by an integer factor as it is converted, in strips, to no less than REDUCING_GAP times the size
+the caller needs (Pillow's resize would reduce it so), so no full-size copy is made.
 
 The bomb checks are imgrec's own. They leave Pillow's process-wide settings
 (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) as they are: importing imgrec changes
@@ -441,40 +441,42 @@ def _check_claim(claim: Claim, fmt: str, name: str) -> None:
 _PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
-#: what the converted (reduced, 8-bit) copy of a big image may take: a long thin image is
-#: reduced further than REDUCING_GAP would, never below the size the caller needs
+#: A decoded image whose 8-bit copy would take more than MAX_FULL_CONVERTED_BYTES (or more
+#: than the memory budget leaves) is reduced as it is converted; smaller ones are converted
+#: whole and resized by the contract exactly as they always were.
+MAX_FULL_CONVERTED_BYTES = 64 * 2**20
+#: ... and a reduced copy takes at most this much: a long thin image is reduced further than
+#: REDUCING_GAP would, never below the size the caller needs.
 MAX_CONVERTED_BYTES = 16 * 2**20
-
-
-def _reduce_factor(size: tuple[int, int], need: tuple[int, int] | None, channels: int) -> int:
-    if need is None:
-        return 1
-    side = max(max(need), 1)
-    factor = max(1, int(min(size) / side / REDUCING_GAP))
-    by_memory = math.ceil(math.sqrt(size[0] * size[1] * _out_bytes(channels)
-                                    / MAX_CONVERTED_BYTES))
-    return max(factor, min(by_memory, min(size) // side))
 
 
 def _out_bytes(channels: int) -> int:
     return 1 if channels == 1 else 4  # Pillow keeps RGB in 4 bytes a pixel
 
 
-def _check_memory(img: Image.Image, claim: Claim, factor: int, channels: int,
-                  name: str) -> None:
-    """The decoder's memory, from the header: the image at the scale it is decoded at (in
-    Pillow's bytes per pixel), the decoder's own buffers, and the reduced conversion."""
+def _plan(img: Image.Image, claim: Claim, need: tuple[int, int] | None, channels: int,
+          name: str) -> int:
+    """The factor the decoded image is reduced by as it is converted, after checking the
+    decoder's memory from the header: the image at the scale it is decoded at (in Pillow's
+    bytes per pixel), the decoder's own buffers, and the converted copy."""
     w, h = img.size
-    decoded = w * h * _PIXEL_BYTES.get(img.mode, 4)
-    converted = math.ceil(w / factor) * math.ceil(h / factor) * _out_bytes(channels)
-    need = decoded + claim.extra_bytes + converted
-    if need > MAX_DECODE_BYTES:
+    decoding = w * h * _PIXEL_BYTES.get(img.mode, 4) + claim.extra_bytes
+    full = w * h * _out_bytes(channels)
+    factor = 1
+    if need is not None and (full > MAX_FULL_CONVERTED_BYTES
+                             or decoding + full > MAX_DECODE_BYTES):
+        side = max(max(need), 1)
+        by_memory = math.ceil(math.sqrt(full / MAX_CONVERTED_BYTES))
+        factor = max(1, int(min(w, h) / side / REDUCING_GAP), min(by_memory, min(w, h) // side))
+    total = decoding + math.ceil(w / factor) * math.ceil(h / factor) * _out_bytes(channels)
+    if total > MAX_DECODE_BYTES:
         size = f"{claim.width or w}x{claim.height or h}"
         raise ImageTooLarge(
-            f"{name}: decoding this {size} {img.format} takes {need / 2**20:,.0f} MB of "
+            f"{name}: decoding this {size} {img.format} takes {total / 2**20:,.0f} MB of "
             f"memory, over the limit of {MAX_DECODE_BYTES / 2**20:,.0f} MB",
             "resize the image",
         )
+    return factor
 
 
 # -- decoding -----------------------------------------------------------------------------------
@@ -486,10 +488,11 @@ def decode_image(
 ) -> Image.Image:
     """Decode a file or bytes into an 8-bit L (channels=1) or RGB (channels=3) image.
 
-    `draft_size` is the smallest size the caller needs: a larger image is decoded at reduced
-    scale (JPEG) or reduced by an integer factor as it is converted (others), keeping at least
-    REDUCING_GAP x draft_size. Raises UnreadableImage (or a subclass) with a message that names
-    the problem; every limit is checked from the header, before decoding.
+    `draft_size` is the smallest size the caller needs: a larger JPEG is decoded at reduced
+    scale; an image too big to convert whole (see _plan) is reduced by an integer factor as it
+    is converted, keeping at least REDUCING_GAP x draft_size. Raises UnreadableImage (or a
+    subclass) with a message that names the problem; every limit is checked from the header,
+    before decoding.
     """
     data, name = _read(source)
     if not data:
@@ -528,8 +531,7 @@ def _decode(img: ImageFile.ImageFile, claim: Claim, channels: int, max_pixels: i
     check_size(*img.size, name, max_pixels)
     if draft_size is not None and img.format == "JPEG" and claim.draftable:
         img.draft("RGB" if channels == 3 else "L", draft_size)
-    factor = _reduce_factor(img.size, draft_size, channels)
-    _check_memory(img, claim, factor, channels, name)
+    factor = _plan(img, claim, draft_size, channels, name)
     img.seek(0)  # first frame of an animation
     img.load()
     orientation = _orientation(img)
