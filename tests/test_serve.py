@@ -341,9 +341,9 @@ def test_serve_cli_runs_without_torch_and_shuts_down_gracefully(tiny):
             proc.kill()
             out, err = proc.communicate()
     assert "TORCH-IMPORT-ATTEMPT" not in err
-    # uvicorn finishes in-flight requests and the lifespan, then re-raises SIGTERM so the
-    # process reports how it was stopped.
-    assert proc.returncode in (0, -signal.SIGTERM), err
+    # uvicorn finishes in-flight requests and the lifespan; the SIGTERM it re-raises then
+    # reaches serve's handler, and the process exits 0
+    assert proc.returncode == 0, err
     assert "Application shutdown complete" in err
     assert f"http://localhost:{port}/" in out
     assert "Finished server process" in err
