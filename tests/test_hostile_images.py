@@ -193,6 +193,27 @@ def _palette_bomb() -> bytes:
                    before_idat=plte + png_chunk(b"tRNS", b"\x00"))
 
 
+def _exif_ifd(entries: int, count: int) -> bytes:
+    """A TIFF-style IFD whose every entry claims `count` bytes at the same offset (Pillow reads
+    each tag's data: the entries' total would be far over the block)."""
+    out = b"II*\x00" + struct.pack("<IH", 8, entries)
+    out += b"".join(struct.pack("<HHII", (0x9000 + i) % 65536, 1, count, 8) for i in range(entries))
+    return out + bytes(4)
+
+
+def _jpeg_exif_bomb() -> bytes:
+    body = _exif_ifd(5000, 60000)
+    body += bytes(65000 - len(body))
+    jpeg = save(Image.new("RGB", (16, 16)), "JPEG")
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 8) + b"Exif\0\0" + body + jpeg[2:]
+
+
+def _png_exif_bomb() -> bytes:
+    body = _exif_ifd(65535, 4_000_000)
+    png = save(Image.new("RGB", (16, 16)), "PNG")
+    return png[:33] + png_chunk(b"eXIf", body + bytes(4_000_000)) + png[33:]
+
+
 def _spiral() -> bytes:
     """A one-pixel maze: the digit fit's connected components take the longest to settle."""
     arr = np.zeros((400, 400), np.uint8)
@@ -307,6 +328,8 @@ CORPUS: dict[str, tuple] = {
     "exif orientation 6": (lambda: exif_jpeg(6), OK),
     "exif orientation 8": (lambda: exif_jpeg(8), OK),
     "exif orientation 99": (lambda: exif_jpeg(99), OK),
+    "jpeg exif of 5000 tags reading 60 kB each": (_jpeg_exif_bomb, OK),
+    "png exif of 65535 tags reading 4 MB each": (_png_exif_bomb, OK),
     "jpeg 8000x8000 (decoded at 1/8)": (
         lambda: save(Image.new("L", (8000, 8000), 128), "JPEG", quality=50), OK),
     "progressive jpeg 4000x3000": (
@@ -371,7 +394,8 @@ WORST = {"png 8000x8000 greyscale", "png 5000x5000 rgba",
          "progressive jpeg 4000x3000", "i;16 png 6000x6000",
          "png 8000x8000 RGB of zeros (64 MP, 256 MB decoded)",
          "webp lossless patched to 3000x2000", "gif screen 8000x8000, 8x8 frame",
-         "float tiff with nan and inf", "png 41000x1530 rgb (27:1, 63 MP)", "webp 4000x4000"}
+         "float tiff with nan and inf", "png 41000x1530 rgb (27:1, 63 MP)", "webp 4000x4000",
+         "png exif of 65535 tags reading 4 MB each"}
 
 _MEASURE = """
 import json, resource, sys
