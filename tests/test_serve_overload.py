@@ -206,3 +206,21 @@ def test_healthz_answers_fast_while_the_queue_is_full(tiny):
         assert [f.result(10).status_code for f in shed] == [503] * 4
         assert [f.result(10).status_code for f in held] == [200] * 4
     assert sorted(times)[len(times) // 2] < 0.05, times
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux only")
+def test_inference_threads_run_below_the_event_loop(tiny):
+    """The batcher's thread and the threads ONNX Runtime starts run 5 nice steps below the
+    rest, so under full load the event loop (/healthz, uploads, refusals) comes first."""
+    def nice(tid: int) -> int:
+        stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[16])
+
+    before = {int(p.name) for p in Path("/proc/self/task").iterdir()}
+    app = create_app(ServeConfig(model=str(tiny), threads=2))
+    base = nice(threading.get_native_id())
+    assert nice(app.state.service.batcher._thread.native_id) == base + 5
+    new = {int(p.name) for p in Path("/proc/self/task").iterdir()} - before
+    lowered = [t for t in new if nice(t) == base + 5]
+    assert len(lowered) >= 2, (base, {t: nice(t) for t in new})  # the batcher and ORT's pool
+    app.state.service.batcher.close()

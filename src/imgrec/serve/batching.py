@@ -13,7 +13,9 @@ before its batch starts is dropped with `Expired` instead of being served late.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +23,23 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+
+#: how much lower than the event loop the inference threads run (nice steps): on a busy
+#: machine the loop, which answers /healthz, reads uploads and refuses overload, comes first,
+#: and inference takes every cycle left
+ENGINE_NICENESS = 5
+
+
+def lower_priority(niceness: int = ENGINE_NICENESS) -> None:
+    """Lower the calling thread's CPU priority by `niceness` (Linux, where priority is per
+    thread and threads a thread starts inherit it; elsewhere nothing)."""
+    if niceness <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+    except OSError:
+        pass
 
 
 class Expired(Exception):
@@ -78,10 +97,11 @@ class MicroBatcher:
 
     def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16,
                  max_wait_ms: float = 5.0,
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None, niceness: int = 0):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.run = run
+        self.niceness = niceness
         self.max_batch = max_batch
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.on_batch = on_batch
@@ -158,6 +178,7 @@ class MicroBatcher:
         return keep
 
     def _loop(self) -> None:
+        lower_priority(self.niceness)
         stop = False
         while not stop:
             first = self._queue.get()

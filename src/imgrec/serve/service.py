@@ -7,6 +7,7 @@ the routes by the `get_service` dependency, never through a closure.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from ..contract import load_input
 from ..errors import BundleError, ImgrecError, InputError
 from ..predict import OnnxEngine, Predictor, make_engine
 from ..zoo import open_bundle
-from .batching import Admission, Expired, MicroBatcher
+from .batching import ENGINE_NICENESS, Admission, Expired, MicroBatcher, lower_priority
 from .config import ServeConfig, available_cores
 from .errors import Overloaded, TimedOut, public
 from .metrics import Metrics
@@ -43,9 +44,9 @@ class Service:
         self.bundle = bundle
         self.name = bundle.name
         self.onnx_file = serving_onnx_path(bundle)
-        self.predictor = Predictor(bundle, engine=self._engine())
+        self.predictor = Predictor(bundle, engine=_at_low_priority(self._engine))
         self.batcher = MicroBatcher(self.predictor.probabilities, config.max_batch,
-                                    config.max_wait_ms, metrics.on_batch)
+                                    config.max_wait_ms, metrics.on_batch, ENGINE_NICENESS)
         self.admission = Admission(config.queue_limit, metrics.queue_depth.set)
         self.last_shed = float("-inf")
         # Decoding a big photo holds tens of MB: bound how many decode at once.
@@ -172,6 +173,26 @@ class Service:
     async def aclose(self) -> None:
         """Drain the batcher (uvicorn has finished the in-flight requests) and stop it."""
         await anyio.to_thread.run_sync(self.batcher.close)
+
+
+def _at_low_priority(build):
+    """`build()` in a thread of lowered priority: the threads ONNX Runtime starts for the
+    session inherit it, so inference yields the CPU to the event loop."""
+    out: dict = {}
+
+    def run() -> None:
+        lower_priority()
+        try:
+            out["value"] = build()
+        except BaseException as e:  # raised again in the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=run, name="imgrec-engine-setup")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def _no_image() -> InputError:
