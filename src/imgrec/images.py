@@ -168,8 +168,8 @@ def read_claim(data: bytes, fmt: str) -> Claim:
         return Claim()  # a header too broken to walk: Pillow says what is wrong with it
 
 
-def _too_many(what: str) -> _Refused:
-    return _Refused(f"over {MAX_SEGMENTS:,} {what} in the header (a parsing bomb)")
+def _too_many(fmt: str, what: str) -> _Refused:
+    return _Refused(f"{fmt} of over {MAX_SEGMENTS:,} {what} (a parsing bomb)")
 
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -184,19 +184,17 @@ def _jpeg_markers(data: bytes) -> tuple[bytes | None, int, int]:
     pos, segments, junk, frame = 2, 0, 0, None
     while True:
         ff = data.find(b"\xff", pos)
-        if ff < 0:
-            raise _Refused("no image data (the JPEG has no start of scan)")
-        found = _NOT_FF.search(data, ff)
+        found = _NOT_FF.search(data, ff) if ff >= 0 else None
         if found is None:
-            raise _Refused("no image data (the JPEG has no start of scan)")
+            raise _Refused("truncated JPEG: the file ends before its image data")
         junk += ff - pos + found.start() - ff - 1
         if junk > _MAX_JUNK:
-            raise _Refused(f"over {_MAX_JUNK:,} bytes of padding between its markers")
+            raise _Refused(f"JPEG of over {_MAX_JUNK:,} bytes of padding between its markers")
         marker, pos = data[found.start()], found.start() + 1
         if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
             continue
         if marker == 0xD9:
-            raise _Refused("no image data (the JPEG ends before its first scan)")
+            raise _Refused("JPEG without image data (it ends before its first scan)")
         length = int.from_bytes(data[pos : pos + 2], "big")
         if marker in _SOF and frame is None:
             frame = data[pos - 1 : pos + length]
@@ -204,7 +202,7 @@ def _jpeg_markers(data: bytes) -> tuple[bytes | None, int, int]:
             return frame, pos - 2, length
         segments += 1
         if segments > MAX_SEGMENTS:
-            raise _too_many("markers")
+            raise _too_many("JPEG", "markers before its image data")
         pos += length
 
 
@@ -241,7 +239,7 @@ def _png_claim(data: bytes) -> Claim:
     while pos + 8 <= len(data):
         chunks += 1
         if chunks > MAX_SEGMENTS:
-            raise _too_many("chunks")
+            raise _too_many("PNG", "chunks")
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
         if kind == b"IHDR" and header is None:
             header = struct.unpack(">IIBB", data[pos + 8 : pos + 18])
@@ -264,7 +262,7 @@ def _gif_subblocks(data: bytes, pos: int, enough: int, counted: list[int]) -> tu
     while pos < len(data) and data[pos]:
         counted[0] += 1
         if counted[0] > MAX_SEGMENTS:
-            raise _too_many("GIF blocks")
+            raise _too_many("GIF", "blocks before its first frame")
         total += data[pos]
         pos += 1 + data[pos]
         if total >= enough:
@@ -328,14 +326,14 @@ def _tiff_ifd(data: bytes) -> tuple[str, dict[int, tuple[int, bytes]]]:
     (ifd,) = struct.unpack(order + "I", data[4:8])
     (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
     if count > 1000:
-        raise _Refused(f"{count:,} tags in the TIFF's first directory (a parsing bomb)")
+        raise _Refused(f"TIFF of {count:,} tags in its first directory (a parsing bomb)")
     tags: dict[int, tuple[int, bytes]] = {}
     for i in range(count):
         entry = data[ifd + 2 + 12 * i : ifd + 14 + 12 * i]
         tag, kind, n = struct.unpack(order + "HHI", entry[:8])
         size = n * _TIFF_SIZES.get(kind, 1)
         if size > _MAX_TIFF_TAG_BYTES:
-            raise _Refused(f"TIFF tag {tag} holds {size:,} bytes (a parsing bomb)")
+            raise _Refused(f"TIFF whose tag {tag} holds {size:,} bytes (a parsing bomb)")
         if size > 4:
             (offset,) = struct.unpack(order + "I", entry[8:12])
             tags[tag] = (kind, data[offset : offset + size])
@@ -375,8 +373,8 @@ def _tiff_claim(data: bytes) -> Claim:
     if not width or not height or not counts.size:
         return Claim(width, height)
     if counts.size < needed:
-        raise _Refused(f"truncated: its {counts.size:,} strips or tiles cover a part of the "
-                       f"{width}x{height} pixels its header claims ({needed:,} needed)")
+        raise _Refused(f"truncated TIFF: its {counts.size:,} strips or tiles cover a part of "
+                       f"the {width}x{height} pixels its header claims ({needed:,} needed)")
     ratio = _TIFF_RATIO.get(compression)
     return Claim(width, height, data_bytes=min(int(counts.sum()), len(data)),
                  min_bytes=width * height * samples * bits // 8 // ratio if ratio else 0,
@@ -506,7 +504,7 @@ def decode_image(
     try:
         claim = read_claim(data, fmt)
     except UnreadableImage as e:
-        raise type(e)(f"{name}: {fmt}: {e.message}", e.hint) from None
+        raise type(e)(f"{name}: {e.message}", e.hint) from None
     if claim.width or claim.height:
         check_size(claim.width, claim.height, name, max_pixels)
     _check_claim(claim, fmt, name)
