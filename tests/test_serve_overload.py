@@ -144,9 +144,13 @@ def test_a_batch_request_larger_than_the_queue_runs_when_alone(tiny):
 
 
 def test_model_info_shows_the_queue_and_the_timeout(tiny):
-    with TestClient(create_app(ServeConfig(model=str(tiny), max_batch=4, threads=1))) as c:
+    config = ServeConfig(model=str(tiny), max_batch=4, threads=1)
+    with TestClient(create_app(config)) as c:
         info = c.get("/v1/model").json()
-    assert info["max_queue"] == 8 and info["timeout_ms"] == 10_000  # 4 x max(2, 1 thread)
+    # the batch running, half a batch waiting, an image per decode thread
+    assert info["max_queue"] == 4 + 2 + config.decode_threads and config.decode_threads >= 2
+    assert info["timeout_ms"] == 10_000
+    assert ServeConfig(max_queue=3).queue_limit == 3
 
 
 # -- the pieces on their own -----------------------------------------------------------------

@@ -68,11 +68,16 @@ class ServeConfig:
         return self.threads or max(1, available_cores() // max(1, self.workers))
 
     @property
+    def decode_threads(self) -> int:
+        """Images decoded at once per worker (a big photo holds tens of MB while it decodes)."""
+        return max(2, available_cores() // max(1, self.workers))
+
+    @property
     def queue_limit(self) -> int:
-        """--max-queue, else two batches per engine thread (at least two batches): enough
-        that a steady load never waits on it, small enough that a request admitted under
-        overload is answered within a few batches' time."""
-        return self.max_queue or self.max_batch * max(2, self.engine_threads)
+        """--max-queue, else the batch running, half a batch waiting and an image for each
+        decode thread: the engine never starves for work, and a request admitted under
+        overload waits for about two batches, never for a backlog."""
+        return self.max_queue or self.max_batch + self.max_batch // 2 + self.decode_threads
 
     @property
     def upload_buffer_bytes(self) -> int:

@@ -22,7 +22,7 @@ from ..errors import BundleError, ImgrecError, InputError
 from ..predict import OnnxEngine, Predictor, make_engine
 from ..zoo import open_bundle
 from .batching import ENGINE_NICENESS, Admission, Expired, MicroBatcher, lower_priority
-from .config import ServeConfig, available_cores
+from .config import ServeConfig
 from .errors import Overloaded, TimedOut, public
 from .metrics import Metrics
 from .schemas import BatchFailure, BatchPrediction, ImageError, ModelInfo, Prediction
@@ -50,8 +50,7 @@ class Service:
         self.admission = Admission(config.queue_limit, metrics.queue_depth.set)
         self.last_shed = float("-inf")
         # Decoding a big photo holds tens of MB: bound how many decode at once.
-        self.decode_limiter = anyio.CapacityLimiter(max(2, available_cores()
-                                                        // max(1, config.workers)))
+        self.decode_limiter = anyio.CapacityLimiter(config.decode_threads)
 
     def _engine(self):
         """ONNX Runtime on the exported file; PyTorch only for a network that cannot be
