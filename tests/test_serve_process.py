@@ -200,3 +200,23 @@ def test_serve_does_not_leak_the_key_into_the_banner(tiny, no_uvicorn, capsys):
     assert "API key required" in out.out
     assert "s3cret" not in out.out + out.err
     assert os.environ[CONFIG_ENV]  # the workers' config (it carries the key to them)
+
+
+def test_a_pretrained_model_not_yet_cached_is_exported_in_the_child(tmp_path, monkeypatch):
+    """`imgrec serve` (imagenet) on a fresh machine: building the cached bundle needs torch,
+    so serve must not open it itself but leave it to the child's export."""
+    import imgrec.cli as cli
+    import imgrec.zoo as zoo
+
+    monkeypatch.setenv("IMGREC_MODELS", str(tmp_path / "models"))
+
+    def no(*args, **kwargs):
+        raise AssertionError("the server process opened (built) the pretrained bundle")
+
+    monkeypatch.setattr(zoo, "open_bundle", no)
+    assert cli._needs_export(None) and cli._needs_export("imagenet")
+    cached = tmp_path / "models" / "efficientnet_lite0"
+    cached.mkdir(parents=True)
+    (cached / "imgrec.json").write_text("{}")
+    (cached / "model.safetensors").write_bytes(b"")
+    assert cli._needs_export("imagenet")  # weights but no ONNX file yet
