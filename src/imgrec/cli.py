@@ -290,6 +290,28 @@ def export(
     _echo(f"serve   uses {r.serve_file}")
 
 
+# `imgrec serve`'s overload, slow-client and access options
+_MaxQueue = Annotated[int | None, typer.Option(
+    min=1, help="images a worker holds at once; past it 503 + Retry-After at once "
+                "(default: 1.5 x max-batch + one per decode thread)")]
+_TimeoutMs = Annotated[float, typer.Option(
+    min=1.0, help="an image not run this long after its upload is answered 503")]
+_BodyTimeout = Annotated[float, typer.Option(
+    min=0.1, help="seconds a request body may take to arrive; past it 408")]
+_UploadBuffer = Annotated[float | None, typer.Option(
+    min=0.01, help="request bodies held in memory at once, per worker; past it 503 "
+                   "(default: 16 x max-upload-mb)")]
+_MaxConnections = Annotated[int | None, typer.Option(
+    min=1, help="open connections per worker (default: from the open-files limit)")]
+_ApiKey = Annotated[str | None, typer.Option(
+    envvar="IMGREC_API_KEY", show_envvar=True,
+    help="require `Authorization: Bearer KEY` on the API, /metrics and /openapi.json")]
+_ApiKeyFile = Annotated[Path | None, typer.Option(
+    help="file of API keys, one a line (any of them opens the API)")]
+_CorsOrigin = Annotated[list[str] | None, typer.Option(
+    help="let web pages from this origin call the API (repeatable; default: CORS off)")]
+
+
 @app.command()
 def serve(
     model: Annotated[str | None, typer.Argument(help="bundle folder or pretrained name "
@@ -306,42 +328,101 @@ def serve(
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads per worker "
                                                 "(default: cores / workers)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    max_queue: _MaxQueue = None,
+    timeout_ms: _TimeoutMs = 10_000.0,
+    body_timeout: _BodyTimeout = 30.0,
+    upload_buffer_mb: _UploadBuffer = None,
+    max_connections: _MaxConnections = None,
+    api_key: _ApiKey = None,
+    api_key_file: _ApiKeyFile = None,
+    cors_origin: _CorsOrigin = None,
 ) -> None:
     """Serve a web page and a JSON API (ONNX Runtime, micro-batched; no torch needed).
 
-    Example: imgrec serve runs/mnist --port 8080
+    Example: imgrec serve runs/mnist --port 8080 --api-key "$(cat key.txt)"
     """
-    from .bundle import serving_onnx_path
-    from .export import ensure_onnx
+    from .serve import launch
+    from .serve.app import ServeConfig
+    from .serve.auth import api_keys
 
-    # may export with torch, here, before the app starts; a network ONNX cannot express is
-    # served with PyTorch after a one-line warning
-    bundle = ensure_onnx(model, warn=lambda m: print(f"imgrec: warning: {m}", file=sys.stderr))
-    from .serve.app import CONFIG_ENV, ServeConfig
-
+    keys = api_keys(api_key, api_key_file)
+    launch.check_port(host, port)
+    bundle, fallback = _bundle_to_serve(model)
     config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_upload_mb=max_upload_mb, threads=threads, workers=workers,
-                         torch_fallback=not serving_onnx_path(bundle).is_file())
-    os.environ[CONFIG_ENV] = config.to_env()
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        import tempfile
-
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="imgrec-metrics-")
-    import uvicorn
-
+                         torch_fallback=fallback, max_queue=max_queue, timeout_ms=timeout_ms,
+                         body_timeout_s=body_timeout, upload_buffer_mb=upload_buffer_mb,
+                         max_connections=max_connections, api_keys=keys,
+                         cors_origins=cors_origin or [])
+    if warning := launch.exposure_warning(host, port, config):
+        print(warning, file=sys.stderr, flush=True)
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     _echo(f"imgrec: serving {bundle.name} ({len(bundle.classes)} classes) on "
-          f"http://{shown}:{port}/  (API docs at /docs; Ctrl+C stops)")
-    try:
-        uvicorn.run("imgrec.serve.app:create_app_from_env", factory=True, host=host, port=port,
-                    workers=workers, log_level=log_level, timeout_graceful_shutdown=30,
-                    limit_concurrency=1024, server_header=False)
-    finally:
-        metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
-        if workers > 1 and Path(metrics_dir).name.startswith("imgrec-metrics-"):
-            import shutil
+          f"http://{shown}:{port}/  (API docs at /docs{'; API key required' if keys else ''}; "
+          "Ctrl+C stops)")
+    launch.run_server(config, host, port, log_level)
 
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+def _bundle_to_serve(model: str | None):
+    """(bundle, torch_fallback): the bundle, exported to ONNX first when it has no ONNX file.
+    The export runs in a child process, so the server never imports torch (nor keeps its
+    memory); only where torch is loaded already (the Python API, tests) does it run here. A
+    network ONNX cannot express is served with PyTorch after a one-line warning."""
+    from .bundle import serving_onnx_path
+
+    def warn(m: str) -> None:
+        print(f"imgrec: warning: {m}", file=sys.stderr, flush=True)
+
+    if "torch" in sys.modules:
+        from .export import ensure_onnx
+
+        bundle = ensure_onnx(model, warn=warn)
+    else:
+        from .zoo import open_bundle
+
+        if _needs_export(model):
+            _export_in_child(model, warn)
+        bundle = open_bundle(model, need_weights=False)
+    return bundle, not serving_onnx_path(bundle).is_file()
+
+
+def _needs_export(model: str | None) -> bool:
+    """Whether the bundle has no ONNX file yet (a pretrained model not yet in the cache has
+    none), found without importing torch."""
+    from .bundle import serving_onnx_path
+    from .zoo import DEFAULT_MODEL, PRETRAINED, models_dir, open_bundle
+
+    name = str(model or DEFAULT_MODEL)
+    if not Path(name).expanduser().exists() and name.lower() in PRETRAINED:
+        cached = models_dir() / PRETRAINED[name.lower()]
+        if not ((cached / "imgrec.json").is_file() and (cached / "model.onnx").is_file()):
+            return True  # opening it here would build it with torch
+    return not serving_onnx_path(open_bundle(name, need_weights=False)).is_file()
+
+
+def _export_in_child(model: str | None, warn) -> None:
+    """`imgrec export MODEL` in a child process. A network ONNX cannot express leaves the
+    bundle without model.onnx after a warning (where torch can run it); any other failure is
+    this command's error."""
+    import subprocess
+
+    from .errors import BundleError
+    from .export import torch_available
+    from .zoo import DEFAULT_MODEL
+
+    name = str(model or DEFAULT_MODEL)
+    run = subprocess.run([sys.executable, "-m", "imgrec.cli", "export", name],
+                         capture_output=True, text=True)
+    if run.returncode == 0:
+        return
+    lines = [x for x in run.stderr.splitlines() if x.strip()]
+    message = (lines[-1] if lines else f"exit status {run.returncode}").removeprefix(
+        "imgrec: error: ")
+    if message.startswith("cannot export") and torch_available():
+        warn(f"{message}; serving it with PyTorch instead (slower, and it needs torch "
+             "installed)")
+        return
+    raise BundleError(f"{name} has no model.onnx to serve, and exporting it failed: {message}")
 
 
 @app.command()
