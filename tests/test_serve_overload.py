@@ -209,7 +209,9 @@ def test_healthz_answers_fast_while_the_queue_is_full(tiny):
         gated.release()
         assert [f.result(10).status_code for f in shed] == [503] * 4
         assert [f.result(10).status_code for f in held] == [200] * 4
-    assert sorted(times)[len(times) // 2] < 0.05, times
+    # not waiting on the held engine (that would be seconds); milliseconds when idle, but a
+    # unit test on 2 busy cores asserts the bound, not the benchmark figure
+    assert sorted(times)[len(times) // 2] < 0.5, times
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux only")

