@@ -519,9 +519,15 @@ def decode_image(
         raise ImageTooLarge(f"{name}: {e}", "resize the image") from None
     except Exception as e:  # Pillow raises many types for broken files
         raise UnreadableImage(
-            f"{name}: corrupt or truncated {fmt} ({type(e).__name__}: {e})",
+            f"{name}: corrupt or truncated {fmt} ({type(e).__name__}: {_without_reprs(e)})",
             "re-export or remove the file",
         ) from None
+
+
+def _without_reprs(error: BaseException) -> str:
+    """Pillow's message without object reprs (`<_io.BytesIO object at 0x...>`): a user, or
+    an API client, needs the reason, not our memory addresses."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error)).strip() or "unreadable"
 
 
 def _decode(img: ImageFile.ImageFile, claim: Claim, channels: int, max_pixels: int,
