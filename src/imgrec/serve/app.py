@@ -134,6 +134,7 @@ DOCS_PAGE = """<!doctype html>
 <body>
 <div id="swagger-ui"></div>
 <script src="{js}"></script>
+<script src="/static/key.js"></script>
 <script src="/static/docs.js"></script>
 </body>
 </html>

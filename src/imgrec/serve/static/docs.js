@@ -3,26 +3,10 @@
 // once when the server answers 401.
 "use strict";
 
-const KEY_NAME = "imgrec-api-key";
-
-function storedKey() {
-  try {
-    return sessionStorage.getItem(KEY_NAME);
-  } catch (e) {
-    return null;
-  }
-}
-
 async function fetchSchema() {
-  for (let attempt = 0; attempt < 2; attempt++) {
-    const key = storedKey();
-    const r = await fetch("/openapi.json", key ? { headers: { Authorization: `Bearer ${key}` } } : {});
-    if (r.status !== 401) return r.json();
-    const entered = window.prompt("This server needs an API key:");
-    if (!entered) break;
-    sessionStorage.setItem(KEY_NAME, entered.trim());
-  }
-  throw new Error("the server needs an API key to show its documentation");
+  const r = await api("/openapi.json"); // key.js: asks for the key once on 401
+  if (r.status === 401) throw new Error("the server needs an API key to show its documentation");
+  return r.json();
 }
 
 fetchSchema().then(
