@@ -243,7 +243,12 @@ def _draw(page, strokes, release: bool = True) -> None:
 def _status_is(page, label: str) -> None:
     """Wait for the answer to the whole drawing (the list is aria-busy until the latest
     request is answered), then check its top label."""
-    page.locator("#predictions[aria-busy=false] li").first.wait_for(timeout=15_000)
+    try:
+        page.locator("#predictions[aria-busy=false] li").first.wait_for(timeout=15_000)
+    except Exception:  # say what the page shows instead
+        busy = page.locator("#predictions").get_attribute("aria-busy")
+        raise AssertionError(f"no answer shown: status {page.locator('#status').inner_text()!r}, "
+                             f"aria-busy {busy}") from None
     status = page.locator("#status").inner_text()
     assert status.startswith(label + " ("), status
 
