@@ -88,3 +88,30 @@ def serve_without_torch(*args: str, env: dict[str, str] | None = None) -> Iterat
         if proc.returncode is None:
             served.stop()
     assert "TORCH-IMPORT-ATTEMPT" not in served.err, served.err
+
+
+@contextlib.contextmanager
+def serve_in_thread(config, **uvicorn_options) -> Iterator[str]:
+    """`create_app(config)` on uvicorn in a thread on a free loopback port (the in-process
+    server of the browser, auth and slow-client tests); stopped at the end."""
+    import threading
+
+    import uvicorn
+
+    from imgrec.serve.app import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
+                                           log_level="warning", **uvicorn_options))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+

@@ -5,20 +5,17 @@ an MNIST model, draws digits on the canvas with the mouse and sees them recognis
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from bundles import make_tiny_bundle
+from servers import serve_in_thread
 
-from imgrec.serve.app import ServeConfig, create_app
+from imgrec.serve.app import ServeConfig
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium"
                                         if Path("/usr/bin/chromium").exists() else None)
@@ -38,29 +35,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-dev-shm-usage"]
 
 
-@contextlib.contextmanager
 def _serving(bundle: Path):
     """uvicorn on a free loopback port, in a thread, stopped at the end."""
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(ServeConfig(model=str(bundle))), host="127.0.0.1",
-                            port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield base
-    finally:
-        srv.should_exit = True
-        thread.join(15)
+    return serve_in_thread(ServeConfig(model=str(bundle)))
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,14 @@ origins are given; the web page and /docs ask for the key once."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import anyio
 import pytest
 from bundles import make_tiny_bundle
 from fastapi.testclient import TestClient
-from servers import free_port
+from servers import serve_in_thread
 
 from imgrec.serve.app import ServeConfig, create_app
 
@@ -160,24 +157,8 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium"
                                         if Path("/usr/bin/chromium").exists() else None)
 
 
-@contextlib.contextmanager
 def _serving(config: ServeConfig):
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    return serve_in_thread(config)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")

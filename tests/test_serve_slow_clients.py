@@ -6,21 +6,18 @@ sockets for the slow clients."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 from bundles import make_tiny_bundle
-from servers import free_port
+from servers import serve_in_thread
 
-from imgrec.serve.app import ServeConfig, create_app
+from imgrec.serve.app import ServeConfig
 from imgrec.serve.middleware import UploadLimit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,25 +29,9 @@ def tiny(tmp_path_factory) -> Path:
     return make_tiny_bundle(tmp_path_factory.mktemp("slow") / "tiny")
 
 
-@contextlib.contextmanager
-def serving(config: ServeConfig, **uvicorn_options) -> Iterator[str]:
+def serving(config: ServeConfig, **uvicorn_options):
     """uvicorn in a thread on a free loopback port, as `imgrec serve` configures it."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
-                                           log_level="warning", **uvicorn_options))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
+    return serve_in_thread(config, **uvicorn_options)
 
 
 def _slow_upload(base: str, announced: int = 1000, path: str = "/v1/predict") -> socket.socket:
