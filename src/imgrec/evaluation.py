@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import json
 import textwrap
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, atomic_write_text
+from .bundle import Bundle, atomic_write_text, file_digest
 from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError
+from .feature_cache import FeatureCache, cache_root, digest_all, extractor_key
 from .figures import pyplot, save_figure
-from .predict import Predictor, decode_many
+from .predict import Predictor, decode_ahead, softmax, thread_plan
 from .zoo import open_bundle
 
 #: Font size (points) of the confusion matrix's title.
@@ -45,6 +47,9 @@ class EvalReport:
     split: str
     dataset: str
     skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None  #: scoring time (decoding included; not loading the bundle)
+    engine: str | None = None
+    from_feature_cache: int = 0  #: images scored from features training had already cached
 
     @property
     def n(self) -> int:
@@ -99,7 +104,10 @@ class EvalReport:
         return {"accuracy": self.accuracy, "top5_accuracy": self.top5_accuracy, "n": self.n,
                 "labels": self.labels, "confusion_matrix": self.confusion().tolist(),
                 "per_class": self.per_class(), "split": self.split, "dataset": self.dataset,
-                "mistakes": self.mistakes(), "skipped": self.skipped}
+                "mistakes": self.mistakes(), "skipped": self.skipped,
+                "seconds": self.seconds, "engine": self.engine,
+                "images_per_s": round(self.n / self.seconds, 1) if self.seconds else None,
+                "from_feature_cache": self.from_feature_cache}
 
     def table(self) -> str:
         """Per-class metrics and the confusion matrix as plain text."""
@@ -199,29 +207,96 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
         ds = data
     split_name, s = ds.split(split)
     mapping = _label_map(bundle, ds)
-    predictor = Predictor(bundle, engine=engine, device=device)
+    decode_threads, ort_threads = thread_plan()
+    predictor = Predictor(bundle, engine=engine, device=device, threads=ort_threads)
+    t0 = time.perf_counter()
     skipped: dict[str, str] = {}
-    probs, keep = [], []
+    from_cache = 0
     if s.images is not None:
-        pixels = fit_arrays(s.images, bundle.preprocess)
-        probs.append(predictor.probabilities(pixels, batch_size))
+        probs = predictor.probabilities(fit_arrays(s.images, bundle.preprocess), batch_size)
         keep = list(range(len(s)))
         inputs = [f"{_array_marker(ds, split_name)}{i}" for i in range(len(s))]
     else:
-        inputs = []
-        for start in range(0, len(s), batch_size):
-            chunk = s.paths[start : start + batch_size]
-            prepared = decode_many(lambda p: decode_evaluated(p, bundle.preprocess), chunk)
-            good = [(start + i, p) for i, p in enumerate(prepared) if isinstance(p, np.ndarray)]
-            for path, p in zip(chunk, prepared, strict=True):
-                if not isinstance(p, np.ndarray):
-                    skipped[path] = p.message
-            if good:
-                probs.append(predictor.probabilities(np.stack([p for _, p in good]), batch_size))
-                keep += [i for i, _ in good]
+        probs, keep, skipped, from_cache = _score_files(predictor, s.paths, decode_threads)
         inputs = [s.paths[i] for i in keep]
     if not keep:
         raise DataError(f"no readable image in {ds.name} {split_name}")
     y_true = mapping[s.labels[np.array(keep)]]
-    return EvalReport(list(bundle.classes), y_true, np.concatenate(probs), inputs, split_name,
-                      ds.name, skipped)
+    return EvalReport(list(bundle.classes), y_true, probs, inputs, split_name, ds.name, skipped,
+                      time.perf_counter() - t0, getattr(predictor.engine, "name", None),
+                      from_cache)
+
+
+#: images decoded per batch while the engine runs the batch before
+FILE_BATCH = 32
+
+
+def _score_files(predictor: Predictor, paths: list[str], threads: int
+                 ) -> tuple[np.ndarray, list[int], dict[str, str], int]:
+    """Probabilities of image files: those training already embedded from the feature cache
+    (cached_logits), the others decoded in `threads` while ONNX Runtime (or PyTorch) runs the
+    batch before. (probabilities, indices scored, {path: reason} skipped, from the cache)"""
+    bundle = predictor.bundle
+    logits = cached_logits(predictor, paths)
+    scored = {i: softmax(row[None], bundle.temperature)[0] for i, row in logits.items()}
+    todo = [i for i in range(len(paths)) if i not in scored]
+    chunks = [todo[k : k + FILE_BATCH] for k in range(0, len(todo), FILE_BATCH)]
+    decode = lambda i: decode_evaluated(paths[i], bundle.preprocess)  # noqa: E731
+    skipped: dict[str, str] = {}
+    for chunk, decoded in zip(chunks, decode_ahead(decode, chunks, threads), strict=True):
+        good = [(i, p) for i, p in zip(chunk, decoded, strict=True) if isinstance(p, np.ndarray)]
+        skipped.update({paths[i]: p.message for i, p in zip(chunk, decoded, strict=True)
+                        if not isinstance(p, np.ndarray)})
+        if good:
+            probs = predictor.probabilities(np.stack([p for _, p in good]), FILE_BATCH)
+            scored.update(zip([i for i, _ in good], probs, strict=True))
+    keep = sorted(scored)
+    probs = (np.stack([scored[i] for i in keep]) if keep
+             else np.zeros((0, len(bundle.classes)), np.float32))
+    return probs, keep, skipped, len(logits)
+
+
+def cached_logits(predictor: Predictor, paths: list[str]) -> dict[int, np.ndarray]:
+    """{index: logits} of the images a features-mode bundle's training already embedded: their
+    cached features through the head part of the bundle's model.onnx. Only when that file is
+    the one training composed (its SHA-256 recorded in imgrec.json's "feature_reuse") and run
+    by ONNX Runtime, the contract has no test-time augmentation, and the cache's extractor
+    key, recomputed from the bundle's backbone, weights identity and contract, is the one
+    recorded: then these are the logits the whole file gives for the image, bit for bit up to
+    float rounding. Otherwise (or without the onnx package) {}: every image is decoded."""
+    bundle, reuse = predictor.bundle, predictor.bundle.training.get("feature_reuse")
+    if (not isinstance(reuse, dict) or bundle.preprocess.tta
+            or getattr(predictor.engine, "path", None) != bundle.onnx_path):
+        return {}
+    t = bundle.training
+    key = extractor_key(str(t.get("backbone")), str(t.get("weights")), bundle.preprocess)
+    if (key != reuse.get("extractor") or not (cache_root() / key).is_dir()
+            or file_digest(bundle.onnx_path)[1] != reuse.get("onnx_sha256")):
+        return {}
+    try:
+        head = _head_session(bundle.onnx_path, str(reuse.get("tensor")))
+    except Exception:  # noqa: BLE001 (no onnx package, a file not shaped as composed: decode)
+        return {}
+    name, dim = head.get_inputs()[0].name, head.get_inputs()[0].shape[-1]
+    cache = FeatureCache(key, int(dim))
+    found = {i: vec for i, d in enumerate(digest_all(paths))
+             if isinstance(d, str) and (vec := cache.get(d)) is not None}
+    if not found:
+        return {}
+    order = sorted(found)
+    out = head.run(None, {name: np.stack([found[i] for i in order])})[0]
+    return dict(zip(order, out, strict=True))
+
+
+def _head_session(onnx_path: Path, tensor: str):
+    """An ONNX Runtime session of the part of model.onnx after `tensor` (the head)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(onnx_path))
+    head = Extractor(model).extract_model([tensor], [model.graph.output[0].name])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(head.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])

@@ -157,13 +157,12 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     imgrec.json which file serving runs. `network`: the bundle's network already in memory
     (one imgrec cannot rebuild: a caller's own nn.Module)."""
     from .network import load_model
-    from .predict import softmax
     from .zoo import open_bundle
 
     if fmt != "onnx":
         raise InputError(f"unknown export format {fmt!r}", "the format is onnx")
     try:
-        import torch
+        import torch  # noqa: F401 (a clear line when it is missing)
     except ImportError:
         raise ModelError("exporting needs PyTorch, which is not installed",
                          "pip install 'imgrec[train]', or export on the training machine and "
@@ -174,16 +173,7 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     shape = (contract.channels, contract.input_size, contract.input_size)
     onnx_path = export_onnx(net, bundle.onnx_path, shape, opset)
 
-    pixels = _photo_batch(contract, photos)
-    x = contract.normalize(pixels)
-    with torch.no_grad():
-        expected = softmax(net(torch.from_numpy(x)).numpy(), bundle.temperature)
-    got = _onnx_probs(onnx_path, x, bundle.temperature)
-    diff = float(np.abs(got - expected).max())
-    if diff > PARITY_TOLERANCE:
-        onnx_path.unlink(missing_ok=True)
-        raise ModelError(f"the ONNX export disagrees with PyTorch on real photos (max "
-                         f"probability difference {diff:.2e})")
+    x, got, diff = check_parity(bundle, net, onnx_path, photos)
     result = ExportResult(bundle, onnx_path, diff)
     info: dict[str, Any] = {"format": "onnx", "opset": opset, "onnx": onnx_path.name,
                             "max_abs_diff": diff, "serve": onnx_path.name}
@@ -202,6 +192,39 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     bundle.extra[EXPORT_KEY] = info
     bundle.write_meta()
     return result
+
+
+def check_parity(bundle, net, onnx_path: Path, photos: list[str | Path] | None = None):
+    """The check every model.onnx passes: its probabilities against the PyTorch network's on
+    real photos through the bundle's contract, at most PARITY_TOLERANCE apart, else the file
+    is removed and ModelError raised. (normalised photos, ONNX probabilities, difference)"""
+    import torch
+
+    from .predict import softmax
+
+    x = bundle.preprocess.normalize(_photo_batch(bundle.preprocess, photos))
+    with torch.no_grad():
+        expected = softmax(net(torch.from_numpy(x)).numpy(), bundle.temperature)
+    got = _onnx_probs(onnx_path, x, bundle.temperature)
+    diff = float(np.abs(got - expected).max())
+    if diff > PARITY_TOLERANCE:
+        Path(onnx_path).unlink(missing_ok=True)
+        raise ModelError(f"the ONNX export disagrees with PyTorch on real photos (max "
+                         f"probability difference {diff:.2e})")
+    return x, got, diff
+
+
+def adopt_onnx(bundle, onnx_file: Path, network: Any, opset: int = 17) -> ExportResult:
+    """Make an ONNX file built another way (training composes a features-mode network from
+    the backbone's cached export and its head) the bundle's model.onnx, after export_bundle's
+    check against the PyTorch `network`, and record it as export_bundle does."""
+    os.replace(onnx_file, bundle.onnx_path)
+    _, _, diff = check_parity(bundle, network.cpu().eval(), bundle.onnx_path)
+    (bundle.path / ONNX_INT8_FILE).unlink(missing_ok=True)  # it would no longer match
+    bundle.extra[EXPORT_KEY] = {"format": "onnx", "opset": opset, "onnx": bundle.onnx_path.name,
+                                "max_abs_diff": diff, "serve": bundle.onnx_path.name}
+    bundle.write_meta()
+    return ExportResult(bundle, bundle.onnx_path, diff)
 
 
 def ensure_onnx(model, warn=None):

@@ -15,98 +15,28 @@ images in parallel threads while the current one runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..contract import Preprocess, load_input
+from ..contract import load_input
 from ..errors import InputError, ModelError
+from ..feature_cache import (  # noqa: F401 (the cache's names, as training has always used them)
+    CACHE_FORMAT,
+    FeatureCache,
+    cache_root,
+    content_digest,
+    digest_all,
+    extractor_key,
+    view_key,
+)
 from ..models.pretrained import Backbone
-from ..predict import OnnxEngine
+from ..predict import OnnxEngine, thread_plan
 
-CACHE_FORMAT = 1
 BATCH = 32
-
-
-def cache_root() -> Path:
-    """$IMGREC_CACHE, else ~/.cache/imgrec/features."""
-    env = os.environ.get("IMGREC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "imgrec" / "features"
-
-
-def extractor_key(backbone: str, weights: str, contract: Preprocess) -> str:
-    """Identity of the function image -> features: any change makes a new cache folder."""
-    spec = {"format": CACHE_FORMAT, "backbone": backbone, "weights": weights,
-            "preprocess": contract.to_dict()}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def content_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: the key of its features (its name and date do not matter)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def view_key(digest: str, view: int = 0, augment: str = "none", seed: int = 0) -> str:
-    """View 0 is the image itself; view k > 0 the k-th augmented copy under `augment` and
-    `seed`, so changing either recomputes the views and keeps the originals."""
-    if view == 0:
-        return digest
-    return hashlib.sha256(f"{digest}:view={view}:aug={augment}:seed={seed}".encode()).hexdigest()
-
-
-class FeatureCache:
-    """One folder of validated feature vectors for one extractor."""
-
-    def __init__(self, key: str, dim: int, root: Path | None = None):
-        self.key, self.dim = key, dim
-        self.folder = (root or cache_root()) / key
-        self.corrupted = 0
-
-    def path(self, k: str) -> Path:
-        return self.folder / k[:2] / f"{k}.safetensors"
-
-    def get(self, k: str) -> np.ndarray | None:
-        """The stored vector, or None when absent or failing validation (then deleted)."""
-        path = self.path(k)
-        if not path.is_file():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as f:
-                meta = f.metadata() or {}
-                vec = f.get_tensor("features")
-            ok = (meta.get("key") == k and vec.dtype == np.float32 and vec.shape == (self.dim,)
-                  and hashlib.sha256(vec.tobytes()).hexdigest() == meta.get("sha256")
-                  and bool(np.isfinite(vec).all()))
-        except Exception:
-            ok = False
-        if not ok:
-            self.corrupted += 1
-            path.unlink(missing_ok=True)
-            return None
-        return vec
-
-    def put(self, k: str, vec: np.ndarray) -> None:
-        """Write atomically (a crash or a concurrent run never leaves half an entry)."""
-        from safetensors.numpy import save
-
-        vec = np.ascontiguousarray(vec, dtype=np.float32)
-        meta = {"key": k, "sha256": hashlib.sha256(vec.tobytes()).hexdigest(),
-                "format": str(CACHE_FORMAT)}
-        path = self.path(k)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(save({"features": vec}, metadata=meta))
-        os.replace(tmp, path)
 
 
 # -- engines -------------------------------------------------------------------------------
@@ -135,6 +65,8 @@ class Extractor:
     device: object = None
     quiet: bool = False
     stats: dict = field(default_factory=lambda: {"cached": 0, "computed": 0, "corrupted": 0})
+    #: images computed and the seconds it took (decoding and inference, not the export)
+    timing: dict = field(default_factory=lambda: {"images": 0, "seconds": 0.0})
 
     def __post_init__(self) -> None:
         self.contract = self.backbone.contract
@@ -143,6 +75,7 @@ class Extractor:
         self._model = None
         self.dim = self._feature_dim()
         self.cache = FeatureCache(self.key, self.dim)
+        self.threads = thread_plan()
 
     # -- the network ---------------------------------------------------------------------
     def model(self):
@@ -187,7 +120,7 @@ class Extractor:
                 self._engine = TorchFeatures(self.model(), dev)
                 return self._engine
         try:
-            self._engine = OnnxEngine(path=onnx_path)
+            self._engine = OnnxEngine(path=onnx_path, threads=self.threads[1])
         except Exception:  # a damaged cached export: rebuild it once
             onnx_path.unlink(missing_ok=True)
             return self.engine()
@@ -198,58 +131,53 @@ class Extractor:
                  desc: str = "features") -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         """Features of each path's original and `views` augmented views:
         (float32 N x (1 + views) x D, bool mask of readable files, {path: reason} skipped)."""
-        from tqdm import tqdm
-
         n, v_total = len(paths), 1 + views
         out = np.zeros((n, v_total, self.dim), np.float32)
         good = np.ones(n, bool)
         have = np.zeros((n, v_total), bool)
         skipped: dict[str, str] = {}
-        digests = _digest_all(paths)
-        todo: list[int] = []  # images with at least one view missing
         keys: list[list[str]] = []
-        for i, d in enumerate(digests):
+        for i, d in enumerate(digest_all(paths)):
             if isinstance(d, Exception):
                 good[i] = False
                 skipped[paths[i]] = f"unreadable ({d})"
                 keys.append([])
                 continue
-            ks = [view_key(d, v, augment, seed) for v in range(v_total)]
-            keys.append(ks)
-            missing = False
-            for v, k in enumerate(ks):
+            keys.append([view_key(d, v, augment, seed) for v in range(v_total)])
+            for v, k in enumerate(keys[-1]):
                 vec = self.cache.get(k)
-                if vec is None:
-                    missing = True
-                else:
+                if vec is not None:
                     out[i, v], have[i, v] = vec, True
-            if missing:
-                todo.append(i)
         self.stats["cached"] += int(have.sum())
+        todo = [i for i in range(n) if good[i] and not have[i].all()]
         if todo:
-            aug = _augmenter(augment) if views else None
-            engine = self.engine()
-            bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False,
-                       disable=self.quiet or None, dynamic_ncols=True)
-            chunks = [todo[s : s + BATCH] for s in range(0, len(todo), BATCH)]
-            with ThreadPoolExecutor(max_workers=1) as prefetch:
-                pending = prefetch.submit(self._decode, paths, chunks[0]) if chunks else None
-                for c, chunk in enumerate(chunks):
-                    decoded = pending.result()
-                    if c + 1 < len(chunks):
-                        pending = prefetch.submit(self._decode, paths, chunks[c + 1])
-                    self._run_chunk(engine, chunk, decoded, keys, out, have, good, skipped,
-                                    aug, paths)
-                    bar.update(len(chunk))
-            bar.close()
+            self._compute(todo, paths, keys, out, have, good, skipped,
+                          _augmenter(augment) if views else None, desc)
         self.stats["corrupted"] = self.cache.corrupted
         return out, good, skipped
 
-    def _decode(self, paths: list[str], chunk: list[int]) -> list:
-        from ..predict import decode_many
+    def _compute(self, todo, paths, keys, out, have, good, skipped, aug, desc) -> None:
+        """The missing views of `todo`: each batch decodes in threads while the engine runs
+        the one before (the thread split: `thread_plan`)."""
+        import time
 
-        return decode_many(lambda p: load_input(p, self.contract, invert="no"),
-                           [paths[i] for i in chunk])
+        from tqdm import tqdm
+
+        from ..predict import decode_ahead
+
+        engine = self.engine()
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False,
+                   disable=self.quiet or None, dynamic_ncols=True)
+        chunks = [todo[s : s + BATCH] for s in range(0, len(todo), BATCH)]
+        decode = lambda i: load_input(paths[i], self.contract, invert="no")  # noqa: E731
+        for chunk, decoded in zip(chunks, decode_ahead(decode, chunks, self.threads[0]),
+                                  strict=True):
+            self._run_chunk(engine, chunk, decoded, keys, out, have, good, skipped, aug, paths)
+            bar.update(len(chunk))
+        bar.close()
+        self.timing["images"] += len(todo)
+        self.timing["seconds"] += time.perf_counter() - t0
 
     def _run_chunk(self, engine, chunk, decoded, keys, out, have, good, skipped, aug, paths):
         pixels, rows = [], []  # (image index, view) of each row of the batch
@@ -268,19 +196,6 @@ class Extractor:
                 out[i, v] = vec
                 self.cache.put(keys[i][v], vec)
         self.stats["computed"] += len(rows)
-
-
-def _digest_all(paths: list[str]) -> list:
-    """Content hashes in threads (hashlib releases the GIL); an OSError is the item's result."""
-
-    def one(p):
-        try:
-            return content_digest(p)
-        except OSError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, paths))
 
 
 def _augmenter(spec: str) -> Callable[[np.ndarray, str], np.ndarray]:

@@ -4,6 +4,9 @@ curves.png, config.json (RecordWriter) and TensorBoard logs."""
 from __future__ import annotations
 
 import json
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -117,7 +120,52 @@ class RecordWriter:
         return bundle
 
     @staticmethod
+    def write_onnx(bundle: Bundle, model: Any, composed: Callable[[], Path] | None = None
+                   ) -> str | None:
+        """model.onnx in the bundle at the end of training, checked against PyTorch on real
+        photos as `imgrec export` checks it, so evaluate, predict and serve run ONNX Runtime at
+        once. `composed` builds the file from parts already exported (features mode); when it
+        fails, the whole network is exported. Returns how it was made ("composed", "exported"),
+        or None after one warning line: the bundle then has no model.onnx and runs in PyTorch.
+        """
+        from ..errors import ModelError
+        from ..export import adopt_onnx, export_bundle, first_line
+
+        def export() -> None:
+            bundle.extra = export_bundle(bundle.path, network=model).bundle.extra
+
+        attempts = [("exported", export)]
+        if composed is not None:
+            attempts.insert(0, ("composed", lambda: adopt_onnx(bundle, composed(), model)))
+        t0, how = time.perf_counter(), None
+        for name, attempt in attempts:
+            try:
+                attempt()
+                how = name
+                break
+            except Exception as e:  # noqa: BLE001 (whatever the failure, the bundle survives)
+                error = e
+                _drop_onnx(bundle)
+        if how is None:
+            reason = (error.message if isinstance(error, ModelError)
+                      else f"{type(error).__name__}: {first_line(error)}")
+            print(f"warning: no model.onnx ({reason}); the bundle runs in PyTorch (`imgrec "
+                  "export` retries)", file=sys.stderr, flush=True)
+        bundle.training["onnx_seconds"] = round(time.perf_counter() - t0, 2)
+        bundle.write_meta()
+        return how
+
+    @staticmethod
     def add_test_metrics(bundle: Bundle, metrics: dict[str, Any], skipped: int) -> None:
         bundle.metrics = {"test": metrics}
         bundle.training["skipped_files"] = skipped
         bundle.write_meta()
+
+
+def _drop_onnx(bundle: Bundle) -> None:
+    """After a failed export: no model.onnx (nor its record) that was not checked."""
+    from ..bundle import EXPORT_KEY
+
+    bundle.onnx_path.unlink(missing_ok=True)
+    bundle.extra.pop(EXPORT_KEY, None)
+    bundle.write_meta()

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..bundle import Bundle
+from ..bundle import Bundle, file_digest
 from ..errors import skipped_report
 from ..files import output_folder
 from ..network import CUSTOM_ARCHITECTURE as CUSTOM
@@ -27,11 +27,13 @@ from .engine import EpochLoop, LoopResult
 from .plan import RunPlan, seed_everything
 from .record import RecordWriter
 from .transfer import (
+    FEATURE_TENSOR,
     FREEZE_BN_BELOW,
     LAYER_DECAY,
     FeatureSet,
     HeadSettings,
     compose,
+    compose_onnx,
     extract_features,
     frozen_bn_train_mode,
     head_logits,
@@ -87,6 +89,8 @@ class Runner:
         try:
             bundle, loop = self.train(t0)
             test = None if loop.interrupted else self.test_metrics(bundle)
+            if not loop.interrupted:  # a stopped run keeps its weights, and stops now
+                self.write_onnx(bundle)
             logs.update(history=loop.history, best_epoch=loop.best_epoch, test=test,
                         stopped_early=loop.stopped_early, interrupted=loop.interrupted)
         finally:
@@ -101,6 +105,10 @@ class Runner:
 
     def train(self, t0: float) -> tuple[Bundle, LoopResult]:
         raise NotImplementedError
+
+    def write_onnx(self, bundle: Bundle) -> None:
+        """model.onnx, checked against PyTorch, so every bundle serves on ONNX Runtime."""
+        self.record.write_onnx(bundle, self.state.model)
 
     def test_metrics(self, bundle: Bundle) -> dict[str, Any] | None:
         """Accuracy on the test split, scored by the trained network as predict scores it."""
@@ -158,21 +166,7 @@ class ScratchRunner(Runner):
                                        **(extra or {}))
         bundle = self.record.save(model, arch, loop.history, training,
                                   f"{self.plan.model_name} on {self.plan.data.name}")
-        if arch["name"] == CUSTOM:
-            self._export_custom(bundle, model)
         return bundle, loop
-
-    def _export_custom(self, bundle: Bundle, model: torch.nn.Module) -> None:
-        """imgrec cannot rebuild a network it did not define: its model.onnx is how predict,
-        evaluate and serve run it."""
-        from ..errors import ModelError
-        from ..export import export_bundle
-
-        try:
-            export_bundle(bundle.path, network=model)
-        except ModelError as e:
-            self.note(f"warning: the network could not be exported to ONNX ({e}); the bundle "
-                      "holds its weights only")
 
 
 class FinetuneRunner(ScratchRunner):
@@ -253,6 +247,24 @@ class FeaturesRunner(Runner):
         self.record.add_test_metrics(bundle, report.headline(), len(self.state.skipped))
         self.note(f"test    accuracy {report.accuracy:.4f} on {report.n} images")
         return report.headline()
+
+
+    def write_onnx(self, bundle: Bundle) -> None:
+        """model.onnx composed from the backbone's cached export and the head (no second
+        export of the backbone); on success, imgrec.json says how evaluate may score test
+        images from the feature cache: the extractor's key and the tensor of this file that
+        holds the pooled features (its checksum is recorded with the bundle's files)."""
+        fs, plan = self.features, self.plan
+        ex = fs.extractor
+        out = bundle.path / f".{bundle.onnx_path.name}.composed"
+        how = self.record.write_onnx(bundle, self.state.model, lambda: compose_onnx(
+            ex.cache.folder / "extractor.onnx", self.head, ex.dim, out))
+        out.unlink(missing_ok=True)  # left only by a failed composition
+        if how == "composed" and not plan.contract.tta:
+            bundle.training["feature_reuse"] = {
+                "extractor": ex.key, "tensor": FEATURE_TENSOR,
+                "onnx_sha256": file_digest(bundle.onnx_path)[1]}
+            bundle.write_meta()
 
 
 def transfer_record(plan: RunPlan, fs: FeatureSet) -> dict[str, Any]:

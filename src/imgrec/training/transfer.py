@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,10 @@ class FeatureSet:
                 "feature_cache": str(ex.cache.folder), "features_cached": ex.stats["cached"],
                 "features_computed": ex.stats["computed"],
                 "cache_entries_recomputed": ex.stats["corrupted"],
-                "extract_seconds": round(self.seconds, 1)}
+                "extract_seconds": round(self.seconds, 1),
+                "extract_images_per_s": round(ex.timing["images"] / ex.timing["seconds"], 1)
+                if ex.timing["images"] else None,
+                "extract_threads": {"decode": ex.threads[0], "onnxruntime": ex.threads[1]}}
 
 
 def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) -> FeatureSet:
@@ -251,6 +255,48 @@ def compose(backbone: Backbone, backbone_model: nn.Module, head: nn.Module, kind
     model.backbone.load_state_dict(state)
     model.head.load_state_dict(head.state_dict())
     return model.eval(), {"name": "transfer", "args": args}
+
+
+#: the name of the pooled-feature tensor inside a composed model.onnx (evaluate runs the head
+#: part of the file on cached features from it)
+FEATURE_TENSOR = "features"
+
+
+def compose_onnx(extractor_onnx: Path, head: nn.Module, dim: int, out: Path) -> Path:
+    """The bundle's model.onnx without exporting the backbone again (seconds for Lite0): the
+    backbone's ONNX that extraction ran, then the head exported alone, merged with
+    onnx.compose; its pooled features are the tensor FEATURE_TENSOR. The caller checks the
+    result against the composed PyTorch network (export.adopt_onnx)."""
+    import onnx
+    from onnx import compose
+
+    from ..errors import ModelError
+    from ..export import export_onnx
+
+    if not Path(extractor_onnx).is_file():
+        raise ModelError("the backbone's ONNX export is not in the feature cache")
+    head_file = out.with_name(f".{out.name}.head.onnx")
+    try:
+        export_onnx(head.eval(), head_file, (dim,))
+        body, top = onnx.load(str(extractor_onnx)), onnx.load(str(head_file))
+    finally:
+        head_file.unlink(missing_ok=True)
+    _rename(body.graph, "output", FEATURE_TENSOR)
+    top = compose.add_prefix(top, "head/")
+    _rename(top.graph, "head/output", "output")
+    merged = compose.merge_models(body, top, io_map=[(FEATURE_TENSOR, "head/input")])
+    onnx.save(merged, str(out))
+    return out
+
+
+def _rename(graph, old: str, new: str) -> None:
+    """Rename a tensor everywhere in a graph (node inputs and outputs, graph outputs)."""
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in graph.output:
+        if value.name == old:
+            value.name = new
 
 
 # -- fine-tuning the composed network -----------------------------------------------------
