@@ -47,20 +47,27 @@ def test_export_greyscale_bundle(tmp_path, sample_photo):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_int8_export_is_recorded_and_served_until_stale(tmp_path, capsys):
+def test_int8_export_is_recorded_and_refused_when_stale(tmp_path, capsys):
+    from imgrec.errors import InputError
+    from imgrec.predict import int8_onnx_path
+
     path = make_tiny_bundle(tmp_path / "tiny", export=False)
     assert main(["export", str(path), "--int8"]) == 0
     out = capsys.readouterr().out
-    assert "model.int8.onnx" in out and "serve   uses model.int8.onnx" in out
+    assert "model.int8.onnx" in out and "serve   uses model.onnx" in out
+    assert "calibrated on the sample photos" in out  # the tiny bundle names no training data
     bundle = read_bundle(path)
-    assert bundle.extra["export"]["serve"] == ONNX_INT8_FILE
+    assert bundle.extra["export"]["int8"] == ONNX_INT8_FILE
     assert bundle.extra["export"]["int8_top1_agreement"] >= 0.8
-    assert serving_onnx_path(bundle) == path / ONNX_INT8_FILE
+    # float32 is served unless --int8 asks for the int8 file
+    assert serving_onnx_path(bundle) == bundle.onnx_path
+    assert int8_onnx_path(bundle) == path / ONNX_INT8_FILE
 
-    # A newer model.onnx (re-exported weights) makes the int8 file stale: serve float32.
+    # A newer model.onnx (re-exported weights) makes the int8 file stale: refused.
     later = (path / ONNX_INT8_FILE).stat().st_mtime + 10
     os.utime(bundle.onnx_path, (later, later))
-    assert serving_onnx_path(read_bundle(path)) == bundle.onnx_path
+    with pytest.raises(InputError, match="stale"):
+        int8_onnx_path(read_bundle(path))
 
     # Retraining (save_bundle writes new weights) removes both exports.
     from imgrec.network import load_model, save_bundle

@@ -212,7 +212,9 @@ def predict(
     invert: Annotated[Invert | None, typer.Option(
         help="invert dark-on-light inputs for MNIST-style models (default: the bundle's)")] =
     None,
-    engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    engine: Annotated[str, typer.Option(help="auto, onnx, int8 or torch")] = "auto",
+    int8: Annotated[bool, typer.Option("--int8", help="run model.int8.onnx (made by "
+                                       "`imgrec export MODEL --int8`)")] = False,
 ) -> None:
     """Predict the top-k labels of images with a bundle (default: the offline ImageNet model).
 
@@ -220,10 +222,16 @@ def predict(
     """
     from .predict import Predictor, expand_inputs, sample_photos
 
+    if int8 and engine not in ("auto", "int8"):
+        from .errors import InputError
+
+        raise InputError(f"--int8 runs ONNX Runtime; it cannot be combined with --engine {engine}")
+    engine = "int8" if int8 else engine
+
     sources = list(expand_inputs(inputs)) if inputs else sample_photos()
+    predictor = Predictor.load(model, engine=engine)
     if not inputs and not json_out:
         _echo("no input given: predicting the sample photos bundled with imgrec")
-    predictor = Predictor.load(model, engine=engine)
     results = predictor.predict(sources, top_k=top_k, invert=invert.value if invert else None)
     records = []
     for src, res in zip(sources, results, strict=True):
@@ -268,8 +276,11 @@ def export(
     model: Annotated[str, typer.Argument(help="bundle folder or pretrained name (imagenet)")],
     fmt: Annotated[str, typer.Option("--format", help="export format: onnx")] = "onnx",
     int8: Annotated[bool, typer.Option("--int8", help="also write model.int8.onnx (static int8 "
-                                       "quantization calibrated on photos); serve then uses it")] =
-    False,
+                                       "quantization calibrated on the training data); "
+                                       "`serve --int8` and `predict --int8` run it")] = False,
+    calibration: Annotated[str | None, typer.Option(
+        help="dataset to calibrate int8 on (default: the bundle's training data, else the "
+             "sample photos)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Write model.onnx into a bundle (a pretrained name: into its cached bundle), checked
@@ -279,15 +290,56 @@ def export(
     """
     from .export import export_bundle
 
-    r = export_bundle(model, fmt, int8=int8)
+    r = export_bundle(model, fmt, int8=int8, calibration=calibration)
     if json_out:
         _echo(json.dumps(r.to_dict(), indent=2))
         return
     _echo(f"onnx    {r.onnx}  (max probability difference vs PyTorch {r.max_abs_diff:.1e})")
     if r.int8:
-        _echo(f"int8    {r.int8}  (top-1 agreement with float32 {r.int8_top1_agreement:.0%}, "
-              f"max probability difference {r.int8_max_abs_diff:.3f})")
-    _echo(f"serve   uses {r.serve_file}")
+        where = "held-out" if r.int8_held_out else "calibration"
+        _echo(f"int8    {r.int8}  (top-1 agreement with float32 {r.int8_top1_agreement:.1%} on "
+              f"{r.int8_agreement_images} {where} images, max probability difference "
+              f"{r.int8_max_abs_diff:.3f})")
+        _echo(f"        calibrated on {r.int8_calibration}")
+    _echo(f"serve   uses {r.serve_file}" + ("; `imgrec serve --int8` the int8 file" if r.int8
+                                            else ""))
+
+
+@app.command()
+def benchmark(
+    model: Annotated[str | None, typer.Argument(help="bundle folder or pretrained name "
+                                                "(default: imagenet)")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="comma-separated batch sizes")] = "1,8,32",
+    seconds: Annotated[float, typer.Option(min=0.01, help="seconds timed per engine and "
+                                           "batch size")] = 3.0,
+    out: Annotated[Path | None, typer.Option(help="folder for benchmark.json and benchmark.png "
+                                             "(default ./benchmark-NAME; never the bundle)")] =
+    None,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads (default: "
+                                                "every core)")] = None,
+) -> None:
+    """Images/s and latency p50/p99 per engine (PyTorch eager, ONNX Runtime float32 and
+    int8) and batch size on this machine: a table, a JSON file and a bar chart.
+
+    Example: imgrec benchmark runs/pets --batch-sizes 1,8,32 --seconds 3
+    """
+    from .benchmarking import check_out, default_out, run_benchmark, write_outputs
+    from .errors import InputError
+    from .zoo import open_bundle
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise InputError(f"--batch-sizes {batch_sizes!r}: not a list of integers",
+                         "e.g. --batch-sizes 1,8,32") from None
+    path = open_bundle(model, need_weights=False).path
+    folder = check_out(out or default_out(path), path)
+    result = run_benchmark(model, sizes, seconds, threads=threads)
+    for note in result.notes:
+        _echo(note)
+    _echo(result.table())
+    json_path, png = write_outputs(result, folder)
+    _echo(f"results: {json_path}\nchart:   {png}")
 
 
 # `imgrec serve`'s overload, slow-client and access options
@@ -327,6 +379,8 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(min=0.01, help="largest request body")] = 10.0,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads per worker "
                                                 "(default: cores / workers)")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="serve model.int8.onnx (made by "
+                                       "`imgrec export MODEL --int8`)")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     max_queue: _MaxQueue = None,
     timeout_ms: _TimeoutMs = 10_000.0,
@@ -348,8 +402,12 @@ def serve(
     keys = api_keys(api_key, api_key_file)
     launch.check_port(host, port)
     bundle, fallback = _bundle_to_serve(model)
+    if int8:  # refused here in one line, before the server starts
+        from .predict import int8_onnx_path
+
+        int8_onnx_path(bundle, model or "imagenet")
     config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         max_upload_mb=max_upload_mb, threads=threads, workers=workers,
+                         max_upload_mb=max_upload_mb, threads=threads, workers=workers, int8=int8,
                          torch_fallback=fallback, max_queue=max_queue, timeout_ms=timeout_ms,
                          body_timeout_s=body_timeout, upload_buffer_mb=upload_buffer_mb,
                          max_connections=max_connections, api_keys=keys,

@@ -3,6 +3,8 @@ a dynamic batch axis and checked against PyTorch on the same input before it is 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -76,13 +78,19 @@ class ExportResult:
     int8: Path | None = None
     int8_max_abs_diff: float | None = None  # int8 vs float32 ONNX probabilities
     int8_top1_agreement: float | None = None
+    int8_calibration: str | None = None  # what it was calibrated on, in words
+    int8_agreement_images: int | None = None
+    int8_held_out: bool | None = None  # agreement on images not calibrated on
     serve_file: str = "model.onnx"
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": str(self.bundle.path), "onnx": str(self.onnx),
                 "max_abs_diff": self.max_abs_diff, "int8": str(self.int8) if self.int8 else None,
                 "int8_max_abs_diff": self.int8_max_abs_diff,
-                "int8_top1_agreement": self.int8_top1_agreement, "serve_file": self.serve_file}
+                "int8_top1_agreement": self.int8_top1_agreement,
+                "int8_calibration": self.int8_calibration,
+                "int8_agreement_images": self.int8_agreement_images,
+                "int8_held_out": self.int8_held_out, "serve_file": self.serve_file}
 
 
 def _photo_batch(contract, photos: list[str | Path] | None = None) -> np.ndarray:
@@ -109,13 +117,58 @@ def _onnx_probs(path: Path, x: np.ndarray, temperature: float = 1.0) -> np.ndarr
     return softmax(session.run(None, {name: x.astype(np.float32)})[0], temperature)
 
 
-def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
-    """Static int8 quantization (QDQ, per-channel 7-bit weights) with ONNX Runtime, calibrated
-    on real photos. Measured on EfficientNet-Lite0: dynamic quantization, or 8-bit weights
-    (which saturate in the u8 x s8 kernels of CPUs without VNNI), flip the top-1 label of a third
-    of the sample photos; per-channel reduced-range weights keep all of them."""
+#: how model.int8.onnx is made; chosen by measurement on EfficientNet-Lite0 on an AVX-512 VNNI
+#: CPU (benchmarks/int8.py): full-range 8-bit per-channel weights (reduce_range=True, the
+#: 7-bit form for CPUs without VNNI, flipped 21% of top-1 labels against 12%), the network's
+#: first convolutions and its classifier kept in float32 (the stem alone is worth as much
+#: agreement as any later block, and the classifier's logits decide top-1 between close
+#: classes), activation ranges from a percentile of the calibration histogram
+INT8_FLOAT_FIRST_CONVS = 3
+INT8_PERCENTILE = 99.99
+#: calibration images taken from the training split, and held-out images for the agreement
+CALIBRATION_LIMIT = 128
+AGREEMENT_LIMIT = 256
+
+
+@dataclass
+class Calibration:
+    """The images int8 quantization is calibrated on, and images it was not, for the agreement
+    with float32 (uint8 N x C x H x W through the bundle's contract)."""
+
+    pixels: np.ndarray
+    held_out: np.ndarray | None
+    source: str  # in words, for the user
+
+
+def float_nodes(model_path: Path, first_convs: int = INT8_FLOAT_FIRST_CONVS) -> list[str]:
+    """The nodes kept in float32: the first `first_convs` convolutions (and the activations
+    right after them) and the last Gemm/MatMul (the classifier)."""
+    import onnx
+
+    nodes = list(onnx.load(str(model_path), load_external_data=False).graph.node)
+    keep: list[str] = []
+    convs = 0
+    for i, node in enumerate(nodes):
+        if node.op_type == "Conv" and convs < first_convs:
+            convs += 1
+            keep.append(node.name)
+            after = nodes[i + 1] if i + 1 < len(nodes) else None
+            if after is not None and after.op_type in ("Clip", "Relu") and \
+                    after.input[0] == node.output[0]:
+                keep.append(after.name)
+    heads = [n.name for n in nodes if n.op_type in ("Gemm", "MatMul")]
+    return keep + heads[-1:]
+
+
+def quantize_int8(src: Path, dst: Path, calibration: np.ndarray,
+                  first_float_convs: int = INT8_FLOAT_FIRST_CONVS,
+                  percentile: float | None = INT8_PERCENTILE) -> Path:
+    """Static int8 quantization with ONNX Runtime: QDQ, per-channel symmetric 8-bit weights,
+    uint8 activations calibrated on `calibration` (normalised float32 N x C x H x W), a few
+    sensitive nodes kept in float32 (`float_nodes`). `percentile` None: min/max ranges."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
@@ -124,6 +177,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
+            # one image a call: the histogram calibrators need equal-sized batches
             self.items = iter([{"input": calibration[i : i + 1]}
                                for i in range(len(calibration))])
 
@@ -133,15 +187,20 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
     dst = Path(dst)
     pre = dst.with_name(f".{dst.name}.pre.onnx")
     tmp = dst.with_name(f".{dst.name}.tmp")
+    method = CalibrationMethod.MinMax if percentile is None else CalibrationMethod.Percentile
     logging.disable(logging.WARNING)  # the quantizer logs harmless per-tensor notes
     try:
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrator prints progress
+            quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=method,
+                            nodes_to_exclude=float_nodes(pre, first_float_convs),
+                            extra_options={"CalibPercentile": percentile or 100.0})
         os.replace(tmp, dst)
     except Exception as e:
-        raise ModelError(f"int8 quantization failed ({type(e).__name__}: {e})",
+        raise ModelError(f"int8 quantization failed ({type(e).__name__}: {first_line(e)})",
                          "serve the float32 model.onnx instead (drop --int8)") from None
     finally:
         logging.disable(logging.NOTSET)
@@ -150,12 +209,72 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray) -> Path:
     return dst
 
 
+def calibration_data(bundle, data: str | None = None, seed: int = 0) -> Calibration:
+    """Calibration images from the bundle's own training data (or `data`, a dataset as
+    `imgrec train` takes it): up to CALIBRATION_LIMIT from its training split, and up to
+    AGREEMENT_LIMIT held out from its validation or test split. When the data is not on this
+    machine (or the bundle names none: a pretrained model), the shipped sample photos and
+    their mirror images, which then are the only images the agreement is measured on."""
+    from .errors import ImgrecError
+
+    name = data or bundle.training.get("data")
+    if isinstance(name, str) and name:
+        try:
+            return _dataset_calibration(bundle, name, seed)
+        except (ImgrecError, OSError) as e:
+            why = f"the training data {name!r} is not readable here ({first_line(e, 120)})"
+    else:
+        why = "the bundle names no training data"
+    return Calibration(_photo_batch(bundle.preprocess), None,
+                       f"the sample photos shipped with imgrec and their mirrors ({why}); "
+                       "agreement measured on them, not on held-out images")
+
+
+def _dataset_calibration(bundle, data: str, seed: int) -> Calibration:
+    from .data.datasets import load_dataset
+    from .errors import ImgrecError
+
+    t = bundle.training
+    ds = load_dataset(data, val_fraction=t.get("val_fraction", 0.1),
+                      test_fraction=t.get("test_fraction", 0.1), seed=t.get("seed", 0))
+    rng = np.random.default_rng(seed)
+    pixels = _split_pixels(bundle, ds.splits["train"], CALIBRATION_LIMIT, rng)
+    held, held_name = None, None
+    for split in ("val", "test"):
+        if split in ds.splits and len(ds.splits[split]):
+            held = _split_pixels(bundle, ds.splits[split], AGREEMENT_LIMIT, rng)
+            held_name = {"val": "validation", "test": "test"}[split]
+            break
+    if pixels is None:
+        raise ImgrecError(f"no readable image in the training split of {data}")
+    where = f", agreement on {len(held)} {held_name} images" if held is not None else ""
+    return Calibration(pixels, held, f"{len(pixels)} training images of {data}{where}")
+
+
+def _split_pixels(bundle, split, limit: int, rng) -> np.ndarray | None:
+    """Up to `limit` images of a split, drawn at random, through the contract (unreadable
+    files are left out)."""
+    from .contract import fit_arrays, load_input
+    from .predict import decode_many
+
+    idx = np.sort(rng.choice(len(split), size=min(limit, len(split)), replace=False))
+    if split.images is not None:
+        return fit_arrays(split.images[idx], bundle.preprocess)
+    decoded = decode_many(lambda p: load_input(p, bundle.preprocess),
+                          [split.paths[i] for i in idx])
+    good = [d for d in decoded if isinstance(d, np.ndarray)]
+    return np.stack(good) if good else None
+
+
 def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
-                  photos: list[str | Path] | None = None, network: Any = None) -> ExportResult:
+                  photos: list[str | Path] | None = None, network: Any = None,
+                  calibration: str | None = None) -> ExportResult:
     """Write model.onnx (and with `int8` model.int8.onnx) into a bundle, or into the cached
-    bundle of a pretrained name, check it against PyTorch on real photos, and record in
-    imgrec.json which file serving runs. `network`: the bundle's network already in memory
-    (one imgrec cannot rebuild: a caller's own nn.Module)."""
+    bundle of a pretrained name, check it against PyTorch on real photos, and record it in
+    imgrec.json. Serving runs model.onnx unless asked for int8 (`imgrec serve --int8`).
+    `network`: the bundle's network already in memory (one imgrec cannot rebuild: a caller's
+    own nn.Module). `calibration`: a dataset to calibrate int8 on instead of the bundle's own
+    training data."""
     from .network import load_model
     from .zoo import open_bundle
 
@@ -173,25 +292,40 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     shape = (contract.channels, contract.input_size, contract.input_size)
     onnx_path = export_onnx(net, bundle.onnx_path, shape, opset)
 
-    x, got, diff = check_parity(bundle, net, onnx_path, photos)
+    _, _, diff = check_parity(bundle, net, onnx_path, photos)
     result = ExportResult(bundle, onnx_path, diff)
     info: dict[str, Any] = {"format": "onnx", "opset": opset, "onnx": onnx_path.name,
                             "max_abs_diff": diff, "serve": onnx_path.name}
-    int8_path = bundle.path / ONNX_INT8_FILE
     if int8:
-        quantize_int8(onnx_path, int8_path, x)
-        q = _onnx_probs(int8_path, x, bundle.temperature)
-        result.int8 = int8_path
-        result.int8_max_abs_diff = float(np.abs(q - got).max())
-        result.int8_top1_agreement = float((q.argmax(1) == got.argmax(1)).mean())
-        result.serve_file = int8_path.name
-        info.update(int8=int8_path.name, int8_max_abs_diff=result.int8_max_abs_diff,
-                    int8_top1_agreement=result.int8_top1_agreement, serve=int8_path.name)
+        info.update(_export_int8(bundle, result, calibration))
     else:
-        int8_path.unlink(missing_ok=True)  # an old int8 file would no longer match
+        (bundle.path / ONNX_INT8_FILE).unlink(missing_ok=True)  # it would no longer match
     bundle.extra[EXPORT_KEY] = info
     bundle.write_meta()
     return result
+
+
+def _export_int8(bundle, result: ExportResult, data: str | None) -> dict[str, Any]:
+    """model.int8.onnx, calibrated (`calibration_data`) and compared with model.onnx on
+    images it was not calibrated on where there are any; its record for imgrec.json."""
+    contract = bundle.preprocess
+    cal = calibration_data(bundle, data)
+    path = quantize_int8(result.onnx, bundle.path / ONNX_INT8_FILE,
+                         contract.normalize(cal.pixels))
+    check = cal.held_out if cal.held_out is not None else cal.pixels
+    x = contract.normalize(check)
+    got = _onnx_probs(result.onnx, x, bundle.temperature)
+    q = _onnx_probs(path, x, bundle.temperature)
+    result.int8 = path
+    result.int8_max_abs_diff = float(np.abs(q - got).max())
+    result.int8_top1_agreement = float((q.argmax(1) == got.argmax(1)).mean())
+    result.int8_calibration = cal.source
+    result.int8_agreement_images = len(check)
+    result.int8_held_out = cal.held_out is not None
+    return {"int8": path.name, "int8_max_abs_diff": result.int8_max_abs_diff,
+            "int8_top1_agreement": result.int8_top1_agreement,
+            "int8_agreement_images": len(check), "int8_held_out": cal.held_out is not None,
+            "int8_calibration": cal.source}
 
 
 def check_parity(bundle, net, onnx_path: Path, photos: list[str | Path] | None = None):

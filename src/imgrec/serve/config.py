@@ -29,6 +29,8 @@ class ServeConfig:
     max_wait_ms: float = 5.0
     max_upload_mb: float = 10.0
     threads: int | None = None  # ONNX Runtime intra-op threads (default: cores / workers)
+    #: serve model.int8.onnx (`imgrec export MODEL --int8`) instead of the float32 model.onnx
+    int8: bool = False
     workers: int = 1
     max_pixels: int = MAX_PIXELS
     max_files: int = 32  # images per /v1/predict/batch request

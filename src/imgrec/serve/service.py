@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from ..bundle import serving_onnx_path
 from ..contract import load_input
 from ..errors import BundleError, ImgrecError, InputError
-from ..predict import OnnxEngine, Predictor, make_engine
+from ..predict import OnnxEngine, Predictor, int8_onnx_path, make_engine
 from ..zoo import open_bundle
 from .batching import ENGINE_NICENESS, Admission, Expired, MicroBatcher, lower_priority
 from .config import ServeConfig
@@ -43,7 +43,8 @@ class Service:
         bundle = open_bundle(config.model, need_weights=False)
         self.bundle = bundle
         self.name = bundle.name
-        self.onnx_file = serving_onnx_path(bundle)
+        self.onnx_file = (int8_onnx_path(bundle, config.model) if config.int8
+                          else serving_onnx_path(bundle))
         self.predictor = Predictor(bundle, engine=_at_low_priority(self._engine))
         self.batcher = MicroBatcher(self.predictor.probabilities, config.max_batch,
                                     config.max_wait_ms, metrics.on_batch, ENGINE_NICENESS)

@@ -1,0 +1,123 @@
+"""int8 end to end on a tiny bundle: calibration from the bundle's own training data (else the
+sample photos, said so), `predict --int8` and `serve --int8` (and their one-line errors), and
+`imgrec benchmark`'s table, JSON and chart."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from bundles import make_tiny_bundle
+from fastapi.testclient import TestClient
+
+from imgrec.bundle import read_bundle, serving_onnx_path
+from imgrec.cli import main
+from imgrec.export import ONNX_INT8_FILE, calibration_data, export_bundle, float_nodes
+from imgrec.predict import Predictor
+from imgrec.serve.app import ServeConfig, create_app
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory):
+    return make_tiny_bundle(tmp_path_factory.mktemp("int8") / "tiny", int8=True)
+
+
+def test_calibration_uses_the_training_data_and_holds_images_out(tmp_path, shapes):
+    path = make_tiny_bundle(tmp_path / "tiny", export=False)
+    bundle = read_bundle(path)
+    bundle.training = {"data": str(shapes), "val_fraction": 0.2, "test_fraction": 0.1,
+                       "seed": 0}
+    bundle.write_meta()
+    cal = calibration_data(read_bundle(path))
+    assert "training images of" in cal.source and cal.held_out is not None
+    assert cal.pixels.shape[1:] == (3, 32, 32) and cal.pixels.dtype == np.uint8
+    # no held-out image is a calibration image
+    flat = {p.tobytes() for p in cal.pixels}
+    assert not any(p.tobytes() in flat for p in cal.held_out)
+
+    r = export_bundle(path, int8=True)
+    assert r.int8_held_out and r.int8_agreement_images == len(cal.held_out)
+    assert 0.0 <= r.int8_top1_agreement <= 1.0
+    info = read_bundle(path).extra["export"]
+    assert info["int8_calibration"] == r.int8_calibration and info["int8_held_out"] is True
+    # serving stays float32 unless asked: the int8 file is opt-in
+    assert info["serve"] == "model.onnx" and serving_onnx_path(read_bundle(path)).name == \
+        "model.onnx"
+
+
+def test_calibration_falls_back_to_the_sample_photos_and_says_so(tmp_path):
+    path = make_tiny_bundle(tmp_path / "tiny", export=False)
+    bundle = read_bundle(path)
+    bundle.training = {"data": str(tmp_path / "gone")}
+    cal = calibration_data(bundle)
+    assert cal.held_out is None and "sample photos" in cal.source and "gone" in cal.source
+
+
+def test_float_nodes_keep_the_first_convolutions_and_the_classifier(tiny_int8):
+    import onnx
+
+    nodes = float_nodes(tiny_int8 / "model.onnx", first_convs=1)
+    graph = onnx.load(str(tiny_int8 / "model.onnx")).graph.node
+    first_conv = next(n.name for n in graph if n.op_type == "Conv")
+    last_gemm = [n.name for n in graph if n.op_type in ("Gemm", "MatMul")][-1]
+    assert nodes[0] == first_conv and nodes[-1] == last_gemm
+
+
+def test_predict_int8_runs_the_int8_file(tiny_int8, sample_photo, capsys):
+    p = Predictor.load(tiny_int8, engine="int8")
+    assert p.engine.path.name == ONNX_INT8_FILE
+    assert main(["predict", str(sample_photo("chelsea")), "--model", str(tiny_int8), "--int8",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out[0]["predictions"]) == 3
+
+
+def test_int8_without_the_file_is_one_line_exit_2(tmp_path, capsys):
+    path = make_tiny_bundle(tmp_path / "tiny")
+    for argv in (["predict", "--model", str(path), "--int8"],
+                 ["serve", str(path), "--int8", "--port", "0"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("imgrec: error:") and err.count("\n") == 1
+        assert f"imgrec export {path} --int8" in err
+    assert main(["predict", "--model", str(path), "--int8", "--engine", "torch"]) == 2
+    assert "--int8" in capsys.readouterr().err
+
+
+def test_serve_int8_serves_the_int8_file(tiny_int8, sample_photo):
+    with TestClient(create_app(ServeConfig(model=str(tiny_int8), int8=True))) as c:
+        assert c.get("/v1/model").json()["onnx_file"] == ONNX_INT8_FILE
+        r = c.post("/v1/predict", content=sample_photo("chelsea").read_bytes())
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+    with TestClient(create_app(ServeConfig(model=str(tiny_int8)))) as c:
+        assert c.get("/v1/model").json()["onnx_file"] == "model.onnx"
+
+
+def test_benchmark_command_writes_table_json_and_chart(tiny_int8, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["benchmark", str(tiny_int8), "--seconds", "0.2", "--batch-sizes", "1,4",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ONNX Runtime int8" in printed and "images/s" in printed
+    result = json.loads((out / "benchmark.json").read_text())
+    got = {(m["engine"], m["batch_size"]) for m in result["measurements"]}
+    assert got == {(e, b) for e in ("torch", "onnx", "int8") for b in (1, 4)}
+    assert all(m["images_per_s"] > 0 and m["p99_ms"] >= m["p50_ms"] > 0
+               for m in result["measurements"])
+    assert (out / "benchmark.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any(p.name.startswith("benchmark") for p in tiny_int8.iterdir())
+
+
+def test_benchmark_notes_missing_engines_and_refuses_bad_options(tmp_path, capsys):
+    path = make_tiny_bundle(tmp_path / "tiny")  # model.onnx, no int8 file
+    assert main(["benchmark", str(path), "--seconds", "0.05", "--batch-sizes", "2",
+                 "--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert "ONNX Runtime int8 skipped" in printed and "--int8" in printed
+    for argv, needle in ((["--out", str(path / "inside")], "inside the bundle"),
+                         (["--batch-sizes", "1,x"], "--batch-sizes"),
+                         (["--batch-sizes", "0"], "positive")):
+        assert main(["benchmark", str(path), "--seconds", "0.05", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1
