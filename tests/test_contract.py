@@ -135,3 +135,24 @@ def test_bounded_decoding_leaves_ordinary_images_as_they_were(size, fmt):
                      Preprocess(28, 1, mean=(0.5,), std=(0.5,))):
         expected = contract.to_uint8(whole if contract.channels == 3 else whole.convert("L"))
         assert np.array_equal(load_input(buf.getvalue(), contract), expected)
+
+
+@pytest.mark.parametrize("size", [(447, 350), (300, 500), (257, 256), (1000, 301)])
+def test_crop_box_resize_matches_resize_then_crop(size):
+    """resize_image resamples only the centre crop's box: the pixels of resizing the whole
+    image and then cropping, to within rounding (at most two levels)."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), np.uint8))
+                        .resize((w, h), Image.BICUBIC))
+    img = Image.fromarray(smooth)
+    c = Preprocess(input_size=224, resize="shorter", resize_to=256, interpolation="bicubic")
+    scale = 256 / min(w, h)
+    nw, nh = max(224, round(w * scale)), max(224, round(h * scale))
+    full = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - 224) // 2, (nh - 224) // 2
+    expected = np.asarray(full.crop((left, top, left + 224, top + 224))).astype(int)
+    got = np.asarray(c.resize_image(img)).astype(int)
+    assert got.shape == expected.shape == (224, 224, 3)
+    diff = np.abs(got - expected)
+    assert diff.max() <= 2 and diff.mean() < 0.2

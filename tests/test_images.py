@@ -251,12 +251,13 @@ def test_long_side_is_cut_before_resizing(monkeypatch):
         Image.new("L", shape, 200).save(buf, "PNG")
         assert load_input(buf.getvalue(), contract).shape == (3, 224, 224)
     assert max(w * h for w, h in sizes) < 10 * 256 * 256, sizes
-    # an ordinary photo keeps the exact resize-then-crop it always had
+    # an ordinary photo is resampled once, over its centre crop only (640x480 -> the box that
+    # becomes 224x224 of its 341x256 resize)
     sizes.clear()
     buf = io.BytesIO()
     Image.new("RGB", (640, 480), (90, 120, 30)).save(buf, "JPEG")
     load_input(buf.getvalue(), contract)
-    assert sizes == [(341, 256)]
+    assert sizes == [(224, 224)]
 
 
 def test_pillow_guard_is_left_as_it_is(tmp_path):
