@@ -392,3 +392,28 @@ def test_serve_extra_is_enough_and_torch_free():
     serve = names(project["optional-dependencies"]["serve"])
     assert {"onnxruntime", "fastapi", "uvicorn", "python-multipart", "pillow", "numpy"} <= serve
     assert not ({"torch", "torchvision", "timm"} & (base | serve))
+
+
+def test_batcher_lanes_run_batches_side_by_side():
+    """Each engine of a list gets its own inference thread, all fed from one queue: a batch
+    here only finishes when another lane runs one at the same time."""
+    together = threading.Barrier(2, timeout=5)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        together.wait()
+        return batch.reshape(len(batch), -1)[:, :1].astype(np.float32)
+
+    batcher = MicroBatcher([run, run], max_batch=1, max_wait_ms=0)
+    assert batcher.lanes == 2 and batcher.alive
+    futures = [batcher.submit(np.full((1, 2, 2), i, np.uint8)) for i in range(4)]
+    assert [float(f.result(5)[0]) for f in futures] == [0.0, 1.0, 2.0, 3.0]
+    batcher.close()
+    assert not batcher.alive
+
+
+def test_serve_config_lanes():
+    config = ServeConfig(threads=2)
+    assert (config.engine_lanes, config.lane_threads) == (2, 1)
+    config = ServeConfig(threads=8, lanes=2)
+    assert (config.engine_lanes, config.lane_threads) == (2, 4)
+    assert ServeConfig(threads=1, lanes=3).engine_lanes == 1

@@ -381,6 +381,9 @@ def serve(
                                                 "(default: cores / workers)")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="serve model.int8.onnx (made by "
                                        "`imgrec export MODEL --int8`)")] = False,
+    lanes: Annotated[int | None, typer.Option(min=1, help="inference threads per worker, each "
+                                              "with its own session of threads / lanes threads "
+                                              "(default: one per thread, at most 4)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     max_queue: _MaxQueue = None,
     timeout_ms: _TimeoutMs = 10_000.0,
@@ -408,6 +411,7 @@ def serve(
         int8_onnx_path(bundle, model or "imagenet")
     config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_upload_mb=max_upload_mb, threads=threads, workers=workers, int8=int8,
+                         lanes=lanes,
                          torch_fallback=fallback, max_queue=max_queue, timeout_ms=timeout_ms,
                          body_timeout_s=body_timeout, upload_buffer_mb=upload_buffer_mb,
                          max_connections=max_connections, api_keys=keys,

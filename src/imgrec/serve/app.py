@@ -52,8 +52,9 @@ log = logging.getLogger("imgrec.serve")
 async def lifespan(app: FastAPI):
     """Log what is served; at shutdown, drain the micro-batcher before the process exits."""
     service: Service = app.state.service
-    log.info("serving %s (%s) with %d ONNX Runtime thread(s)", service.name,
-             service.onnx_file.name, service.config.engine_threads)
+    log.info("serving %s (%s) with %d inference lane(s) of %d ONNX Runtime thread(s)",
+             service.name, service.onnx_file.name, service.batcher.lanes,
+             service.config.lane_threads)
     yield
     await service.aclose()
 

@@ -91,16 +91,22 @@ class _Item:
 class MicroBatcher:
     """`await batcher.infer(pixels)` -> the model's output row for one uint8 C x H x W image.
 
-    `run` takes a uint8 N x C x H x W batch and returns N rows (for imgrec: probabilities).
+    `run` takes a uint8 N x C x H x W batch and returns N rows (for imgrec: probabilities);
+    a list of such callables gives one inference thread (a lane) to each, all taking batches
+    from the one queue. Two single-threaded ONNX Runtime sessions side by side measured ~20%
+    more images/s per CPU second on 2 cores than one session splitting each batch over two
+    threads (no hand-off between the threads inside every operator).
     `on_batch(size, seconds)` is told about every batch (metrics).
     """
 
-    def __init__(self, run: Callable[[np.ndarray], np.ndarray], max_batch: int = 16,
-                 max_wait_ms: float = 5.0,
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray] | list[Callable], max_batch: int
+                 = 16, max_wait_ms: float = 5.0,
                  on_batch: Callable[[int, float], None] | None = None, niceness: int = 0):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.run = run
+        self.runs = list(run) if isinstance(run, (list, tuple)) else [run]
+        if not self.runs:
+            raise ValueError("the batcher needs at least one engine")
         self.niceness = niceness
         self.max_batch = max_batch
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
@@ -108,8 +114,25 @@ class MicroBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="imgrec-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True,
+                                          name=f"imgrec-batcher-{i}")
+                         for i in range(len(self.runs))]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def lanes(self) -> int:
+        return len(self._threads)
+
+    @property
+    def run(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The first lane's engine; setting it gives every lane that one callable (tests wrap
+        it to hold or count batches)."""
+        return self.runs[0]
+
+    @run.setter
+    def run(self, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.runs = [fn] * len(self.runs)
 
     # -- producers (any thread, or the event loop) --------------------------------------------
     def submit(self, pixels: np.ndarray, deadline: float | None = None) -> Future:
@@ -133,21 +156,26 @@ class MicroBatcher:
         return self._queue.qsize()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Finish what is queued, then stop the thread (graceful shutdown)."""
+        """Finish what is queued, then stop the threads (graceful shutdown)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(None)
-        self._thread.join(timeout)
+            for _ in self._threads:  # one stop mark per lane, after everything queued
+                self._queue.put(None)
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Every lane is running (one that died would leave its share of work undone)."""
+        return all(t.is_alive() for t in self._threads)
 
     # -- the inference thread -----------------------------------------------------------------
     def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
-        """The first item plus whatever arrives within max_wait (up to max_batch)."""
+        """The first item plus whatever arrives within max_wait (up to max_batch); True when
+        this lane's stop mark came."""
         batch, stop = [first], False
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
@@ -177,7 +205,7 @@ class MicroBatcher:
             keep.append(item)
         return keep
 
-    def _loop(self) -> None:
+    def _loop(self, lane: int) -> None:
         lower_priority(self.niceness)
         stop = False
         while not stop:
@@ -190,7 +218,7 @@ class MicroBatcher:
                 continue
             start = time.perf_counter()
             try:
-                out = self.run(np.stack([item.pixels for item in batch]))
+                out = self.runs[lane](np.stack([item.pixels for item in batch]))
             except BaseException as e:  # the engine failed: every waiter hears why
                 for item in batch:
                     item.future.set_exception(e)

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from ..images import MAX_PIXELS
 
 CONFIG_ENV = "IMGREC_SERVE_CONFIG"
+#: the most inference lanes a worker starts by default (each holds a copy of the model)
+MAX_LANES = 4
 
 
 def available_cores() -> int:
@@ -31,6 +33,9 @@ class ServeConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads (default: cores / workers)
     #: serve model.int8.onnx (`imgrec export MODEL --int8`) instead of the float32 model.onnx
     int8: bool = False
+    #: inference threads per worker, each with its own ONNX Runtime session of
+    #: threads / lanes threads (default: see `engine_lanes`)
+    lanes: int | None = None
     workers: int = 1
     max_pixels: int = MAX_PIXELS
     max_files: int = 32  # images per /v1/predict/batch request
@@ -68,6 +73,17 @@ class ServeConfig:
     def engine_threads(self) -> int:
         """ONNX Runtime threads per worker so that workers x threads <= cores."""
         return self.threads or max(1, available_cores() // max(1, self.workers))
+
+    @property
+    def engine_lanes(self) -> int:
+        """--lanes, else one single-threaded session per ONNX Runtime thread, at most
+        MAX_LANES (each lane holds a copy of the model)."""
+        return max(1, min(self.lanes or MAX_LANES, self.engine_threads))
+
+    @property
+    def lane_threads(self) -> int:
+        """ONNX Runtime intra-op threads of each lane's session."""
+        return max(1, self.engine_threads // self.engine_lanes)
 
     @property
     def decode_threads(self) -> int:

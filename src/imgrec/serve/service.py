@@ -46,7 +46,10 @@ class Service:
         self.onnx_file = (int8_onnx_path(bundle, config.model) if config.int8
                           else serving_onnx_path(bundle))
         self.predictor = Predictor(bundle, engine=_at_low_priority(self._engine))
-        self.batcher = MicroBatcher(self.predictor.probabilities, config.max_batch,
+        lanes = [self.predictor] + [Predictor(bundle, engine=_at_low_priority(self._engine))
+                                    for _ in range(config.engine_lanes - 1 if self.on_onnx
+                                                   else 0)]
+        self.batcher = MicroBatcher([p.probabilities for p in lanes], config.max_batch,
                                     config.max_wait_ms, metrics.on_batch, ENGINE_NICENESS)
         self.admission = Admission(config.queue_limit, metrics.queue_depth.set)
         self.last_shed = float("-inf")
@@ -58,7 +61,7 @@ class Service:
         exported (the CLI has said so in one line), and only where torch is installed."""
         bundle, config = self.bundle, self.config
         if self.onnx_file.is_file():
-            return OnnxEngine(bundle, config.engine_threads, self.onnx_file)
+            return OnnxEngine(bundle, config.lane_threads, self.onnx_file)
         hint = f"run `imgrec export {config.model or 'imagenet'}` first"
         if not config.torch_fallback:
             raise BundleError(f"{bundle.path}: no model.onnx to serve", hint)
