@@ -82,7 +82,7 @@ OLD_KEYS: dict[tuple, dict[str, tuple[int, ...]]] = {
         **_conv_bn("features.6", 256, 512), **_res("features.8", 512),
         "classifier.weight": (10, 512), "classifier.bias": (10,)},
 }
-SCRATCH = ["mlp", "cnn", "cifar-cnn", "small-cnn", "fast-cnn", "res-cnn"]
+SCRATCH = ["mlp", "cnn", "cifar-cnn", "small-cnn", "fast-cnn", "res-cnn", "airnet"]
 
 
 def _build(case: tuple) -> nn.Module:

@@ -9,6 +9,7 @@ the CPU or the GPU, for in-memory and streamed data alike (airbench's approach).
 from __future__ import annotations
 
 import math
+from functools import cache
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,13 +25,14 @@ PRESETS: dict[str, dict[str, float]] = {
     "standard": {"rotation": 15.0, "shift": 0.1, "zoom": 0.15, "flip": 1.0},
     "strong": {"rotation": 30.0, "shift": 0.2, "zoom": 0.25, "flip": 1.0, "brightness": 0.2},
 }
-KEYS = ("rotation", "width_shift", "height_shift", "shift", "zoom", "flip", "brightness")
+KEYS = ("rotation", "width_shift", "height_shift", "shift", "zoom", "flip", "brightness", "crop")
 
 
 @dataclass(frozen=True)
 class Augment:
     """rotation in degrees; shifts and zoom as fractions of the size; flip on/off;
-    brightness as a fraction (multiplicative)."""
+    brightness as a fraction (multiplicative); crop: a random translation by up to `crop`
+    whole pixels with reflected borders (airbench's pad-and-crop, exact, on uint8)."""
 
     rotation: float = 0.0
     width_shift: float = 0.0
@@ -38,6 +40,7 @@ class Augment:
     zoom: float = 0.0
     flip: bool = False
     brightness: float = 0.0
+    crop: int = 0
 
     @property
     def active(self) -> bool:
@@ -72,6 +75,8 @@ class Augment:
                 values[key] = float(val) if val else 1.0
             except ValueError:
                 raise ImgrecError(f"augmentation {key} needs a number, not {val!r}") from None
+            if key == "crop" and values[key] != int(values[key]):
+                raise ImgrecError(f"augmentation crop={val} must be a whole number of pixels")
             if values[key] < 0 or (key in ("shift", "width_shift", "height_shift", "zoom",
                                            "brightness") and values[key] >= 1):
                 raise ImgrecError(f"augmentation {key}={val} is out of range",
@@ -80,12 +85,26 @@ class Augment:
         values.setdefault("width_shift", shift)
         values.setdefault("height_shift", shift)
         values["flip"] = bool(values.get("flip", 0.0))
+        values["crop"] = int(values.get("crop", 0))
         return cls(**values)
 
+    @property
+    def exact(self) -> bool:
+        """Only whole-pixel moves (flip, crop): done on the uint8 batch by indexing, no
+        resampling and no float copy of the batch."""
+        return not (self.rotation or self.width_shift or self.height_shift or self.zoom
+                    or self.brightness)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: float N x C x H x W (pixel values 0..255). Returns the augmented batch."""
+        """x: N x C x H x W pixel values 0..255, uint8 or float. Flip and crop alone keep
+        the dtype (uint8 stays uint8); the resampling transforms return float."""
         if not self.active:
             return x
+        if self.exact:
+            return shift_and_flip(x, self.crop, self.flip)
+        if self.crop:
+            x = shift_and_flip(x, self.crop, False)
+        x = x.float()
         n, dev = x.shape[0], x.device
 
         def uniform(r: float) -> torch.Tensor:
@@ -108,3 +127,35 @@ class Augment:
         if self.brightness:
             x = (x * (1.0 + uniform(self.brightness)).view(n, 1, 1, 1)).clamp_(0, 255)
         return x
+
+
+def shift_and_flip(x: torch.Tensor, crop: int, flip: bool) -> torch.Tensor:
+    """Each image of the batch moved by its own whole-pixel offset in [-crop, crop] (borders
+    reflected) and mirrored with probability 1/2: one gather for the whole batch, any dtype."""
+    n, _, h, w = x.shape
+    dev = x.device
+    rows = torch.arange(h, device=dev).expand(n, h)
+    cols = torch.arange(w, device=dev).expand(n, w)
+    if crop:
+        crop = min(crop, h - 1, w - 1)  # reflection needs the border inside the image
+        x = F.pad(x.float() if x.dtype == torch.uint8 and not _pad_uint8() else x,
+                  (crop,) * 4, mode="reflect").to(x.dtype)
+        off = torch.randint(0, 2 * crop + 1, (n, 2), device=dev)
+        rows, cols = rows + off[:, :1], cols + off[:, 1:]
+    if flip:
+        mirror = torch.rand(n, device=dev) < 0.5
+        cols = torch.where(mirror[:, None], cols.flip(-1), cols)
+    if not crop and not flip:
+        return x
+    idx = torch.arange(n, device=dev)[:, None, None]
+    return x.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+@cache
+def _pad_uint8() -> bool:
+    """Whether this PyTorch reflects uint8 tensors itself (older ones only pad floats)."""
+    try:
+        F.pad(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), (1,) * 4, mode="reflect")
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True

@@ -6,6 +6,7 @@ package, or anything in it such as `imgrec.models.registry`, gives a filled `MOD
 
 # the model files, in the order `imgrec models` lists them; importing registers them
 from . import scratch  # noqa: F401, I001
+from . import airbench  # noqa: F401
 from . import pretrained  # noqa: F401
 from .registry import (
     ALIASES,

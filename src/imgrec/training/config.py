@@ -18,6 +18,8 @@ MODES = ("auto", "scratch", "features", "finetune")
 HEADS = ("linear", "mlp")
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 INVERT = ("auto", "yes", "no")
+RECIPE_VARIANTS = ("default", "long")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (),
@@ -39,6 +41,9 @@ class TrainConfig:
                                 "argument": True})
     model: str | None = option(None, "registry or timm name (default: the dataset's recipe); "
                                      "see `imgrec models`")
+    recipe: str | None = option(
+        None, "the built-in dataset's recipe: default (fits a laptop's time) or long (the best "
+              "accuracy, much slower; cifar10)", choices=RECIPE_VARIANTS)
     mode: str | None = option(
         None, "scratch: all weights from random init; features: frozen pretrained backbone, "
               "cached features, new head; finetune: head warm-up then unfreeze (default: "
@@ -81,6 +86,12 @@ class TrainConfig:
     data_dir: str | None = option(None, "root of built-in datasets (else $IMGREC_DATA)")
     workers: int | None = option(None, "image decoding processes", min=0)
     device: str | None = option(None, "cpu, cuda, cuda:1, mps (default: best)")
+    precision: str = option(
+        "auto", "auto: bfloat16 autocast on CUDA and on CPUs with AMX (where it is faster), "
+                "else float32; bf16 forces it where the CPU supports bfloat16", choices=PRECISIONS)
+    lookahead: bool | None = option(None, "average the weights along the run (airbench's "
+                                          "lookahead EMA); the averaged weights are saved",
+                                    cli=False)
     tensorboard: bool = option(True, "write TensorBoard scalars")
     quiet: bool = option(False, "no progress output", flags=("--quiet", "-q"))
     model_args: dict[str, Any] = option(cli=False, factory=dict)
@@ -110,6 +121,8 @@ def validate(cfg: TrainConfig) -> None:
          "--class-weights must be auto, balanced or none"),
         (cfg.invert not in (None, *INVERT), "--invert must be auto, yes or no"),
         (cfg.tta not in (None, "none", "flip"), f"--tta must be none or flip, not {cfg.tta!r}"),
+        (cfg.recipe not in (None, *RECIPE_VARIANTS), "--recipe must be default or long"),
+        (cfg.precision not in PRECISIONS, "--precision must be auto, fp32 or bf16"),
         (cfg.augment_views < 0 or cfg.augment_views > 64,
          "--augment-views must be between 0 and 64"),
     ]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..bundle import atomic_write_bytes
+from ..contract import fit_arrays
 from ..errors import ImgrecError
 from .callbacks import CallbackList, EarlyStopping, RunState
 from .loaders import Batches
@@ -70,6 +71,97 @@ def class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
+#: how many training images set a whitening layer (airbench uses 5,000)
+WHITEN_IMAGES = 5000
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS,
+    Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def autocast_dtype(precision: str, device: torch.device,
+                   flags: set[str] | None = None) -> torch.dtype | None:
+    """The autocast dtype for a run, or None for float32.
+
+    CUDA: bfloat16 where supported, else float16 (with a grad scaler). CPU: bfloat16 only with
+    AMX (amx_bf16) under "auto": on AVX-512 BF16 without AMX a training step of the scratch
+    nets measured 1.2-3x slower in bfloat16 than in float32 (the casts and the bf16 backward
+    kernels cost more than the narrower math saves), so those CPUs stay in float32. "bf16"
+    forces it where the CPU has any bfloat16 support, else float32."""
+    if precision == "fp32" or device.type == "mps":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    flags = cpu_flags() if flags is None else flags
+    if "amx_bf16" in flags or (precision == "bf16" and "avx512_bf16" in flags):
+        return torch.bfloat16
+    return None
+
+
+class Lookahead:
+    """airbench's lookahead: every 5 steps the weights (and BatchNorm statistics) move to an
+    exponential average of themselves, which then replaces them. The average's decay grows
+    as the cube of the run's progress (0 at the start, 0.95^5 at the end), so it smooths the
+    end of the run, where it pays, and leaves the early steps free."""
+
+    EVERY = 5
+
+    def __init__(self, model: torch.nn.Module, total_steps: int):
+        self.total = max(1, total_steps)
+        self.steps = 0
+        self.tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.ema = [t.detach().clone() for t in self.tensors]
+
+    def step(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        if self.steps % self.EVERY == 0:
+            decay = 0.95 ** 5 * min(1.0, self.steps / self.total) ** 3
+            self._update(decay)
+
+    def finish(self, model: torch.nn.Module) -> None:
+        """The network takes the average as it stands (what is saved)."""
+        self._update(1.0)
+
+    @torch.no_grad()
+    def _update(self, decay: float) -> None:
+        torch._foreach_lerp_(self.ema, self.tensors, 1.0 - decay)
+        torch._foreach_copy_(self.tensors, self.ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "ema": self.ema}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        self.steps = int(saved["steps"])
+        for mine, theirs in zip(self.ema, saved["ema"]):
+            mine.copy_(theirs)
+
+
+def first_images(plan: RunPlan, n: int) -> torch.Tensor | None:
+    """Up to n training images as a uint8 batch on the device, in the split's order (in-memory
+    data is sliced; files are read a batch at a time)."""
+    split = plan.data.splits["train"]
+    if split.images is not None:
+        pixels = fit_arrays(split.images[:n], plan.contract)
+        return torch.from_numpy(pixels).to(plan.device)
+    got, count = [], 0
+    for x, _, _ in Batches(split, plan.contract, 256, False, plan.device, 0, 0):
+        if x is not None:
+            got.append(x)
+            count += len(x)
+        if count >= n:
+            break
+    return torch.cat(got)[:n] if got else None
+
+
 class EpochLoop:
     """Trains `model` for plan.epochs. `param_groups` (discriminative learning rates) and
     `train_mode` (frozen BatchNorm) come from the finetune runner; `tracker` may start from
@@ -89,6 +181,8 @@ class EpochLoop:
         self.val_batches = (Batches(ds.splits["val"], plan.contract, max(256, plan.batch_size),
                                     False, plan.device, seed, workers)
                             if plan.has_validation else None)
+        if param_groups is None and hasattr(model, "param_groups"):  # e.g. airnet's two rates
+            param_groups = model.param_groups(plan.lr, plan.weight_decay)
         self.opt = optimizer_for(plan.optimizer, param_groups or model.parameters(), plan.lr,
                                  plan.weight_decay)
         max_lr = [g["lr"] for g in self.opt.param_groups]  # per group: discriminative rates
@@ -96,10 +190,12 @@ class EpochLoop:
                                plan.epochs * len(self.train_batches))
         self.weights = class_weights(ds.splits["train"].labels, len(ds.classes),
                                      plan.cfg.class_weights, plan.device)
-        self.amp = plan.device.type == "cuda"
-        bf16 = self.amp and torch.cuda.is_bf16_supported()
-        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not bf16)
+        self.amp_dtype = autocast_dtype(plan.cfg.precision, plan.device)
+        self.amp = self.amp_dtype is not None
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.lookahead = (Lookahead(self.model, plan.epochs * len(self.train_batches))
+                          if plan.lookahead else None)
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, state: RunState) -> LoopResult:
@@ -108,7 +204,8 @@ class EpochLoop:
         if self.weights is not None:
             self.callbacks.on_note(state, "classes are imbalanced: the loss weighs them "
                                           "inversely to their counts")
-        start = self._resume(state) if plan.cfg.resume else 1
+        self._notes(state)
+        start = self._resume(state) if plan.cfg.resume else self._init_from_data(state)
         interrupted = False
         self.terminate = False
         old_term = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -134,6 +231,27 @@ class EpochLoop:
         return LoopResult(state.history, self.tracker.best_epoch, state.stop_training,
                           bool(interrupted), state.skipped, interrupted == "terminated")
 
+    def _notes(self, state: RunState) -> None:
+        """Say what the loop does beyond the recipe line: precision and weight averaging."""
+        if self.amp and self.plan.device.type == "cpu":
+            self.callbacks.on_note(state, "precision bfloat16 autocast (this CPU has AMX)")
+        if self.lookahead is not None:
+            self.callbacks.on_note(state, "weights lookahead-averaged (airbench's EMA); the "
+                                          "averaged weights are saved")
+
+    def _init_from_data(self, state: RunState) -> int:
+        """Networks with `init_from_data` (airnet's whitening layer) are set from up to
+        WHITEN_IMAGES training images before the first step; the first epoch to run (1)."""
+        init = getattr(self.model, "init_from_data", None)
+        if init is None:
+            return 1
+        x = first_images(self.plan, WHITEN_IMAGES)
+        if x is not None:
+            init(self.plan.contract.normalize(x))
+            self.callbacks.on_note(state, f"init    whitening layer from {len(x)} training "
+                                          "images' patch covariance")
+        return 1
+
     def _on_sigterm(self, signum, frame) -> None:
         """A `kill` saves the work as Ctrl-C does, at the next batch boundary (never in the
         middle of writing the checkpoint); a second one stops at once."""
@@ -150,6 +268,8 @@ class EpochLoop:
         state.epoch = epoch
         self.callbacks.on_epoch_begin(state, epoch)
         loss, acc = self.train_epoch(state, epoch)
+        if self.lookahead is not None and epoch == self.plan.epochs:
+            self.lookahead.finish(self.model)  # the run's end: the averaged weights
         row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": loss,
                "train_acc": acc}
         if self.val_batches is not None:
@@ -163,7 +283,8 @@ class EpochLoop:
 
     # -- one epoch -------------------------------------------------------------------------
     def _prep(self, x: torch.Tensor, train: bool) -> torch.Tensor:
-        x = x.float()
+        """uint8 batch -> the network's input: augmented (flips and crops stay uint8, so the
+        float copy is made once, by normalize), normalised, channels-last."""
         if train:
             x = self.plan.augment(x)
         x = self.plan.contract.normalize(x)
@@ -206,6 +327,8 @@ class EpochLoop:
         self.scaler.update()
         if self.sched.last_epoch < self.sched.total_steps - 1:
             self.sched.step()
+        if self.lookahead is not None:
+            self.lookahead.step(self.model)
         logs["loss_sum"] += loss.detach() * len(y)
         logs["correct"] += (logits.argmax(1) == y).sum()
         logs["seen"] += len(y)
@@ -247,6 +370,7 @@ class EpochLoop:
             "best_loss": best["loss"], "best_epoch": best["epoch"],
             "best_state": best["state"], "skipped": state.skipped,
             "rng": torch.get_rng_state(),
+            "lookahead": self.lookahead.state_dict() if self.lookahead else None,
         }
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -259,6 +383,8 @@ class EpochLoop:
         self.opt.load_state_dict(saved["optimizer"])
         _restore_schedule(self.sched, saved["scheduler"])
         torch.set_rng_state(saved["rng"].cpu())
+        if self.lookahead is not None and saved.get("lookahead"):
+            self.lookahead.load_state_dict(saved["lookahead"])
         self.tracker.best = {"acc": saved["best_acc"], "loss": saved["best_loss"],
                              "epoch": saved["best_epoch"], "state": saved["best_state"]}
         state.history[:] = saved["history"]

@@ -21,7 +21,7 @@ from ..errors import ImgrecError
 from ..files import check_output_folder
 from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, validate
-from .recipes import BUILTIN_RECIPES, TRANSFER_DEFAULTS, recipe_for
+from .recipes import BUILTIN_RECIPES, RECIPES, TRANSFER_DEFAULTS, recipe_for
 
 HYPER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
          "patience")
@@ -50,6 +50,7 @@ class RunPlan:
     test_fraction: float
     backbone: Any = None  # models.pretrained.Backbone in the transfer modes
     module: Any = None  # a network the caller built (the Python API's model=nn.Module)
+    lookahead: bool = False  # airbench's lookahead EMA of the weights (engine.Lookahead)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -94,7 +95,7 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
         check_output_folder(cfg.out)
     augment_default = Augment.parse(cfg.augment)  # a bad --augment fails before data loads
     key = builtin_key(cfg.data) if source is None else None
-    recipe = recipe_for(key or cfg.data.lower())
+    recipe = _recipe(cfg, key)
     pick = _picker(cfg, recipe)
     ds = _load(cfg, source, pick("val_fraction"), pick("test_fraction"))
     if key not in BUILTIN_RECIPES:  # folders, CSVs, arrays: by how the data is held
@@ -114,7 +115,19 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     return RunPlan(cfg, ds, mode, name, args, contract, size, **hyper, augment=augment,
                    device=pick_device(cfg.device), out=out,
                    val_fraction=pick("val_fraction"), test_fraction=pick("test_fraction"),
-                   backbone=backbone, module=module)
+                   backbone=backbone, module=module, lookahead=bool(pick("lookahead")))
+
+
+def _recipe(cfg: TrainConfig, key: str | None) -> dict[str, Any]:
+    """The dataset's recipe; --recipe long picks its long variant (RECIPES['<name>-long'])."""
+    name = key or cfg.data.lower()
+    if cfg.recipe != "long":
+        return recipe_for(name)
+    if f"{name}-long" not in RECIPES:
+        have = ", ".join(k[:-5] for k in RECIPES if k.endswith("-long"))
+        raise ImgrecError(f"--recipe long: there is no long recipe for {cfg.data}",
+                          f"long recipes exist for {have}")
+    return recipe_for(f"{name}-long")
 
 
 def _picker(cfg: TrainConfig, recipe: dict[str, Any]):
