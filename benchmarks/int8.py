@@ -128,10 +128,20 @@ def main() -> None:
     ap.add_argument("--no-export", action="store_true",
                     help="measure the bundle's model.int8.onnx as it is")
     ap.add_argument("--calibration", help="dataset to calibrate on (imgrec export --calibration)")
+    ap.add_argument("--first-float-convs", type=int,
+                    help="try another number of leading convolutions kept in float32")
+    ap.add_argument("--percentile", type=float,
+                    help="try another calibration percentile (100: min/max)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    import imgrec.export
     from imgrec.export import export_bundle
+
+    if args.first_float_convs is not None:  # settings to try, instead of imgrec's
+        imgrec.export.INT8_FLOAT_FIRST_CONVS = args.first_float_convs
+    if args.percentile is not None:
+        imgrec.export.INT8_PERCENTILE = None if args.percentile >= 100 else args.percentile
     from imgrec.predict import int8_onnx_path
     from imgrec.zoo import open_bundle
 
@@ -154,7 +164,10 @@ def main() -> None:
         a["agreement"] >= TARGET_AGREEMENT for a in agree.values())
     print(f"int8 / float32 at batch 32: {speed['ratio']:.2f}x (target >= {TARGET_RATIO}x, "
           f"agreement >= {TARGET_AGREEMENT:.0%} on every set: {'met' if met else 'NOT met'})")
-    result = {"model": args.model, "int8_file": path.name, "export": export,
+    settings = {"first_float_convs": imgrec.export.INT8_FLOAT_FIRST_CONVS,
+                "percentile": imgrec.export.INT8_PERCENTILE}
+    result = {"model": args.model, "int8_file": path.name, "settings": settings,
+              "export": export,
               "quantization": (bundle.extra.get("export") or {}), "agreement": agree,
               "throughput": speed, "target_met": met, "cpu_count": os.cpu_count(),
               "machine": platform.machine(), "python": platform.python_version(),
