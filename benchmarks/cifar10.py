@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +93,9 @@ def run(name: str, args: list[str], root: Path, via_env: bool = False) -> dict:
     env = {"IMGREC_DATA": str(root)} if via_env else None
     print(f"{name}: {'IMGREC_DATA=' + str(root) + ' ' if via_env else ''}imgrec "
           f"{' '.join(cmd[3:])}", flush=True)
+    before, load = _children_cpu(), os.getloadavg()[0]
     wall, stdout = timed(cmd, env=env)
+    cpu = _children_cpu() - before
     summary = json.loads(stdout)
     meta = json.loads((out / "imgrec.json").read_text())
     with (out / "history.csv").open() as f:
@@ -103,13 +107,23 @@ def run(name: str, args: list[str], root: Path, via_env: bool = False) -> dict:
         "epochs": t["epochs"], "batch_size": t["batch_size"], "optimizer": t["optimizer"],
         "lr": t["lr"], "splits": t["splits"], "wall_s": round(wall, 1),
         "train_s": t["seconds"], "epoch_s": [round(s, 1) for s in epoch_s],
+        "cpu_s": round(cpu, 1), "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
         "test_acc": summary["test"]["accuracy"], "test_n": summary["test"]["n"],
     }
     print(f"{name}: {result['model']}, {result['epochs']} epochs on "
           f"{t['splits'].get('train')} images: accuracy {result['test_acc']:.4f} on "
           f"{result['test_n']} held-out images, {wall:.1f} s wall "
-          f"({sum(epoch_s) / len(epoch_s):.1f} s per epoch)", flush=True)
+          f"({sum(epoch_s) / len(epoch_s):.1f} s per epoch); {cpu:.0f} CPU-s, load average "
+          f"{load:.1f} before", flush=True)
     return result
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) used by finished child processes: on a shared machine the
+    wall time is inflated by the others' load, the CPU time much less."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def main() -> None:

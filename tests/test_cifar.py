@@ -61,19 +61,19 @@ def test_tar_archive(tmp_path):
 
 
 def test_default_recipe_trains(tmp_path):
-    """The cifar10 recipe (res-cnn, flip + shift, flip TTA) runs end to end."""
+    """The cifar10 recipe (airnet, flip + crop, lookahead, flip TTA) runs end to end."""
     import imgrec
 
     test_extracted_binary_batches(tmp_path)
     result = imgrec.train("cifar10", data_dir=str(tmp_path), epochs=1, batch_size=8,
                           out=str(tmp_path / "run"), quiet=True, tensorboard=False)
-    assert result.bundle.architecture["name"] == "res-cnn"
+    assert result.bundle.architecture["name"] == "airnet"
     assert result.bundle.preprocess.tta == ("flip",)
     assert result.test_metrics["n"] == 4
     # naming the folder that holds the batches is the same dataset, with the same recipe
     by_path = imgrec.train(str(tmp_path / "cifar10"), epochs=1, batch_size=8,
                            out=str(tmp_path / "run2"), quiet=True, tensorboard=False)
-    assert by_path.bundle.architecture["name"] == "res-cnn"
+    assert by_path.bundle.architecture["name"] == "airnet"
     assert by_path.bundle.preprocess.tta == ("flip",)
 
 

@@ -24,7 +24,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                       # product photos: inverted, trimmed to the object, fitted to the frame
                       "fit": "object", "invert": "auto"},
     # airnet (models/airbench.py): airbench's lessons sized for a CPU; see benchmarks/cifar10.py
-    "cifar10": {"model": "airnet", "model_args": {"widths": [32, 64, 128]}, "epochs": 3,
+    "cifar10": {"model": "airnet", "model_args": {"widths": [32, 64, 128]}, "epochs": 4,
                 "batch_size": 512, "optimizer": "sgd", "lr": 0.5, "weight_decay": 1.3e-3,
                 "augment": "flip,crop=2", "label_smoothing": 0.2, "val_fraction": 0.0,
                 "tta": "flip", "lookahead": True},
