@@ -132,6 +132,8 @@ def main() -> None:
                     help="try another number of leading convolutions kept in float32")
     ap.add_argument("--percentile", type=float,
                     help="try another calibration percentile (100: min/max)")
+    ap.add_argument("--float-pooling", choices=["yes", "no"],
+                    help="try the global pooling in int8 (no) or float32 (yes)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -140,6 +142,8 @@ def main() -> None:
 
     if args.first_float_convs is not None:  # settings to try, instead of imgrec's
         imgrec.export.INT8_FLOAT_FIRST_CONVS = args.first_float_convs
+    if args.float_pooling is not None:
+        imgrec.export.INT8_FLOAT_POOLING = args.float_pooling == "yes"
     if args.percentile is not None:
         imgrec.export.INT8_PERCENTILE = None if args.percentile >= 100 else args.percentile
     from imgrec.predict import int8_onnx_path
@@ -165,11 +169,13 @@ def main() -> None:
     print(f"int8 / float32 at batch 32: {speed['ratio']:.2f}x (target >= {TARGET_RATIO}x, "
           f"agreement >= {TARGET_AGREEMENT:.0%} on every set: {'met' if met else 'NOT met'})")
     settings = {"first_float_convs": imgrec.export.INT8_FLOAT_FIRST_CONVS,
-                "percentile": imgrec.export.INT8_PERCENTILE}
+                "percentile": imgrec.export.INT8_PERCENTILE,
+                "float_pooling": imgrec.export.INT8_FLOAT_POOLING}
     result = {"model": args.model, "int8_file": path.name, "settings": settings,
               "export": export,
               "quantization": (bundle.extra.get("export") or {}), "agreement": agree,
               "throughput": speed, "target_met": met, "cpu_count": os.cpu_count(),
+              "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
               "machine": platform.machine(), "python": platform.python_version(),
               "argv": sys.argv[1:]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

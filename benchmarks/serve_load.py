@@ -267,6 +267,7 @@ def main() -> None:
         "load_generator": "asyncio sockets, one connection per client, request bytes built once",
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "python": platform.python_version(), "runs": runs, **summarise(runs),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # the sitting
     }
     for name in ("imgrec", "imgrec_int8"):
         if f"{name}_ratio" in result:

@@ -215,8 +215,10 @@ def write_outputs(result: BenchmarkResult, out: Path) -> tuple[Path, Path]:
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(np.arange(len(sizes)) + width * (len(engines) - 1) / 2,
                   [f"batch {s}" for s in sizes])
+    top = max((m.images_per_s for m in result.measurements), default=1.0)
+    ax.set_ylim(0, top * 1.3)  # room for the legend above the bars
     ax.set_ylabel("images / s")
     ax.set_title(f"{result.model}: {result.threads} thread(s), "
                  f"{result.machine.get('cpu_count')} CPU(s)")
-    ax.legend()
+    ax.legend(loc="upper left", ncols=len(engines), fontsize=8)
     return json_path, save_figure(fig, out / CHART_FILE)
