@@ -197,6 +197,8 @@ def servers(args) -> dict[str, tuple[list[str], str]]:
               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
               "--log-level", "warning"]
     flask = [py, str(ROOT / "benchmarks" / "flask_baseline.py"), "--model", args.model]
+    if args.flask_torch_threads:
+        flask += ["--torch-threads", str(args.flask_torch_threads)]
     return {"imgrec": (imgrec, "/v1/predict"), "imgrec_int8": (imgrec + ["--int8"], "/v1/predict"),
             "flask": (flask, "/predict")}
 
@@ -249,6 +251,8 @@ def main() -> None:
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--only", nargs="+", choices=["imgrec", "imgrec_int8", "flask"],
                     help="run these servers only (default: all three)")
+    ap.add_argument("--flask-torch-threads", type=int,
+                    help="the Flask baseline's PyTorch threads (default: PyTorch's own)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -264,6 +268,7 @@ def main() -> None:
         "clients": args.clients, "duration_s": args.duration, "image": str(args.image.name),
         "image_size": list(size), "model": args.model, "imgrec_workers": args.workers,
         "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms,
+        "flask_torch_threads": args.flask_torch_threads,
         "load_generator": "asyncio sockets, one connection per client, request bytes built once",
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "python": platform.python_version(), "runs": runs, **summarise(runs),
