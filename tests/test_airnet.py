@@ -133,7 +133,7 @@ def test_airnet_trains_saves_lookahead_weights_and_exports(tmp_path, monkeypatch
     bundle = read_bundle(result.bundle.path)
     net = load_model(bundle).eval()
     saved = [t for t in net.state_dict().values() if t.is_floating_point()]
-    for mine, avg in zip(saved, made[0].ema):
+    for mine, avg in zip(saved, made[0].ema, strict=True):
         assert torch.allclose(mine, avg.to(mine.dtype), atol=1e-6)
     assert not torch.allclose(net.whiten.weight, torch.zeros(1))  # set from the data
     report = export_bundle(result.bundle.path)

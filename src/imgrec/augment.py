@@ -9,8 +9,8 @@ the CPU or the GPU, for in-memory and streamed data alike (airbench's approach).
 from __future__ import annotations
 
 import math
-from functools import cache
 from dataclasses import asdict, dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F

@@ -65,7 +65,8 @@ class AirNet(nn.Module):
         self.whiten.weight.requires_grad_(False)  # set by init_from_data, then fixed
         self.act = nn.GELU()
         chans = [self.whiten.out_channels, *widths]
-        self.groups = nn.Sequential(*(ConvGroup(a, b) for a, b in zip(chans, chans[1:])))
+        pairs = zip(chans, chans[1:], strict=False)
+        self.groups = nn.Sequential(*(ConvGroup(a, b) for a, b in pairs))
         self.pool = nn.AdaptiveMaxPool2d(1)  # exports as GlobalMaxPool
         self.head = nn.Linear(widths[-1], num_classes, bias=False)
         self.num_features = self.head_hidden_size = widths[-1]

@@ -1,8 +1,9 @@
 """The epoch loop that trains a whole network (scratch and finetune modes): one-cycle
-schedule, label smoothing, class weights, mixed precision on CUDA, validation with the
-contract's own test-time augmentation, an atomic checkpoint every epoch and --resume,
-Ctrl-C / SIGTERM saving the best so far. Everything else (progress, TensorBoard, early
-stopping, a user's hooks) is a callback.
+schedule, label smoothing, class weights, mixed precision on CUDA (and bfloat16 on CPUs with
+AMX), a data-driven first-layer init (airnet's whitening), airbench's lookahead weight
+averaging, validation with the contract's own test-time augmentation, an atomic checkpoint
+every epoch and --resume, Ctrl-C / SIGTERM saving the best so far. Everything else
+(progress, TensorBoard, early stopping, a user's hooks) is a callback.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ class Lookahead:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.steps = int(saved["steps"])
-        for mine, theirs in zip(self.ema, saved["ema"]):
+        for mine, theirs in zip(self.ema, saved["ema"], strict=True):
             mine.copy_(theirs)
 
 
