@@ -13,7 +13,8 @@ Every error is JSON {"error": {"code", "message"}}: uploads over the size limit 
 their body is read, bytes that are no image 415, decompression bombs 413, corrupt or truncated
 images 422, a body slower than --body-timeout 408, a missing or wrong API key 401, and a full
 server 503 with Retry-After at once (overload is refused, not queued). Decoding runs in worker
-threads (bounded), inference in the micro-batcher's thread: the event loop only moves bytes.
+threads (bounded), inference in the micro-batcher's lanes (one thread and one ONNX Runtime
+session each): the event loop only moves bytes.
 
 The pieces: config (ServeConfig), service (the model, a dependency), routes (the routers),
 uploads (reading forms and raw bodies), schemas (the bodies, errors included, as pydantic

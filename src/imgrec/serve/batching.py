@@ -1,9 +1,9 @@
 """Micro-batching: concurrent requests are coalesced into one batch for the inference engine.
 
-A network runs a batch of 8 images in far less than 8 times one image's time, and one
-inference thread per process keeps ONNX Runtime's own threads from fighting each other.
-Requests wait at most `max_wait_ms` for company; a batch never exceeds `max_batch`.
-Inference runs in this module's thread, never on the event loop.
+A network runs a batch of 8 images in far less than 8 times one image's time. Each engine
+(lane) has one inference thread, and lanes x ONNX Runtime threads never exceed the cores, so
+the threads never fight each other. Requests wait at most `max_wait_ms` for company; a batch
+never exceeds `max_batch`. Inference runs in this module's threads, never on the event loop.
 
 Overload is refused, not queued forever: `Admission` bounds the images a server holds at once
 (decoding, queued here, or in the running batch), and an image whose deadline has passed
