@@ -80,7 +80,7 @@ def test_crop_reflects_borders_and_zero_is_identity():
 def test_precision_falls_back_to_fp32():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu, {"avx512f"}) is None
-    assert autocast_dtype("auto", cpu, {"avx512f", "avx512_bf16"}) is None  # measured slower
+    assert autocast_dtype("auto", cpu, {"avx512f", "avx512_bf16"}) is None  # measured no faster
     assert autocast_dtype("auto", cpu, {"avx512_bf16", "amx_bf16"}) is torch.bfloat16
     assert autocast_dtype("bf16", cpu, {"avx512_bf16"}) is torch.bfloat16
     assert autocast_dtype("bf16", cpu, set()) is None  # no bfloat16 on this CPU

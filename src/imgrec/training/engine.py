@@ -94,10 +94,10 @@ def autocast_dtype(precision: str, device: torch.device,
     """The autocast dtype for a run, or None for float32.
 
     CUDA: bfloat16 where supported, else float16 (with a grad scaler). CPU: bfloat16 only with
-    AMX (amx_bf16) under "auto": on AVX-512 BF16 without AMX a training step of the scratch
-    nets measured 1.2-3x slower in bfloat16 than in float32 (the casts and the bf16 backward
-    kernels cost more than the narrower math saves), so those CPUs stay in float32. "bf16"
-    forces it where the CPU has any bfloat16 support, else float32."""
+    AMX (amx_bf16) under "auto". On AVX-512 BF16 without AMX (2 cores, airnet 32/64/128,
+    batch 512) autocast was no faster than float32 in the quietest samples (632 vs 603 ms a
+    step) and up to 3x slower under load (the casts around every convolution), so those CPUs
+    stay in float32. "bf16" forces it where the CPU has any bfloat16 support, else float32."""
     if precision == "fp32" or device.type == "mps":
         return None
     if device.type == "cuda":
