@@ -2,16 +2,20 @@
 
 The offline ImageNet model (efficientnet_lite0, `imgrec serve`'s default bundle) is quantized
 exactly as `imgrec export imagenet --int8` does it (that bundle names no training data, so it is
-calibrated on the shipped sample photos), then both ONNX files run through the same Predictor
-(contract, TTA, temperature) on the cats-dogs-mini set's 600 photos and every scikit-image
-photo that loads offline. Throughput: the ONNX Runtime engine imgrec uses (every core, no
-spinning) on a batch of 32 photos, float32 and int8 alternating for --rounds rounds; the median
-of each. Targets: int8 >= 1.6x float32 images/s, agreement >= 97%. Writes
+calibrated on crops and mirrors of the few photos every machine has: imgrec's samples,
+scikit-learn's and matplotlib's), and so is, with --transfer, a copy of a Lite0 transfer bundle
+(the workshop's flow: `imgrec train DIR --model efficientnet_lite0 --mode features`, then
+export --int8, calibrated on its own training data); then both ONNX files run through the
+same Predictor (contract, TTA, temperature) on the cats-dogs-mini set's 600 photos and every
+scikit-image photo that loads offline. Throughput: the ONNX Runtime engine imgrec uses (every
+core, no spinning) on a batch of 32 photos, float32 and int8 alternating for --rounds rounds;
+the median of each. Targets: int8 >= 1.6x float32 images/s, agreement >= 97%. Writes
 benchmarks/results/int8.json.
 
     python benchmarks/int8.py                       # the measurement
     python benchmarks/int8.py --seconds 2 --rounds 1  # a smoke run
     python benchmarks/int8.py --no-export           # reuse the bundle's model.int8.onnx
+    python benchmarks/int8.py --transfer benchmarks/work/transfer-run  # and a transfer bundle
 """
 
 from __future__ import annotations
@@ -120,9 +124,64 @@ def throughput(bundle, int8_path: Path, pixels: np.ndarray, rounds: int, seconds
             "threads": engines["fp32"].session.get_session_options().intra_op_num_threads}
 
 
+def measure(model: str, args, sets_cache: dict) -> dict:
+    """Export (unless --no-export), agreement on every photo, throughput: one model's record."""
+    import imgrec.export
+    from imgrec.export import export_bundle
+    from imgrec.predict import int8_onnx_path
+    from imgrec.zoo import open_bundle
+
+    export = None
+    if not args.no_export:
+        t = time.perf_counter()
+        r = export_bundle(model, int8=True, calibration=args.calibration)
+        export = {"seconds": round(time.perf_counter() - t, 1), **r.to_dict()}
+        print(f"{model}: exported in {export['seconds']} s; calibrated on {r.int8_calibration}"
+              f"; its own agreement check: {r.int8_top1_agreement:.2%} of "
+              f"{r.int8_agreement_images}", flush=True)
+    bundle = open_bundle(model, need_weights=False)
+    path = int8_onnx_path(bundle, model)
+    key = repr(bundle.preprocess)
+    if key not in sets_cache:  # decoded once per contract
+        sets_cache[key] = load_sets(bundle.preprocess)
+    sets = sets_cache[key]
+    agree = agreement(bundle, path, sets)
+    for name, a in agree.items():
+        print(f"{model}: agreement {name}: {a['agreement']:.2%} of {a['photos']} photos"
+              + (f" (differ: {', '.join(a['disagree'][:8])})" if a.get("disagree") else ""))
+    speed = throughput(bundle, path, sets["skimage"][1], args.rounds, args.seconds)
+    met = speed["ratio"] >= TARGET_RATIO and all(
+        a["agreement"] >= TARGET_AGREEMENT for a in agree.values())
+    print(f"{model}: int8 / float32 at batch 32: {speed['ratio']:.2f}x (target >= "
+          f"{TARGET_RATIO}x, agreement >= {TARGET_AGREEMENT:.0%} on every set: "
+          f"{'met' if met else 'NOT met'})", flush=True)
+    settings = {"first_float_convs": imgrec.export.INT8_FLOAT_FIRST_CONVS,
+                "float_depthwise": imgrec.export.INT8_FLOAT_DEPTHWISE,
+                "percentile": imgrec.export.INT8_PERCENTILE,
+                "float_pooling": imgrec.export.INT8_FLOAT_POOLING,
+                "calibration_views": imgrec.export.CALIBRATION_VIEWS}
+    return {"model": model, "int8_file": path.name, "settings": settings, "export": export,
+            "quantization": (bundle.extra.get("export") or {}), "agreement": agree,
+            "throughput": speed, "target_met": met}
+
+
+def transfer_copy(src: Path, workdir: Path) -> str:
+    """A copy of the transfer bundle to export into (the original is left as it is)."""
+    import shutil
+
+    if not (src / "imgrec.json").is_file():
+        raise SystemExit(f"--transfer: {src} is not a bundle (train one: imgrec train DIR "
+                         "--model efficientnet_lite0 --mode features --out DIR)")
+    dst = workdir / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.int8.onnx", "events.*"))
+    return str(dst)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="imagenet")
+    ap.add_argument("--transfer", type=Path,
+                    help="also a Lite0 transfer bundle (exported in a temporary copy)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0, help="per engine per round")
     ap.add_argument("--no-export", action="store_true",
@@ -130,51 +189,40 @@ def main() -> None:
     ap.add_argument("--calibration", help="dataset to calibrate on (imgrec export --calibration)")
     ap.add_argument("--first-float-convs", type=int,
                     help="try another number of leading convolutions kept in float32")
+    ap.add_argument("--float-depthwise", choices=["yes", "no"],
+                    help="try the depthwise convolutions in float32 (yes)")
     ap.add_argument("--percentile", type=float,
                     help="try another calibration percentile (100: min/max)")
     ap.add_argument("--float-pooling", choices=["yes", "no"],
                     help="try the global pooling in int8 (no) or float32 (yes)")
+    ap.add_argument("--views", type=int, help="try another number of views per offline photo")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    import tempfile
+
     import imgrec.export
-    from imgrec.export import export_bundle
 
     if args.first_float_convs is not None:  # settings to try, instead of imgrec's
         imgrec.export.INT8_FLOAT_FIRST_CONVS = args.first_float_convs
+    if args.float_depthwise is not None:
+        imgrec.export.INT8_FLOAT_DEPTHWISE = args.float_depthwise == "yes"
     if args.float_pooling is not None:
         imgrec.export.INT8_FLOAT_POOLING = args.float_pooling == "yes"
     if args.percentile is not None:
         imgrec.export.INT8_PERCENTILE = None if args.percentile >= 100 else args.percentile
-    from imgrec.predict import int8_onnx_path
-    from imgrec.zoo import open_bundle
-
-    export = None
-    if not args.no_export:
-        t = time.perf_counter()
-        r = export_bundle(args.model, int8=True, calibration=args.calibration)
-        export = {"seconds": round(time.perf_counter() - t, 1), **r.to_dict()}
-        print(f"exported in {export['seconds']} s; calibrated on {r.int8_calibration}",
-              flush=True)
-    bundle = open_bundle(args.model, need_weights=False)
-    path = int8_onnx_path(bundle, args.model)
-    sets = load_sets(bundle.preprocess)
-    agree = agreement(bundle, path, sets)
-    for name, a in agree.items():
-        print(f"agreement {name}: {a['agreement']:.2%} of {a['photos']} photos"
-              + (f" (differ: {', '.join(a['disagree'][:8])})" if a.get("disagree") else ""))
-    speed = throughput(bundle, path, sets["skimage"][1], args.rounds, args.seconds)
-    met = speed["ratio"] >= TARGET_RATIO and all(
-        a["agreement"] >= TARGET_AGREEMENT for a in agree.values())
-    print(f"int8 / float32 at batch 32: {speed['ratio']:.2f}x (target >= {TARGET_RATIO}x, "
-          f"agreement >= {TARGET_AGREEMENT:.0%} on every set: {'met' if met else 'NOT met'})")
-    settings = {"first_float_convs": imgrec.export.INT8_FLOAT_FIRST_CONVS,
-                "percentile": imgrec.export.INT8_PERCENTILE,
-                "float_pooling": imgrec.export.INT8_FLOAT_POOLING}
-    result = {"model": args.model, "int8_file": path.name, "settings": settings,
-              "export": export,
-              "quantization": (bundle.extra.get("export") or {}), "agreement": agree,
-              "throughput": speed, "target_met": met, "cpu_count": os.cpu_count(),
+    if args.views is not None:
+        imgrec.export.CALIBRATION_VIEWS = args.views
+    sets_cache: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        models = {"imagenet": args.model}
+        if args.transfer:
+            models["transfer"] = transfer_copy(args.transfer, Path(tmp))
+        records = {k: measure(m, args, sets_cache) for k, m in models.items()}
+    if args.transfer:
+        records["transfer"]["model"] = str(args.transfer)
+    result = {**records["imagenet"], "transfer": records.get("transfer"),
+              "cpu_count": os.cpu_count(),
               "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
               "machine": platform.machine(), "python": platform.python_version(),
               "argv": sys.argv[1:]}

@@ -13,7 +13,15 @@ from fastapi.testclient import TestClient
 
 from imgrec.bundle import read_bundle, serving_onnx_path
 from imgrec.cli import main
-from imgrec.export import ONNX_INT8_FILE, calibration_data, export_bundle, float_nodes
+from imgrec.export import (
+    CALIBRATION_VIEWS,
+    ONNX_INT8_FILE,
+    calibration_data,
+    export_bundle,
+    float_nodes,
+    offline_photos,
+    photo_views,
+)
 from imgrec.predict import Predictor
 from imgrec.serve.app import ServeConfig, create_app
 
@@ -51,7 +59,39 @@ def test_calibration_falls_back_to_the_sample_photos_and_says_so(tmp_path):
     bundle = read_bundle(path)
     bundle.training = {"data": str(tmp_path / "gone")}
     cal = calibration_data(bundle)
-    assert cal.held_out is None and "sample photos" in cal.source and "gone" in cal.source
+    assert cal.held_out is None and "views" in cal.source and "gone" in cal.source
+    photos = offline_photos()
+    assert len(cal.pixels) == len(photos) * CALIBRATION_VIEWS
+    assert cal.pixels.shape[1:] == (3, 32, 32) and cal.pixels.dtype == np.uint8
+
+
+def test_photo_views_are_distinct_framings_and_repeatable(sample_photo):
+    from imgrec.contract import Preprocess
+
+    contract = Preprocess(input_size=32, channels=3, resize="shorter", resize_to=36)
+    views = photo_views(contract, [sample_photo("chelsea")], per_photo=6, seed=1)
+    assert views.shape == (6, 3, 32, 32)
+    assert np.array_equal(views[1], views[0][..., ::-1].copy()) or \
+        np.abs(views[1].astype(int) - views[0][..., ::-1]).max() <= 1  # the mirror
+    assert len({v.tobytes() for v in views}) == 6  # every crop differs
+    assert np.array_equal(views, photo_views(contract, [sample_photo("chelsea")], 6, seed=1))
+
+
+def test_float_nodes_can_keep_the_depthwise_convolutions(tmp_path):
+    import onnx
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, groups=8),
+                              torch.nn.ReLU6(), torch.nn.Conv2d(8, 4, 1), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 2))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net.eval(), torch.zeros(1, 3, 8, 8), str(path), dynamo=False)
+    graph = onnx.load(str(path)).graph.node
+    convs = [n.name for n in graph if n.op_type == "Conv"]
+    assert convs[1] not in float_nodes(path, first_convs=0, depthwise=False)
+    kept = float_nodes(path, first_convs=0, depthwise=True)
+    assert convs[1] in kept and convs[0] not in kept and convs[2] not in kept
+    assert any(n.op_type == "Clip" and n.name in kept for n in graph)
 
 
 def test_float_nodes_keep_the_first_convolutions_and_the_classifier(tiny_int8):
