@@ -177,6 +177,20 @@ def transfer_copy(src: Path, workdir: Path) -> str:
     return str(dst)
 
 
+def overlap_note(bundle_dir: Path) -> str:
+    """Whether the transfer bundle's training data was made from the cats-dogs-mini photos
+    (then its calibration images are views of some of the photos the agreement is measured on;
+    the scikit-image photos and the export's validation images stay unseen)."""
+    data = json.loads((bundle_dir / "imgrec.json").read_text()).get("training", {}).get("data")
+    spec = Path(str(data)) / "spec.json"
+    source = json.loads(spec.read_text()).get("source") if spec.is_file() else None
+    if source and Path(source).resolve() == MINI.resolve():
+        return (f"its training data {data} was built from the cats-dogs-mini photos: the "
+                "128 calibration images are views of some of them; unseen: the scikit-image "
+                "photos and the export's validation images (quantization.int8_top1_agreement)")
+    return f"calibrated on its training data {data}, not on these photos"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="imagenet")
@@ -221,6 +235,7 @@ def main() -> None:
         records = {k: measure(m, args, sets_cache) for k, m in models.items()}
     if args.transfer:
         records["transfer"]["model"] = str(args.transfer)
+        records["transfer"]["held_out_note"] = overlap_note(args.transfer)
     result = {**records["imagenet"], "transfer": records.get("transfer"),
               "cpu_count": os.cpu_count(),
               "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
