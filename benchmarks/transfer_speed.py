@@ -150,7 +150,7 @@ def train(data: Path, out: Path, cache: Path) -> dict:
             "features_computed": t["features_computed"], "features_cached": t["features_cached"],
             "extract_seconds": t["extract_seconds"],
             "extract_images_per_s": t.get("extract_images_per_s"),
-            "extract_threads": t.get("extract_threads"),
+            "extract_lanes": t.get("extract_lanes"),
             "model_onnx": (out / "model.onnx").is_file(), "onnx_seconds": t.get("onnx_seconds")}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -149,6 +150,37 @@ def test_corrupted_cache_entry_is_recomputed(mini_photos):
     ex3 = Extractor(resolve_backbone("efficientnet_lite0"), quiet=True)
     ex3.features(paths)
     assert ex3.stats["corrupted"] == 1 and ex3.stats["computed"] == 1
+
+
+@pytest.mark.slow
+def test_lanes_embed_in_order_like_one_session_and_report_bad_files(mini_photos, tmp_path):
+    """Extraction runs one single-threaded ONNX Runtime lane per core; the features are the
+    ones a single session gives, in the files' order, and an unreadable file is skipped."""
+    from PIL import Image
+
+    from imgrec.contract import load_input
+    from imgrec.predict import OnnxEngine
+
+    sources = sorted((mini_photos / "validation").rglob("*.jpg"))[:37]
+    paths = []
+    for k, src in enumerate(sources):  # new bytes: nothing of this is in the cache yet
+        img = Image.open(src).convert("RGB")
+        dst = tmp_path / f"p{k:02d}.jpg"
+        img.crop((0, 0, img.width - 1 - k % 3, img.height - 1)).save(dst, quality=91)
+        paths.append(str(dst))
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    paths.insert(5, str(tmp_path / "bad.jpg"))
+    ex = Extractor(resolve_backbone("efficientnet_lite0"), quiet=True)
+    feats, good, skipped = ex.features(paths)
+    lanes = ex.lanes()
+    assert len(lanes) == max(1, min(4, len(os.sched_getaffinity(0))))
+    assert ex.stats["computed"] == len(paths) - 1 and not good[5] and list(skipped) == [paths[5]]
+    single = OnnxEngine(path=lanes[0].path, threads=1)
+    keep = [p for i, p in enumerate(paths) if i != 5]
+    pixels = np.stack([load_input(p, ex.contract, invert="no") for p in keep])
+    expected = np.concatenate([single(ex.contract.normalize(pixels[s : s + 16]))
+                               for s in range(0, len(keep), 16)])
+    np.testing.assert_allclose(feats[good, 0], expected, atol=1e-4)
 
 
 # -- end to end ----------------------------------------------------------------------------

@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from imgrec.contract import lite_contract, load_input
-from imgrec.errors import InputError, ModelError
+from imgrec.errors import ModelError
 from imgrec.images import decode_image
-from imgrec.predict import OnnxEngine, Predictor, decode_ahead, thread_plan
+from imgrec.predict import OnnxEngine, Predictor, in_lanes, lane_count
 
 FAST = dict(model="fast-cnn", image_size=32, batch_size=16, augment="none", workers=0,
             quiet=True, tensorboard=False)
@@ -63,36 +63,32 @@ def test_the_memory_and_aspect_guards_still_apply_with_a_draft_size(tmp_path):
                      draft_size=(256, 256))
 
 
-# -- decoding ahead of inference ------------------------------------------------------------
-def test_decode_ahead_keeps_order_reports_errors_and_decodes_the_next_chunk_meanwhile():
-    started: list[int] = []
+# -- inference lanes ------------------------------------------------------------------------
+def test_in_lanes_keeps_chunk_order_and_runs_the_lanes_side_by_side():
+    busy: list[str] = []
+    overlap = threading.Event()
     lock = threading.Lock()
 
-    def decode(i: int) -> int:
+    def work(lane: str, chunk: list[int]) -> tuple[str, list[int]]:
         with lock:
-            started.append(i)
-        if i == 4:
-            raise InputError("item 4: broken")
-        return i * 10
+            busy.append(lane)
+            if len(set(busy)) == 2:
+                overlap.set()
+        overlap.wait(2)  # the first lane waits until the other lane is working too
+        time.sleep(0.01)
+        with lock:
+            busy.remove(lane)
+        return lane, [i * 10 for i in chunk]
 
-    chunks = [[0, 1, 2], [3, 4, 5], [6]]
-    seen = []
-    for c, out in enumerate(decode_ahead(decode, chunks, threads=2)):
-        if c == 0:
-            time.sleep(0.2)  # "inference" on chunk 0: chunk 1 decodes meanwhile
-            with lock:
-                assert {3, 4, 5} <= set(started)
-        seen.append(out)
-    assert seen[0] == [0, 10, 20] and seen[2] == [60]
-    assert seen[1][0] == 30 and isinstance(seen[1][1], InputError) and seen[1][2] == 50
+    chunks = [[0, 1], [2], [3, 4, 5], [6]]
+    out = list(in_lanes(["a", "b"], work, chunks))
+    assert [r[1] for r in out] == [[0, 10], [20], [30, 40, 50], [60]]
+    assert overlap.is_set() and {r[0] for r in out} == {"a", "b"}
 
 
-def test_thread_plan_gives_onnx_runtime_every_core_and_decoding_half():
-    assert thread_plan(2) == (1, 2)
-    assert thread_plan(1) == (1, 1)
-    assert thread_plan(16) == (8, 16)
-    decode, ort = thread_plan()
-    assert 1 <= decode <= ort == len(os.sched_getaffinity(0))
+def test_lane_count_is_one_per_core_at_most_four():
+    assert (lane_count(1), lane_count(2), lane_count(16)) == (1, 2, 4)
+    assert lane_count() == max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 # -- model.onnx at the end of training --------------------------------------------------------

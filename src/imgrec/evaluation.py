@@ -16,10 +16,10 @@ import numpy as np
 from .bundle import Bundle, atomic_write_text, file_digest
 from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
-from .errors import DataError
+from .errors import DataError, InputError
 from .feature_cache import FeatureCache, cache_root, digest_all, extractor_key
 from .figures import pyplot, save_figure
-from .predict import Predictor, decode_ahead, softmax, thread_plan
+from .predict import OnnxEngine, Predictor, in_lanes, lane_count, softmax
 from .zoo import open_bundle
 
 #: Font size (points) of the confusion matrix's title.
@@ -207,8 +207,7 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
         ds = data
     split_name, s = ds.split(split)
     mapping = _label_map(bundle, ds)
-    decode_threads, ort_threads = thread_plan()
-    predictor = Predictor(bundle, engine=engine, device=device, threads=ort_threads)
+    predictor = Predictor(bundle, engine=engine, device=device, threads=lane_count())
     t0 = time.perf_counter()
     skipped: dict[str, str] = {}
     from_cache = 0
@@ -217,7 +216,7 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
         keep = list(range(len(s)))
         inputs = [f"{_array_marker(ds, split_name)}{i}" for i in range(len(s))]
     else:
-        probs, keep, skipped, from_cache = _score_files(predictor, s.paths, decode_threads)
+        probs, keep, skipped, from_cache = _score_files(predictor, s.paths)
         inputs = [s.paths[i] for i in keep]
     if not keep:
         raise DataError(f"no readable image in {ds.name} {split_name}")
@@ -231,29 +230,49 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
 FILE_BATCH = 32
 
 
-def _score_files(predictor: Predictor, paths: list[str], threads: int
+def _score_files(predictor: Predictor, paths: list[str]
                  ) -> tuple[np.ndarray, list[int], dict[str, str], int]:
     """Probabilities of image files: those training already embedded from the feature cache
-    (cached_logits), the others decoded in `threads` while ONNX Runtime (or PyTorch) runs the
-    batch before. (probabilities, indices scored, {path: reason} skipped, from the cache)"""
+    (cached_logits), the others decoded and run in lanes (`predict.in_lanes`: one
+    single-threaded ONNX Runtime session per core; PyTorch is one lane).
+    (probabilities, indices scored, {path: reason} skipped, from the cache)"""
     bundle = predictor.bundle
     logits = cached_logits(predictor, paths)
     scored = {i: softmax(row[None], bundle.temperature)[0] for i, row in logits.items()}
     todo = [i for i in range(len(paths)) if i not in scored]
     chunks = [todo[k : k + FILE_BATCH] for k in range(0, len(todo), FILE_BATCH)]
-    decode = lambda i: decode_evaluated(paths[i], bundle.preprocess)  # noqa: E731
-    skipped: dict[str, str] = {}
-    for chunk, decoded in zip(chunks, decode_ahead(decode, chunks, threads), strict=True):
+
+    def score(lane: Predictor, chunk: list[int]):
+        decoded = []
+        for i in chunk:
+            try:
+                decoded.append(decode_evaluated(paths[i], bundle.preprocess))
+            except InputError as e:
+                decoded.append(e)
         good = [(i, p) for i, p in zip(chunk, decoded, strict=True) if isinstance(p, np.ndarray)]
-        skipped.update({paths[i]: p.message for i, p in zip(chunk, decoded, strict=True)
-                        if not isinstance(p, np.ndarray)})
-        if good:
-            probs = predictor.probabilities(np.stack([p for _, p in good]), FILE_BATCH)
-            scored.update(zip([i for i, _ in good], probs, strict=True))
+        bad = {paths[i]: p.message for i, p in zip(chunk, decoded, strict=True)
+               if not isinstance(p, np.ndarray)}
+        probs = (lane.probabilities(np.stack([p for _, p in good]), FILE_BATCH) if good else [])
+        return [i for i, _ in good], probs, bad
+
+    skipped: dict[str, str] = {}
+    for indices, probs, bad in in_lanes(_lanes(predictor), score, chunks):
+        scored.update(zip(indices, probs, strict=True))
+        skipped.update(bad)
     keep = sorted(scored)
     probs = (np.stack([scored[i] for i in keep]) if keep
              else np.zeros((0, len(bundle.classes)), np.float32))
     return probs, keep, skipped, len(logits)
+
+
+def _lanes(predictor: Predictor) -> list[Predictor]:
+    """One predictor per lane: single-threaded sessions of the same ONNX file per core, or
+    the predictor itself (PyTorch, or one core)."""
+    engine = predictor.engine
+    if not isinstance(engine, OnnxEngine) or lane_count() == 1:
+        return [predictor]
+    return [Predictor(predictor.bundle, engine=OnnxEngine(threads=1, path=engine.path))
+            for _ in range(lane_count())]
 
 
 def cached_logits(predictor: Predictor, paths: list[str]) -> dict[int, np.ndarray]:

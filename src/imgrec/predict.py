@@ -7,8 +7,9 @@ CPU, and torch-free, which the serve path needs), else PyTorch.
 from __future__ import annotations
 
 import os
+import queue
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -177,39 +178,30 @@ def decode_many(fn, sources: list) -> list:
         return list(pool.map(safe, sources))
 
 
-def thread_plan(cores: int | None = None) -> tuple[int, int]:
-    """(decoding threads, ONNX Runtime intra-op threads) for the cores this process may use.
-    ONNX Runtime gets every core (it does not spin, so an idle thread holds none) and the next
-    batch decodes in half as many threads meanwhile. On 2 busy shared cores 1 + 2 measured
-    28.6-29.2 images/s against 27.7-27.9 for 2 + 2, 26.2-28.5 for 2 + 1 and 21.7-23.5 for
-    3 + 2 (Lite0 feature extraction, 384 JPEGs of 300-500 px, load average ~7). Used by feature
-    extraction and evaluate."""
-    cores = cores or len(os.sched_getaffinity(0))
-    return max(1, cores // 2), max(1, cores)
+def lane_count(cores: int | None = None) -> int:
+    """How many inference lanes (single-threaded ONNX Runtime sessions, each decoding and
+    running its own batches) for the cores this process may use: one per core, at most 4."""
+    return max(1, min(4, cores or len(os.sched_getaffinity(0))))
 
 
-def decode_ahead(fn, chunks: list[list], threads: int) -> Iterator[list]:
-    """decode_many(fn, chunk) for each chunk in turn, the next chunk decoding in `threads`
-    background threads while the caller runs the current one (Pillow releases the GIL while
-    decoding): decoding overlaps inference instead of alternating with it."""
+def in_lanes(lanes: list, work: Callable[[Any, list], Any], chunks: list[list]) -> Iterator:
+    """work(lane, chunk) for every chunk, each lane taking the next chunk when it is free;
+    results in chunk order. With one single-threaded engine per core, one lane decodes (Pillow
+    releases the GIL) while another runs ONNX Runtime: on 2 cores this beat one 2-thread
+    session fed by a decoding thread (the README's transfer row), as serve's lanes did."""
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for lane in lanes:
+        free.put(lane)
 
-    def safe(s):
+    def run(chunk: list):
+        lane = free.get()
         try:
-            return fn(s)
-        except InputError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        pending = [pool.submit(safe, s) for s in chunks[0]] if chunks else []
-        try:
-            for c in range(len(chunks)):
-                current = pending
-                if c + 1 < len(chunks):
-                    pending = [pool.submit(safe, s) for s in chunks[c + 1]]
-                yield [f.result() for f in current]
+            return work(lane, chunk)
         finally:
-            for f in pending:
-                f.cancel()
+            free.put(lane)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(lanes))) as pool:
+        yield from pool.map(run, chunks)
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:

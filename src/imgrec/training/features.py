@@ -9,8 +9,8 @@ Entries are safetensors (never pickle) carrying the checksum of their own values
 entry is detected, deleted and recomputed, never trusted.
 
 Extraction runs the backbone through ONNX Runtime on the CPU (several times faster than eager
-PyTorch there; the export is cached too) or PyTorch on a GPU, and decodes the next batch of
-images in parallel threads while the current one runs.
+PyTorch there; the export is cached too) or PyTorch on a GPU. On the CPU it runs in lanes: one
+single-threaded session per core, each decoding and embedding its own batches.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..feature_cache import (  # noqa: F401 (the cache's names, as training has 
     view_key,
 )
 from ..models.pretrained import Backbone
-from ..predict import OnnxEngine, thread_plan
+from ..predict import OnnxEngine, in_lanes, lane_count
 
 BATCH = 32
 
@@ -75,7 +75,7 @@ class Extractor:
         self._model = None
         self.dim = self._feature_dim()
         self.cache = FeatureCache(self.key, self.dim)
-        self.threads = thread_plan()
+        self._lanes: list | None = None
 
     # -- the network ---------------------------------------------------------------------
     def model(self):
@@ -120,7 +120,7 @@ class Extractor:
                 self._engine = TorchFeatures(self.model(), dev)
                 return self._engine
         try:
-            self._engine = OnnxEngine(path=onnx_path, threads=self.threads[1])
+            self._engine = OnnxEngine(path=onnx_path, threads=lane_count())
         except Exception:  # a damaged cached export: rebuild it once
             onnx_path.unlink(missing_ok=True)
             return self.engine()
@@ -156,46 +156,60 @@ class Extractor:
         self.stats["corrupted"] = self.cache.corrupted
         return out, good, skipped
 
+    def lanes(self) -> list[Callable[[np.ndarray], np.ndarray]]:
+        """The engines that run side by side (`predict.in_lanes`): on the CPU one
+        single-threaded ONNX Runtime session per core; a GPU (or PyTorch) engine is one lane."""
+        engine = self.engine()
+        if not isinstance(engine, OnnxEngine) or lane_count() == 1:
+            return [engine]
+        if self._lanes is None:
+            self._lanes = [OnnxEngine(path=engine.path, threads=1) for _ in range(lane_count())]
+        return self._lanes
+
     def _compute(self, todo, paths, keys, out, have, good, skipped, aug, desc) -> None:
-        """The missing views of `todo`: each batch decodes in threads while the engine runs
-        the one before (the thread split: `thread_plan`)."""
+        """The missing views of `todo`, a batch per lane at a time (each lane decodes its
+        batch, then runs it); results are stored in order by this thread."""
         import time
 
         from tqdm import tqdm
 
-        from ..predict import decode_ahead
+        def embed(engine, chunk: list[int]):
+            return self._embed_chunk(engine, chunk, keys, have, aug, paths)
 
-        engine = self.engine()
         t0 = time.perf_counter()
         bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False,
                    disable=self.quiet or None, dynamic_ncols=True)
         chunks = [todo[s : s + BATCH] for s in range(0, len(todo), BATCH)]
-        decode = lambda i: load_input(paths[i], self.contract, invert="no")  # noqa: E731
-        for chunk, decoded in zip(chunks, decode_ahead(decode, chunks, self.threads[0]),
-                                  strict=True):
-            self._run_chunk(engine, chunk, decoded, keys, out, have, good, skipped, aug, paths)
+        results = in_lanes(self.lanes(), embed, chunks)
+        for chunk, (bad, rows, feats) in zip(chunks, results, strict=True):
+            for i, message in bad:
+                good[i] = False
+                skipped[paths[i]] = message
+            for (i, v), vec in zip(rows, feats, strict=True):
+                out[i, v] = vec
+                self.cache.put(keys[i][v], vec)
+            self.stats["computed"] += len(rows)
             bar.update(len(chunk))
         bar.close()
         self.timing["images"] += len(todo)
         self.timing["seconds"] += time.perf_counter() - t0
 
-    def _run_chunk(self, engine, chunk, decoded, keys, out, have, good, skipped, aug, paths):
-        pixels, rows = [], []  # (image index, view) of each row of the batch
-        for i, px in zip(chunk, decoded, strict=True):
-            if isinstance(px, InputError):
-                good[i] = False
-                skipped[paths[i]] = px.message
+    def _embed_chunk(self, engine, chunk, keys, have, aug, paths):
+        """Decode one batch of images and embed their missing views: (unreadable (index,
+        reason) pairs, (index, view) rows, features)."""
+        pixels, rows, bad = [], [], []
+        for i in chunk:
+            try:
+                px = load_input(paths[i], self.contract, invert="no")
+            except InputError as e:
+                bad.append((i, e.message))
                 continue
             for v in np.flatnonzero(~have[i]).tolist():
                 pixels.append(px if v == 0 else aug(px, keys[i][v]))
                 rows.append((i, v))
-        for s in range(0, len(rows), BATCH):
-            batch = np.stack(pixels[s : s + BATCH])
-            feats = engine(self.contract.normalize(batch))
-            for (i, v), vec in zip(rows[s : s + BATCH], feats, strict=True):
-                out[i, v] = vec
-                self.cache.put(keys[i][v], vec)
-        self.stats["computed"] += len(rows)
+        feats = [engine(self.contract.normalize(np.stack(pixels[s : s + BATCH])))
+                 for s in range(0, len(rows), BATCH)]
+        return bad, rows, (np.concatenate(feats) if feats else np.zeros((0, self.dim)))
 
 
 def _augmenter(spec: str) -> Callable[[np.ndarray, str], np.ndarray]:
