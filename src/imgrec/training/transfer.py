@@ -58,7 +58,7 @@ class FeatureSet:
                 "extract_seconds": round(self.seconds, 1),
                 "extract_images_per_s": round(ex.timing["images"] / ex.timing["seconds"], 1)
                 if ex.timing["images"] else None,
-                "extract_lanes": len(ex._lanes) if ex._lanes else 1}
+                "extract_lanes": (len(ex._lanes or [None]) if ex.timing["images"] else None)}
 
 
 def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) -> FeatureSet:
