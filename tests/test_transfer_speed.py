@@ -154,7 +154,11 @@ def test_features_bundle_composes_model_onnx_and_evaluate_reuses_the_cache(
                    out=str(tmp_path / "run"), quiet=True, tensorboard=False)
     path = result.bundle.path
     t = json.loads((path / "imgrec.json").read_text())["training"]
-    assert t["feature_reuse"]["tensor"] == "features" and t["extract_images_per_s"] > 0
+    assert t["feature_reuse"]["tensor"] == "features"
+    # earlier tests of the session may have embedded these photos already (one cache per run)
+    assert t["features_computed"] + t["features_cached"] == 36
+    assert (t["extract_images_per_s"] > 0) if t["features_computed"] else (
+        t["extract_images_per_s"] is None and t["extract_lanes"] is None)
     assert (path / "model.onnx").is_file()
     reused = evaluate_bundle(str(path), str(photo_splits), "test")
     assert reused.from_feature_cache == reused.n == 8 and reused.engine == "onnx"
