@@ -65,6 +65,15 @@ def test_calibration_falls_back_to_the_sample_photos_and_says_so(tmp_path):
     assert cal.pixels.shape[1:] == (3, 32, 32) and cal.pixels.dtype == np.uint8
 
 
+def test_a_wrong_calibration_path_is_one_line_exit_2(tmp_path, capsys):
+    """A dataset the user names with --calibration must exist: no quiet fallback to photos."""
+    path = make_tiny_bundle(tmp_path / "tiny", export=False)
+    assert main(["export", str(path), "--int8", "--calibration", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calibration" in err[0] and "nope" in err[0]
+    assert not (path / "model.int8.onnx").exists()
+
+
 def test_photo_views_are_distinct_framings_and_repeatable(sample_photo):
     from imgrec.contract import Preprocess
 

@@ -259,6 +259,10 @@ def calibration_data(bundle, data: str | None = None, seed: int = 0) -> Calibrat
         try:
             return _dataset_calibration(bundle, name, seed)
         except (ImgrecError, OSError) as e:
+            if data:  # the user named it: a wrong path is an error, not a quiet fallback
+                raise InputError(f"--calibration {data!r}: {first_line(e, 160)}",
+                                 "give a dataset as `imgrec train` takes it, or leave "
+                                 "--calibration out") from None
             why = f"the training data {name!r} is not readable here ({first_line(e, 120)})"
     else:
         why = "the bundle names no training data"
