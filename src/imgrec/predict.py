@@ -178,10 +178,23 @@ def decode_many(fn, sources: list) -> list:
         return list(pool.map(safe, sources))
 
 
+#: the most inference lanes started by default (each holds a copy of the model)
+MAX_LANES = 4
+
+
+def available_cores() -> int:
+    """The cores this process may use (a container's CPU set, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def lane_count(cores: int | None = None) -> int:
     """How many inference lanes (single-threaded ONNX Runtime sessions, each decoding and
-    running its own batches) for the cores this process may use: one per core, at most 4."""
-    return max(1, min(4, cores or len(os.sched_getaffinity(0))))
+    running its own batches) for the cores this process may use: one per core, at most
+    MAX_LANES. serve sizes its lanes the same way (ServeConfig.engine_lanes)."""
+    return max(1, min(MAX_LANES, cores or available_cores()))
 
 
 def in_lanes(lanes: list, work: Callable[[Any, list], Any], chunks: list[list]) -> Iterator:

@@ -8,20 +8,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from ..images import MAX_PIXELS
+from ..predict import MAX_LANES, available_cores
 
 CONFIG_ENV = "IMGREC_SERVE_CONFIG"
-#: the most inference lanes a worker starts by default (each holds a copy of the model)
-MAX_LANES = 4
-
-
-def available_cores() -> int:
-    """The cores this process may use (a container's CPU set, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 @dataclass
 class ServeConfig:
     """Everything `imgrec serve` passes to each worker process (as JSON in the environment)."""
