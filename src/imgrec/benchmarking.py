@@ -97,22 +97,13 @@ def build_engines(bundle: Bundle, engines: tuple[str, ...] = ENGINES,
                   threads: int | None = None) -> tuple[dict[str, Callable], list[str]]:
     """The engines that can run here, and a note for each that cannot (no torch, no ONNX or
     int8 file)."""
-    from .predict import OnnxEngine, int8_onnx_path
+    from .predict import make_engine
 
     built: dict[str, Callable] = {}
     notes: list[str] = []
     for name in engines:
-        try:
-            if name == "torch":
-                from .network import TorchEngine  # noqa: PLC0415 (torch only when asked)
-
-                built[name] = TorchEngine(bundle, "cpu")
-            elif name == "onnx":
-                if not bundle.onnx_path.is_file():
-                    raise InputError("no model.onnx", f"imgrec export {bundle.path}")
-                built[name] = OnnxEngine(bundle, threads)
-            else:
-                built[name] = OnnxEngine(bundle, threads, int8_onnx_path(bundle))
+        try:  # predict's one engine factory: "torch", "onnx" or "int8", on the CPU
+            built[name] = make_engine(bundle, name, "cpu", threads)
         except ModuleNotFoundError as e:
             notes.append(f"{ENGINE_LABELS[name]} skipped: {e.name} is not installed")
         except InputError as e:
