@@ -79,8 +79,16 @@ def train(**options) -> None:
     from .training.api import train as run
 
     json_out = options.pop("json_out")
+    nproc = options.pop("nproc")
+    if nproc:  # torchrun with N processes, each running this command without --nproc
+        from .training.config import config_argv
+        from .training.distributed import launch
+
+        raise typer.Exit(launch(nproc, config_argv(options) + ["--json"] * json_out))
     options["quiet"] = options["quiet"] or json_out
     result = run(options.pop("data"), **options)
+    if result.bundle is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     summary = {"bundle": str(result.bundle.path), "seconds": round(result.seconds, 1),
                "epochs_run": len(result.history), "history": result.history,
                "test": result.test_metrics and {k: result.test_metrics[k]
@@ -201,6 +209,21 @@ def _print_evaluation(rep, mistakes: int) -> None:
                   f"({m['probability']:.1%})")
 
 
+# `imgrec predict`'s batch options (--out and what goes with it)
+_Out = Annotated[Path | None, typer.Option(
+    help="write every result to results.jsonl, .csv or .parquet (a folder of parts), "
+         "streamed in input order with constant memory; see --resume")]
+_Resume = Annotated[bool, typer.Option(
+    "--resume", help="continue an interrupted --out run after its last committed row (same "
+                     "inputs, model and options; refused otherwise)")]
+_Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing --out")]
+_Ray = Annotated[bool, typer.Option(
+    "--ray", help="run the --out job on Ray Data: a local Ray on this machine's cores, or the "
+                  "cluster at --ray-address; needs imgrec[cluster]")]
+_RayAddress = Annotated[str | None, typer.Option(
+    envvar="RAY_ADDRESS", help="the Ray cluster for --ray (auto, HOST:6379, ray://HOST:10001)")]
+
+
 @app.command()
 def predict(
     inputs: Annotated[list[str] | None, typer.Argument(
@@ -215,48 +238,81 @@ def predict(
     engine: Annotated[str, typer.Option(help="auto, onnx, int8 or torch")] = "auto",
     int8: Annotated[bool, typer.Option("--int8", help="run model.int8.onnx (made by "
                                        "`imgrec export MODEL --int8`)")] = False,
+    out: _Out = None, resume: _Resume = False, overwrite: _Overwrite = False,
+    ray: _Ray = False, ray_address: _RayAddress = None,
 ) -> None:
     """Predict the top-k labels of images with a bundle (default: the offline ImageNet model).
 
     Example: imgrec predict photos/ --top-k 3 --json
+
+    Example: imgrec predict photos/ --out results.parquet --resume
     """
-    from .predict import Predictor, expand_inputs, sample_photos
+    from .errors import InputError
+    from .predict import Predictor, as_record, expand_inputs, sample_photos
 
     if int8 and engine not in ("auto", "int8"):
-        from .errors import InputError
-
         raise InputError(f"--int8 runs ONNX Runtime; it cannot be combined with --engine {engine}")
     engine = "int8" if int8 else engine
+    invert_value = invert.value if invert else None
+    if out is not None or resume or overwrite or ray:
+        return _predict_to_file(inputs, out, model, top_k, json_out, invert_value, engine,
+                                resume, overwrite, ray_address or "local" if ray else None)
 
     sources = list(expand_inputs(inputs)) if inputs else sample_photos()
     predictor = Predictor.load(model, engine=engine)
     if not inputs and not json_out:
         _echo("no input given: predicting the sample photos bundled with imgrec")
-    results = predictor.predict(sources, top_k=top_k, invert=invert.value if invert else None)
-    records = []
-    for src, res in zip(sources, results, strict=True):
-        if isinstance(res, ImgrecError):
-            records.append({"input": src, "error": str(res)})
-        else:
-            records.append({"input": src, "predictions": [p.to_dict() for p in res]})
+    results = predictor.predict(sources, top_k=top_k, invert=invert_value)
+    records = [as_record(src, res) for src, res in zip(sources, results, strict=True)]
+    _print_records(records, json_out)
+    if all("error" in r for r in records):  # nothing predicted: one `imgrec: error:` line
+        if len(results) == 1:
+            raise results[0]
+        raise InputError(f"none of the {len(records)} inputs could be read",
+                         "see the error of each above")
+
+
+def _print_records(records: list[dict], json_out: bool) -> None:
     failed = all("error" in r for r in records)
     if json_out:
         _echo(json.dumps(records, indent=2))
-    else:
-        for r in records:
-            if "error" in r:
-                if not (failed and len(records) == 1):  # then the error line below says it
-                    _echo(f"{r['input']}: error: {r['error']}")
-                continue
-            preds = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
-            _echo(f"{r['input']}: {preds}")
-    if failed:  # nothing predicted: one `imgrec: error:` line on stderr, exit status 2
-        if len(results) == 1:
-            raise results[0]
-        from .errors import InputError
+        return
+    for r in records:
+        if "error" in r:
+            if not (failed and len(records) == 1):  # then the error line says it
+                _echo(f"{r['input']}: error: {r['error']}")
+            continue
+        preds = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
+        _echo(f"{r['input']}: {preds}")
 
-        raise InputError(f"none of the {len(records)} inputs could be read",
-                         "see the error of each above")
+
+def _predict_to_file(inputs, out, model, top_k, json_out, invert, engine, resume, overwrite,
+                     ray) -> None:
+    """`imgrec predict --out`: batch_predict on this machine's cores, or cluster on Ray."""
+    from .errors import InputError
+
+    if out is None:
+        raise InputError("--resume, --overwrite and --ray go with --out",
+                         "e.g. imgrec predict photos/ --out results.parquet")
+    if resume and overwrite:
+        raise InputError("--resume continues --out, --overwrite replaces it: give one of them")
+    if ray is not None:
+        from .cluster import run_ray
+
+        summary = run_ray(inputs, out, ray, model=model, top_k=top_k, invert=invert,
+                          engine=engine, resume=resume, overwrite=overwrite)
+    else:
+        from .batch_predict import run_batch
+
+        summary = run_batch(inputs, out, model=model, top_k=top_k, invert=invert,
+                            engine=engine, resume=resume, overwrite=overwrite)
+    if json_out:
+        _echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    done = (f"resumed after {summary.resumed_from} rows: " if summary.resumed_from else "")
+    _echo(f"{done}wrote {summary.new_rows} rows ({summary.errors} unreadable) to {summary.out} "
+          f"in {summary.seconds:.1f} s, {summary.images_per_s:.1f} images/s; "
+          f"{summary.rows} rows in all")
 
 
 @app.command()
@@ -649,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         rv = command.main(args=args, prog_name="imgrec", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except ImgrecError as e:
-        print(f"imgrec: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says
+            print(f"imgrec: error: {e}", file=sys.stderr)
         return e.exit_code
     except _USAGE_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `imgrec`: the help, not an error
@@ -677,7 +734,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if os.environ.get("IMGREC_DEBUG"):
             raise
-        print(f"imgrec: internal error: {type(e).__name__}: {e} "
+        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+        print(f"imgrec: {rank}internal error: {type(e).__name__}: {e} "
               "(set IMGREC_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
         return 1
 

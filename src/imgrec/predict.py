@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import queue
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -197,11 +198,14 @@ def lane_count(cores: int | None = None) -> int:
     return max(1, min(MAX_LANES, cores or available_cores()))
 
 
-def in_lanes(lanes: list, work: Callable[[Any, list], Any], chunks: list[list]) -> Iterator:
+def in_lanes(lanes: list, work: Callable[[Any, list], Any], chunks: Iterable[list],
+             ahead: int | None = None) -> Iterator:
     """work(lane, chunk) for every chunk, each lane taking the next chunk when it is free;
     results in chunk order. With one single-threaded engine per core, one lane decodes (Pillow
     releases the GIL) while another runs ONNX Runtime: on 2 cores this beat one 2-thread
-    session fed by a decoding thread (the README's transfer row), as serve's lanes did."""
+    session fed by a decoding thread (the README's transfer row), as serve's lanes did.
+    `chunks` is read lazily and at most `ahead` (default 2 per lane) are in flight, so a
+    stream of millions of files (`imgrec predict --out`) holds a few batches, not all."""
     free: queue.SimpleQueue = queue.SimpleQueue()
     for lane in lanes:
         free.put(lane)
@@ -213,8 +217,33 @@ def in_lanes(lanes: list, work: Callable[[Any, list], Any], chunks: list[list]) 
         finally:
             free.put(lane)
 
+    ahead = max(1, ahead or 2 * len(lanes))
+    pending: deque = deque()
     with ThreadPoolExecutor(max_workers=max(1, len(lanes))) as pool:
-        yield from pool.map(run, chunks)
+        for chunk in chunks:
+            pending.append(pool.submit(run, chunk))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def lane_predictors(predictor: Predictor) -> list[Predictor]:
+    """One predictor per lane: single-threaded sessions of the same ONNX file, one per core
+    (lane_count), or the predictor itself (PyTorch, or one core)."""
+    engine = predictor.engine
+    if not isinstance(engine, OnnxEngine) or lane_count() == 1:
+        return [predictor]
+    return [Predictor(predictor.bundle, engine=OnnxEngine(threads=1, path=engine.path))
+            for _ in range(lane_count())]
+
+
+def as_record(source: str, result: Any) -> dict[str, Any]:
+    """One input's entry in `imgrec predict --json` (and in each row of `--out`):
+    {"input", "predictions": [{"label", "index", "probability"}, ...]} or {"input", "error"}."""
+    if isinstance(result, Exception):
+        return {"input": source, "error": str(result)}
+    return {"input": source, "predictions": [p.to_dict() for p in result]}
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
@@ -237,19 +266,43 @@ def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX
 
 
 def expand_inputs(inputs: Iterable[str]) -> Iterator[str]:
-    """Files as given, folders recursively (image files only, sorted), URLs as given."""
+    """Files as given, folders recursively (image files only, sorted), URLs as given. Lazy:
+    a folder is listed one directory at a time (`walk_images`), never as one list."""
     for item in inputs:
         if item.startswith(("http://", "https://")):
             yield item
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
-            if not files:
+            found = False
+            for file in walk_images(path):
+                found = True
+                yield str(file)
+            if not found:
                 raise InputError(f"{item}: the folder holds no image files")
-            yield from (str(p) for p in files)
         else:
             yield item
+
+
+def walk_images(folder: Path) -> Iterator[Path]:
+    """Image files under `folder` in sorted path order (what sorted(folder.rglob("*")) gives:
+    each directory's names sorted, depth first), holding one directory's names at a time.
+    Like rglob, symlinked folders are not followed and unreadable subfolders are skipped."""
+    names, dirs = [], set()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                names.append(entry.name)
+                if entry.is_dir(follow_symlinks=False):
+                    dirs.add(entry.name)
+    except OSError:
+        return
+    for name in sorted(names):
+        path = folder / name
+        if name in dirs:
+            yield from walk_images(path)
+        elif is_image_path(path) and path.is_file():
+            yield path
 
 
 def sample_photos() -> list[str]:
