@@ -397,8 +397,8 @@ def _read_progress(out: Path, progress: Path, fmt: str, job: dict) -> dict:
         raise InputError(f"--resume: {progress} is not a progress record of this imgrec",
                          "start again with --overwrite")
     old = state.get("job", {})
-    for key, what in (("inputs", "other inputs"), ("model", "another model"),
-                      ("engine", "another engine"), ("top_k", "another --top-k"),
+    for key, what in (("inputs", "other inputs"), ("engine", "another engine"),
+                      ("model", "another model"), ("top_k", "another --top-k"),
                       ("invert", "another --invert")):
         if old.get(key) != job.get(key):
             raise InputError(f"--resume: {out} was made from {what} "
@@ -461,13 +461,13 @@ def run_batch(inputs: list[str] | None, out: str | Path, model: str | None = Non
     sink = open_sink(out, job, resume, overwrite)
     start, t0, errors = sink.rows, time.perf_counter(), 0
     try:
-        if not sink.complete:
-            sources = expand_inputs(inputs) if inputs else iter(sample_photos())
-            todo = sink.skip_done(sources)
-            for record in (scorer or local_records)(predictor, todo, top_k, invert):
-                errors += "error" in record
-                sink.add(record)
-            sink.commit(complete=True)
+        # a complete output is checked the same way: its inputs re-listed, nothing left to do
+        sources = expand_inputs(inputs) if inputs else iter(sample_photos())
+        todo = sink.skip_done(sources)
+        for record in (scorer or local_records)(predictor, todo, top_k, invert):
+            errors += "error" in record
+            sink.add(record)
+        sink.commit(complete=True)
     except BaseException:
         if start == 0 and sink.rows == 0:  # nothing done (e.g. a folder without images)
             _remove_output(sink.out, sink.progress_path, fmt)
