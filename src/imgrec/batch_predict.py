@@ -206,18 +206,24 @@ class Sink:
 
     def skip_done(self, sources: Iterator[str]) -> Iterator[str]:
         """The inputs after the rows already written, checking the written ones are the
-        same inputs (same names, same order) as this run's first ones."""
-        digest, n = EMPTY_HASH, 0
-        for source in sources:
-            if n < self.rows:
-                digest = chain_hash(digest, source)
-                n += 1
-                if n == self.rows and digest != self.digest:
-                    raise _changed(self.out)
-                continue
-            yield source
-        if n < self.rows:
-            raise _changed(self.out, f"it holds {self.rows} rows, the inputs are {n} files")
+        same inputs (same names, same order) as this run's first ones. (The count is taken
+        now: the generator is read while new rows are committed.)"""
+        done, expected = self.rows, self.digest
+
+        def rest() -> Iterator[str]:
+            digest, n = EMPTY_HASH, 0
+            for source in sources:
+                if n < done:
+                    digest = chain_hash(digest, source)
+                    n += 1
+                    if n == done and digest != expected:
+                        raise _changed(self.out)
+                    continue
+                yield source
+            if n < done:
+                raise _changed(self.out, f"it holds {done} rows, the inputs are {n} files")
+
+        return rest()
 
     def lock(self) -> None:
         """flock the output, so two runs never append to one file (the kernel drops the lock

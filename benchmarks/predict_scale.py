@@ -1,0 +1,219 @@
+"""`imgrec predict --out` at scale (issue 13, acceptance items 3 and 4), with the offline
+`imagenet` model (EfficientNet-Lite0) on real photos.
+
+1. Inputs: N (default 20 000) files under benchmarks/work/predict-scale/inputs/, symlinks to
+   the cats-dogs-mini photos in folders of 600 (git-ignored; the photos are not copied).
+2. Reference: `imgrec benchmark imagenet --batch-sizes 32`, the ONNX engine's batch-32 images/s.
+3. `imgrec predict INPUTS --model imagenet --out results.parquet`: RSS (VmRSS from /proc)
+   sampled while it runs; the RSS when the first 1000 files are committed against the RSS at
+   the end (target < 1.5x); throughput (the run's own images/s, model loading excluded) against
+   the reference (target: within 15%, a ratio >= 0.85).
+4. The same run into another output, killed with SIGKILL partway (at a random instant past
+   --kill-after rows), then `--resume`: exactly N rows, every input once, in input order,
+   labels equal to the uninterrupted run's.
+5. `--ray` (a local Ray) against the single-process run on the first --ray-files (2 000)
+   inputs: top-1 label agreement and the largest probability difference (target: all equal,
+   <= 1e-5).
+
+Prints each figure and writes benchmarks/results/predict_scale.json.
+
+    python benchmarks/predict_scale.py                      # the measurement (~6 min quiet)
+    python benchmarks/predict_scale.py --files 3000 --ray-files 300 --kill-after 1200  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import IMGREC, ROOT, WORK, clean, timed, write_result  # noqa: E402
+
+MINI = ROOT.parent / "shared" / "data" / "cats-dogs-mini"
+BASE = WORK / "predict-scale"
+
+
+def make_inputs(n: int, folder: Path) -> Path:
+    """n symlinks to the mini set's photos, 600 to a folder (copy-000/, copy-001/, ...)."""
+    photos = sorted(p for p in MINI.rglob("*.jpg"))
+    if not photos:
+        raise SystemExit(f"{MINI} is absent: the photos come from ../shared")
+    marker = folder / f".made-{n}"
+    if marker.exists():
+        return folder
+    clean(folder)
+    for i in range(n):
+        sub = folder / f"copy-{i // len(photos):03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        src = photos[i % len(photos)]
+        (sub / f"{src.parent.name}-{src.name}").symlink_to(src)
+    marker.touch()
+    return folder
+
+
+def reference_images_per_s(seconds: float) -> float:
+    out = BASE / "benchmark"
+    _, text = timed([*IMGREC, "benchmark", "imagenet", "--batch-sizes", "32", "--seconds",
+                     str(seconds), "--out", str(out)])
+    print(text)
+    data = json.loads((out / "benchmark.json").read_text())
+    (row,) = [m for m in data["measurements"] if m["engine"] == "onnx" and m["batch_size"] == 32]
+    return row["images_per_s"]
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def progress_rows(out: Path) -> int:
+    try:
+        return json.loads((out / "_progress.json").read_text()).get("rows", 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def watched_run(inputs: Path, out: Path, kill_after: int | None = None) -> dict:
+    """`imgrec predict --out` in a child; RSS samples keyed by committed rows; SIGKILL at a
+    random instant once `kill_after` rows are committed (when given)."""
+    cmd = [*IMGREC, "predict", str(inputs), "--model", "imagenet", "--out", str(out), "--json"]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[int, int]] = []  # (rows committed, RSS KiB)
+    kill_at = None
+    while child.poll() is None:
+        rows, rss = progress_rows(out), rss_kib(child.pid)
+        if rss is not None:
+            samples.append((rows, rss))
+        if kill_after is not None and rows >= kill_after:
+            kill_at = kill_at or time.monotonic() + random.uniform(0.0, 2.0)
+            if time.monotonic() >= kill_at:
+                os.kill(child.pid, signal.SIGKILL)
+                child.wait()
+                return {"killed_at_rows": progress_rows(out), "samples": samples}
+        time.sleep(0.1)
+    stdout, stderr = child.communicate()
+    if child.returncode != 0:
+        raise SystemExit(f"failed ({child.returncode}): {' '.join(cmd)}\n{stderr[-2000:]}")
+    return {"summary": json.loads(stdout), "samples": samples}
+
+
+def rss_figures(samples: list[tuple[int, int]]) -> dict:
+    first = next(rss for rows, rss in samples if rows >= 1000)
+    end = samples[-1][1]
+    return {"rss_after_1000_mib": round(first / 1024, 1), "rss_end_mib": round(end / 1024, 1),
+            "rss_max_mib": round(max(r for _, r in samples) / 1024, 1),
+            "rss_end_over_1000": round(end / first, 3)}
+
+
+def read_rows(out: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out).to_pylist()
+
+
+def check_resumed(inputs: Path, out: Path, full: list[dict]) -> dict:
+    from imgrec.predict import expand_inputs
+
+    rows = read_rows(out)
+    names = [r["input"] for r in rows]
+    expected = list(expand_inputs([str(inputs)]))
+    return {"rows": len(rows), "unique_inputs": len(set(names)),
+            "in_input_order": names == expected,
+            "labels_equal_uninterrupted": [r["label"] for r in rows] == [r["label"] for r in full]}
+
+
+def ray_vs_local(inputs: Path, n: int) -> dict:
+    """The first n inputs in their own folder, scored locally and on a local Ray."""
+    from imgrec.predict import expand_inputs
+
+    subset = BASE / f"ray-inputs-{n}"
+    if not (subset / ".made").exists():
+        clean(subset)
+        subset.mkdir(parents=True)
+        for i, src in enumerate(expand_inputs([str(inputs)])):
+            if i == n:
+                break
+            (subset / f"{i:07d}-{Path(src).name}").symlink_to(Path(src).resolve())
+        (subset / ".made").touch()
+    result = {}
+    for name, extra in (("local", []), ("ray", ["--ray"])):
+        out = BASE / f"ray-check-{name}.parquet"
+        wall, text = timed([*IMGREC, "predict", str(subset), "--model", "imagenet", "--out",
+                            str(out), "--overwrite", "--json", *extra])
+        result[f"{name}_wall_s"] = round(wall, 1)
+        result[f"{name}_images_per_s"] = json.loads(text)["images_per_s"]
+    a = read_rows(BASE / "ray-check-local.parquet")
+    b = read_rows(BASE / "ray-check-ray.parquet")
+    same_order = [r["input"] for r in a] == [r["input"] for r in b]
+    diffs = [abs(x["probability"] - y["probability"]) for x, y in zip(a, b, strict=True)
+             if x["probability"] is not None]
+    topk = [abs(p["probability"] - q["probability"]) for x, y in zip(a, b, strict=True)
+            if x["top_k"] for p, q in zip(json.loads(x["top_k"]), json.loads(y["top_k"]),
+                                          strict=True)]
+    agree = sum(x["label"] == y["label"] for x, y in zip(a, b, strict=True))
+    return {**result, "files": n, "same_order": same_order, "top1_agreement": agree / len(a),
+            "max_abs_top1_prob_diff": max(diffs), "max_abs_topk_prob_diff": max(topk)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=20_000)
+    ap.add_argument("--ray-files", type=int, default=2_000)
+    ap.add_argument("--kill-after", type=int, default=8_000, help="rows before the kill -9")
+    ap.add_argument("--bench-seconds", type=float, default=10.0)
+    ap.add_argument("--skip-ray", action="store_true")
+    args = ap.parse_args()
+    inputs = make_inputs(args.files, BASE / f"inputs-{args.files}")
+    load = os.getloadavg()[0]
+    reference = reference_images_per_s(args.bench_seconds)
+    print(f"reference: imgrec benchmark imagenet, onnx batch 32: {reference:.1f} images/s")
+
+    full_out = BASE / "results.parquet"
+    clean(full_out)
+    run = watched_run(inputs, full_out)
+    summary = run["summary"]
+    rss = rss_figures(run["samples"])
+    ratio = summary["images_per_s"] / reference
+    print(f"predict --out: {summary['rows']} rows, {summary['images_per_s']:.1f} images/s "
+          f"({ratio:.3f} of the reference); RSS {rss['rss_after_1000_mib']} MiB after 1000, "
+          f"{rss['rss_end_mib']} MiB at the end ({rss['rss_end_over_1000']}x)")
+    full = read_rows(full_out)
+
+    killed_out = BASE / "killed.parquet"
+    clean(killed_out)
+    killed = watched_run(inputs, killed_out, kill_after=args.kill_after)
+    wall, text = timed([*IMGREC, "predict", str(inputs), "--model", "imagenet", "--out",
+                        str(killed_out), "--resume", "--json"])
+    resumed = {"killed_at_rows": killed["killed_at_rows"], **json.loads(text),
+               **check_resumed(inputs, killed_out, full)}
+    print(f"kill -9 at {resumed['killed_at_rows']} committed rows, --resume: {resumed['rows']} "
+          f"rows, {resumed['unique_inputs']} unique, in order {resumed['in_input_order']}, "
+          f"labels equal {resumed['labels_equal_uninterrupted']}")
+
+    ray = None if args.skip_ray else ray_vs_local(inputs, args.ray_files)
+    if ray:
+        print(f"--ray vs local on {ray['files']} files: top-1 agreement "
+              f"{ray['top1_agreement']:.4%}, max |p diff| {ray['max_abs_topk_prob_diff']:.2e}")
+    write_result("predict_scale", {
+        "files": args.files, "load_average_at_start": round(load, 2),
+        "reference_onnx_batch32_images_per_s": reference,
+        "predict": {**summary, **rss, "ratio_to_reference": round(ratio, 3)},
+        "targets": {"rss_end_over_1000": "< 1.5", "ratio_to_reference": ">= 0.85",
+                    "resume": "N rows, unique, in order", "ray": "labels equal, <= 1e-5"},
+        "resume": resumed, "ray_vs_local": ray})
+
+
+if __name__ == "__main__":
+    main()
