@@ -89,6 +89,12 @@ class TrainConfig:
     precision: str = option(
         "auto", "auto: bfloat16 autocast on CUDA and on CPUs with AMX (where it is faster), "
                 "else float32; bf16 forces it where the CPU supports bfloat16", choices=PRECISIONS)
+    sync_bn: bool = option(False, "distributed (torchrun) on CUDA: synchronise BatchNorm "
+                                  "statistics across processes (SyncBatchNorm)",
+                           flags=("--sync-bn",))
+    nproc: int | None = option(None, "start N training processes on this machine with "
+                                     "torchrun (distributed data-parallel; --batch-size is "
+                                     "per process)", min=1)
     lookahead: bool | None = option(None, "average the weights along the run (airbench's "
                                           "lookahead EMA); the averaged weights are saved",
                                     cli=False)
@@ -100,6 +106,22 @@ class TrainConfig:
 def cli_fields() -> list:
     """The TrainConfig fields `imgrec train` offers, in order."""
     return [f for f in fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def config_argv(options: dict[str, Any]) -> list[str]:
+    """`imgrec train`'s arguments again from parsed options (what the CLI gives TrainConfig):
+    the command each process of `--nproc N` runs."""
+    argv = [str(options["data"])]
+    for f in cli_fields():
+        value = options.get(f.name, f.default)
+        if f.metadata.get("argument") or value == f.default or f.name == "nproc":
+            continue
+        flag = (f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",))[0]
+        if isinstance(value, bool):
+            argv.append(flag if value else f"--no-{f.name.replace('_', '-')}")
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -125,6 +147,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.precision not in PRECISIONS, "--precision must be auto, fp32 or bf16"),
         (cfg.augment_views < 0 or cfg.augment_views > 64,
          "--augment-views must be between 0 and 64"),
+        (cfg.nproc is not None, "nproc launches torchrun from the command line (imgrec train "
+                                "--nproc N); from Python, start your script with torchrun"),
     ]
     for bad, message in checks:
         if bad:

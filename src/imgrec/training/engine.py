@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..bundle import atomic_write_bytes
 from ..contract import fit_arrays
 from ..errors import ImgrecError
+from . import distributed
 from .callbacks import CallbackList, EarlyStopping, RunState
 from .loaders import Batches
 from .plan import RunPlan
@@ -176,12 +177,16 @@ class EpochLoop:
         self.channels_last = plan.device.type != "mps"
         if self.channels_last:
             self.model = model.to(memory_format=torch.channels_last)
-        ds, seed, workers = plan.data, plan.cfg.seed, plan.cfg.workers
+        ds, seed, workers, world = plan.data, plan.cfg.seed, plan.cfg.workers, plan.world
         self.train_batches = Batches(ds.splits["train"], plan.contract, plan.batch_size, True,
-                                     plan.device, seed, workers)
+                                     plan.device, seed, workers, world)
         self.val_batches = (Batches(ds.splits["val"], plan.contract, max(256, plan.batch_size),
-                                    False, plan.device, seed, workers)
+                                    False, plan.device, seed, workers, world)
                             if plan.has_validation else None)
+        # the network each step runs: DDP around the model under torchrun, else the model
+        self.step_model = distributed.wrap(self.model, plan) if world.active else self.model
+        if world.rank:  # augmentation and dropout draw differently on each rank
+            torch.manual_seed(seed + 1_000_003 * world.rank)
         if param_groups is None and hasattr(model, "param_groups"):  # e.g. airnet's two rates
             param_groups = model.param_groups(plan.lr, plan.weight_decay)
         self.opt = optimizer_for(plan.optimizer, param_groups or model.parameters(), plan.lr,
@@ -209,11 +214,11 @@ class EpochLoop:
         start = self._resume(state) if plan.cfg.resume else self._init_from_data(state)
         interrupted = False
         self.terminate = False
-        old_term = signal.signal(signal.SIGTERM, self._on_sigterm)
+        old_term = None if plan.world.active else signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             for epoch in range(start, plan.epochs + 1):
                 self._epoch(state, epoch)
-                if state.stop_training:
+                if self._stop_everywhere(state):
                     self.callbacks.on_note(state, f"early stop: {state.stop_reason}")
                     break
         except KeyboardInterrupt as e:
@@ -225,12 +230,25 @@ class EpochLoop:
             self.callbacks.on_note(state, "interrupted: saving the best model so far "
                                           "(resume with --resume)")
         finally:
-            signal.signal(signal.SIGTERM, old_term)
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
         if not state.history:
             raise ImgrecError("training stopped before the first epoch finished; nothing saved")
+        state.skipped.update(distributed.gather_dicts(plan.world, state.skipped))
         self.tracker.restore(self.model)
+        if plan.cfg.sync_bn:
+            distributed.unsync_batchnorm(self.model)
         return LoopResult(state.history, self.tracker.best_epoch, state.stop_training,
                           bool(interrupted), state.skipped, interrupted == "terminated")
+
+    def _stop_everywhere(self, state: RunState) -> bool:
+        """Whether to stop: early stopping decides from reduced metrics, so every rank agrees;
+        a callback that stops one rank stops them all."""
+        if self.plan.world.active:
+            stop = distributed.all_sum(self.plan.world, [float(state.stop_training)])[0]
+            if stop and not state.stop_training:
+                state.stop("another rank's callback stopped the run")
+        return state.stop_training
 
     def _notes(self, state: RunState) -> None:
         """Say what the loop does beyond the recipe line: precision and weight averaging."""
@@ -308,15 +326,18 @@ class EpochLoop:
                     self.sched.step()  # a batch of unreadable files still moves the schedule
             self.callbacks.on_batch_end(state, step, logs)
             self._check_terminate()
-        seen = logs["seen"]
+        loss_sum, correct, seen = logs["loss_sum"].item(), logs["correct"].item(), logs["seen"]
+        if self.plan.world.active:  # the whole split's figures, on every rank
+            loss_sum, correct, seen = distributed.all_sum(self.plan.world,
+                                                          [loss_sum, correct, seen])
         if not seen:
             raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
-        return logs["loss_sum"].item() / seen, logs["correct"].item() / seen
+        return loss_sum / seen, correct / seen
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, logs: dict[str, Any], epoch: int) -> None:
         x = self._prep(x, True)
         with torch.autocast(self.plan.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            logits = self.model(x)
+            logits = self.step_model(x)
             loss = F.cross_entropy(logits.float(), y, weight=self.weights,
                                    label_smoothing=self.plan.label_smoothing)
         if not torch.isfinite(loss):
@@ -353,6 +374,11 @@ class EpochLoop:
             correct += (logits.argmax(1) == y).sum().item()
             cm += torch.bincount(y * n + logits.argmax(1), minlength=n * n)
             seen += len(y)
+        if self.plan.world.active:  # every rank scored its share: the whole split's figures
+            sums = distributed.all_sum(self.plan.world, [total_loss, correct, seen,
+                                                         *cm.tolist()])
+            total_loss, correct, seen = sums[:3]
+            cm = torch.tensor(sums[3:], dtype=torch.long)
         state.val_confusion = cm.view(n, n).cpu().numpy()
         return total_loss / max(seen, 1), correct / max(seen, 1)
 
@@ -362,7 +388,10 @@ class EpochLoop:
         return self.plan.out / CHECKPOINT
 
     def _checkpoint(self, state: RunState, epoch: int) -> None:
-        """Everything needed to resume, written atomically (a crash keeps the last one)."""
+        """Everything needed to resume, written atomically (a crash keeps the last one); by
+        rank 0 alone under torchrun."""
+        if not self.plan.world.main:
+            return
         best = self.tracker.best
         payload = {
             "fingerprint": self.plan.fingerprint(), "epoch": epoch, "history": state.history,
@@ -376,10 +405,11 @@ class EpochLoop:
         buf = io.BytesIO()
         torch.save(payload, buf)
         atomic_write_bytes(self.checkpoint_path, buf.getvalue())
+        distributed.checkpointed(epoch)
 
     def _resume(self, state: RunState) -> int:
         """Load the checkpoint in --out; the epoch to continue from."""
-        saved = _read_checkpoint(self.checkpoint_path, self.plan)
+        saved = _shared_checkpoint(self.checkpoint_path, self.plan)
         self.model.load_state_dict(saved["model"])
         self.opt.load_state_dict(saved["optimizer"])
         _restore_schedule(self.sched, saved["scheduler"])
@@ -399,12 +429,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: saved like Ctrl-C; the command line then exits 143 (128 + SIGTERM)."""
 
 
-def _read_checkpoint(path: Path, plan: RunPlan) -> dict:
+def _read_checkpoint(path: Path, plan: RunPlan, device: torch.device | None = None) -> dict:
     if not path.is_file():
         raise ImgrecError(f"--resume: no checkpoint at {path}",
                           "give the --out folder of the interrupted run")
     try:
-        saved = torch.load(path, map_location=plan.device, weights_only=True)
+        saved = torch.load(path, map_location=device or plan.device, weights_only=True)
     except Exception as e:
         raise ImgrecError(f"--resume: {path} is unreadable ({e})",
                           "start again without --resume") from None
@@ -413,6 +443,24 @@ def _read_checkpoint(path: Path, plan: RunPlan) -> dict:
             "--resume: the checkpoint was made with other data, model or settings",
             "repeat the original command with --resume, or train into another --out",
         )
+    return saved
+
+
+def _shared_checkpoint(path: Path, plan: RunPlan) -> dict:
+    """The checkpoint; under torchrun rank 0 reads it and sends it to every rank (no shared
+    file system needed), or the error every rank then raises (rank 0 prints it)."""
+    if not plan.world.active:
+        return _read_checkpoint(path, plan)
+    saved: Any = None
+    if plan.world.main:
+        try:
+            saved = _read_checkpoint(path, plan, torch.device("cpu"))
+        except ImgrecError as e:
+            saved = e
+    saved = distributed.broadcast(plan.world, saved)
+    if isinstance(saved, ImgrecError):
+        raise saved
+    distributed.checkpointed(saved["epoch"])
     return saved
 
 

@@ -16,6 +16,7 @@ single-threaded session per core, each decoding and embedding its own batches.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from ..feature_cache import (  # noqa: F401 (the cache's names, as training has 
     view_key,
 )
 from ..models.pretrained import Backbone
-from ..predict import OnnxEngine, in_lanes, lane_count
+from ..predict import OnnxEngine, available_cores, in_lanes, lane_count
 
 BATCH = 32
 
@@ -120,7 +121,7 @@ class Extractor:
                 self._engine = TorchFeatures(self.model(), dev)
                 return self._engine
         try:
-            self._engine = OnnxEngine(path=onnx_path, threads=lane_count())
+            self._engine = OnnxEngine(path=onnx_path, threads=lane_count(_cores()))
         except Exception:  # a damaged cached export: rebuild it once
             onnx_path.unlink(missing_ok=True)
             return self.engine()
@@ -160,10 +161,11 @@ class Extractor:
         """The engines that run side by side (`predict.in_lanes`): on the CPU one
         single-threaded ONNX Runtime session per core; a GPU (or PyTorch) engine is one lane."""
         engine = self.engine()
-        if not isinstance(engine, OnnxEngine) or lane_count() == 1:
+        lanes = lane_count(_cores())
+        if not isinstance(engine, OnnxEngine) or lanes == 1:
             return [engine]
         if self._lanes is None:
-            self._lanes = [OnnxEngine(path=engine.path, threads=1) for _ in range(lane_count())]
+            self._lanes = [OnnxEngine(path=engine.path, threads=1) for _ in range(lanes)]
         return self._lanes
 
     def _compute(self, todo, paths, keys, out, have, good, skipped, aug, desc) -> None:
@@ -210,6 +212,12 @@ class Extractor:
         feats = [engine(self.contract.normalize(np.stack(pixels[s : s + BATCH])))
                  for s in range(0, len(rows), BATCH)]
         return bad, rows, (np.concatenate(feats) if feats else np.zeros((0, self.dim)))
+
+
+def _cores() -> int:
+    """This process's share of the cores: all of them, or 1 / LOCAL_WORLD_SIZE of them in
+    each of torchrun's processes on a machine."""
+    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
 
 
 def _augmenter(spec: str) -> Callable[[np.ndarray, str], np.ndarray]:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset as TorchDataset
 from ..contract import Preprocess, fit_arrays, load_input
 from ..data.datasets import Split
 from ..errors import UnreadableImage
+from .distributed import SINGLE, World, eval_indices, shard_batches, steps_per_epoch, train_sampler
 
 
 class FileImages(TorchDataset):
@@ -49,11 +50,15 @@ def _collate(items):
 
 
 class Batches:
-    """An iterable of (x uint8, y, skipped) batches over one split."""
+    """An iterable of (x uint8, y, skipped) batches over one split. Under torchrun (`world`)
+    each process gets its own shard: of each global batch for training (shuffle), of the
+    split for validation."""
 
     def __init__(self, split: Split, contract: Preprocess, batch_size: int, shuffle: bool,
-                 device: torch.device, seed: int = 0, workers: int | None = None):
+                 device: torch.device, seed: int = 0, workers: int | None = None,
+                 world: World = SINGLE):
         self.split, self.batch_size, self.shuffle, self.device = split, batch_size, shuffle, device
+        self.world, self.epoch = world, 0
         self.generator = torch.Generator().manual_seed(seed)
         self.in_memory = split.images is not None
         if self.in_memory:
@@ -63,27 +68,54 @@ class Batches:
         else:
             if workers is None:
                 workers = min(4, os.cpu_count() or 1) if len(split) >= 64 else 0
+            files = FileImages(split.paths, split.labels, contract)
+            self.sampler = None
+            if world.active:
+                self.sampler = (train_sampler(files, world, shuffle, seed) if shuffle
+                                else eval_indices(len(files), world))
             self.loader = DataLoader(
-                FileImages(split.paths, split.labels, contract), batch_size=batch_size,
-                shuffle=shuffle, num_workers=workers, collate_fn=_collate,
+                files, batch_size=batch_size, shuffle=shuffle and self.sampler is None,
+                sampler=self.sampler, num_workers=workers, collate_fn=_collate,
                 generator=self.generator, persistent_workers=workers > 0,
                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
             )
 
     def __len__(self) -> int:
+        if self.world.active:
+            if self.in_memory and self.shuffle:
+                return steps_per_epoch(len(self.split), self.batch_size, self.world)
+            return len(self.loader) if not self.in_memory else \
+                -(-len(eval_indices(len(self.split), self.world)) // self.batch_size)
         return (len(self.split) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        self.epoch += 1
         if self.in_memory:
             n = len(self.y)
             order = (torch.randperm(n, generator=self.generator).to(self.device)
                      if self.shuffle else torch.arange(n, device=self.device))
+            if self.world.active:
+                yield from self._shards(order)
+                return
             for i in range(0, n, self.batch_size):
                 idx = order[i : i + self.batch_size]
                 yield self.x[idx], self.y[idx], []
             return
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.epoch)
         for x, y, skipped in self.loader:
             if x is not None:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
             yield x, y, skipped
+
+    def _shards(self, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
+        """This process's in-memory batches: its part of each global batch (training), or
+        every world-th image (validation)."""
+        if not self.shuffle:
+            order = order[self.world.rank :: self.world.size]
+            parts = (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
+        else:
+            parts = shard_batches(order, self.batch_size, self.world)
+        for idx in parts:
+            yield self.x[idx], self.y[idx], []

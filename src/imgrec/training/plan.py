@@ -21,6 +21,7 @@ from ..errors import ImgrecError
 from ..files import check_output_folder
 from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, validate
+from .distributed import SINGLE, World, world_from_env
 from .recipes import BUILTIN_RECIPES, RECIPES, TRANSFER_DEFAULTS, recipe_for
 
 HYPER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
@@ -51,10 +52,15 @@ class RunPlan:
     backbone: Any = None  # models.pretrained.Backbone in the transfer modes
     module: Any = None  # a network the caller built (the Python API's model=nn.Module)
     lookahead: bool = False  # airbench's lookahead EMA of the weights (engine.Lookahead)
+    world: World = SINGLE  # torchrun's processes (training/distributed.py); batch_size is each one's
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world.size
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.data.splits["train"]) / self.batch_size)
+        return math.ceil(len(self.data.splits["train"]) / self.global_batch)
 
     @property
     def has_validation(self) -> bool:
@@ -63,13 +69,19 @@ class RunPlan:
     def fingerprint(self) -> dict:
         """What a checkpoint must match to be resumed (not epochs: `--resume --epochs N`
         extends a run)."""
-        return {"data": self.data.fingerprint(), "model": self.model_name,
-                "model_args": self.model_args, "image_size": self.image_size,
-                "batch_size": self.batch_size}
+        found = {"data": self.data.fingerprint(), "model": self.model_name,
+                 "model_args": self.model_args, "image_size": self.image_size,
+                 "batch_size": self.batch_size}
+        if self.world.active:  # another process count is another run
+            found["world_size"] = self.world.size
+        return found
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """CUDA when present (or asked for), then Apple's MPS, else the CPU."""
+def pick_device(name: str | None = None, world: World = SINGLE) -> torch.device:
+    """CUDA when present (or asked for), then Apple's MPS, else the CPU. Under torchrun, a
+    CUDA run uses the GPU cuda:LOCAL_RANK."""
+    if world.active and name in (None, "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", world.local_rank)
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ImgrecError(f"--device {name}: no CUDA GPU is available", "use --device cpu")
@@ -105,17 +117,21 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     size = _image_size(cfg, ds, name)
     mode = _mode(cfg, ds, name, module)
     hyper = {h: pick(h) for h in HYPER}
+    world = world_from_env()
     augment = Augment.parse(pick("augment")) if cfg.augment is None else augment_default
     backbone, contract = None, _contract(cfg, ds, name, size, pick, recipe)
     if mode != "scratch":
         backbone, contract = _backbone(cfg, name, contract)
         size = contract.input_size
         hyper, augment = _transfer_defaults(cfg, mode, hyper, augment)
+    if world.active and cfg.batch_size is None:  # the recipe's batch is the global one
+        hyper["batch_size"] = max(1, math.ceil(hyper["batch_size"] / world.size))
     out = Path(cfg.out or Path("runs") / f"{ds.name}-{name}")
     return RunPlan(cfg, ds, mode, name, args, contract, size, **hyper, augment=augment,
-                   device=pick_device(cfg.device), out=out,
+                   device=pick_device(cfg.device, world), out=out,
                    val_fraction=pick("val_fraction"), test_fraction=pick("test_fraction"),
-                   backbone=backbone, module=module, lookahead=bool(pick("lookahead")))
+                   backbone=backbone, module=module, lookahead=bool(pick("lookahead")),
+                   world=world)
 
 
 def _recipe(cfg: TrainConfig, key: str | None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..bundle import Bundle, file_digest
 from ..errors import skipped_report
 from ..files import output_folder
 from ..network import CUSTOM_ARCHITECTURE as CUSTOM
+from . import distributed
 from .callbacks import (
     CallbackList,
     EarlyStopping,
@@ -45,7 +47,7 @@ from .transfer import (
 
 @dataclass
 class TrainResult:
-    bundle: Bundle
+    bundle: Bundle | None  # None on the ranks other than 0 of a torchrun job (rank 0 writes)
     history: list[dict]
     skipped: dict[str, str]
     test_metrics: dict[str, Any] | None
@@ -56,7 +58,10 @@ class TrainResult:
 
 
 def default_callbacks(plan: RunPlan) -> list[Any]:
-    """Progress on stderr unless quiet, TensorBoard unless switched off."""
+    """Progress on stderr unless quiet, TensorBoard unless switched off (both on rank 0 only
+    under torchrun)."""
+    if not plan.world.main:
+        return []
     out: list[Any] = [] if plan.cfg.quiet else [ProgressPrinter()]
     if plan.cfg.tensorboard:
         out.append(TensorBoardLogger(plan.out))
@@ -76,26 +81,31 @@ class Runner:
         self.record = RecordWriter(plan)
 
     def run(self) -> TrainResult:
-        """Train in a locked output folder; a run that fails removes the folder it made."""
-        with output_folder(self.plan.out):
+        """Train in a locked output folder; a run that fails removes the folder it made.
+        Under torchrun rank 0 alone creates and locks it while the others wait."""
+        main = self.plan.world.main
+        with output_folder(self.plan.out) if main else nullcontext():
+            distributed.barrier(self.plan.world)
             return self._run()
 
     def _run(self) -> TrainResult:
         t0 = time.time()
         seed_everything(self.plan.cfg.seed)
         self.note(f"data    {self.plan.data.describe()}")
+        if self.plan.world.active:
+            self.note(distributed.describe(self.plan))
         logs: dict[str, Any] = {"history": self.state.history}
         self.callbacks.on_train_begin(self.state)
         try:
             bundle, loop = self.train(t0)
-            test = None if loop.interrupted else self.test_metrics(bundle)
-            if not loop.interrupted:  # a stopped run keeps its weights, and stops now
+            test = None if loop.interrupted or bundle is None else self.test_metrics(bundle)
+            if not loop.interrupted and bundle is not None:  # a stopped run stops now
                 self.write_onnx(bundle)
             logs.update(history=loop.history, best_epoch=loop.best_epoch, test=test,
                         stopped_early=loop.stopped_early, interrupted=loop.interrupted)
         finally:
             self.callbacks.on_train_end(self.state, logs)
-        if loop.skipped:  # a warning about the data, not progress: shown even with --quiet
+        if loop.skipped and self.plan.world.main:  # a warning about the data: even --quiet
             print(skipped_report(loop.skipped), file=sys.stderr, flush=True)
         return TrainResult(bundle, loop.history, loop.skipped, test, time.time() - t0,
                            loop.stopped_early, loop.interrupted, loop.terminated)
@@ -161,6 +171,8 @@ class ScratchRunner(Runner):
         """The epoch loop, then the bundle (restore-best already applied)."""
         self.state.model, self.state.tracker = model, tracker
         loop = EpochLoop(self.plan, model, self.callbacks, tracker, **loop_options).run(self.state)
+        if not self.plan.world.main:
+            return None, loop
         training = self.record.summary(loop.history, loop.best_epoch, time.time() - t0,
                                        loop.stopped_early, loop.interrupted, loop.skipped,
                                        **(extra or {}))
@@ -208,6 +220,8 @@ class FeaturesRunner(Runner):
                   f"lr {plan.lr:g}")
         self.features = fs = extract_features(plan, self.callbacks, self.state)
         self.state.skipped.update(fs.skipped)
+        if not plan.world.main:  # the head (seconds, one thread) trains on rank 0 alone
+            return None, LoopResult([], 0, False, False, {})
         head = train_head(fs, plan, HeadSettings.of(plan, warmup=False), self.callbacks,
                           self.state)
         self.note(head_note(plan, fs, head))
@@ -278,5 +292,6 @@ RUNNERS = {"scratch": ScratchRunner, "features": FeaturesRunner, "finetune": Fin
 
 
 def run_plan(plan: RunPlan, callbacks: list[Any] = ()) -> TrainResult:
-    """Train what the plan says with the mode's runner."""
-    return RUNNERS[plan.mode](plan, callbacks).run()
+    """Train what the plan says with the mode's runner (in a process group under torchrun)."""
+    with distributed.session(plan):
+        return RUNNERS[plan.mode](plan, callbacks).run()

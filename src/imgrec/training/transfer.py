@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import ImgrecError
 from ..models.pretrained import Backbone, make_head
+from . import distributed
 from .callbacks import CallbackList, EarlyStopping, RunState
 from .engine import class_weights
 from .features import Extractor
@@ -63,10 +64,11 @@ class FeatureSet:
 
 def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) -> FeatureSet:
     """Every split's features, cache first; augmented views for training with
-    --augment-views."""
-    device = plan.device if plan.device.type == "cuda" else None
-    ex = Extractor(plan.backbone, device=device, quiet=plan.cfg.quiet)
+    --augment-views. Under torchrun each rank embeds its share into the cache first, then
+    every rank reads all of it from there."""
+    ex = _extractor(plan)
     t0 = time.time()
+    totals = _extract_shards(ex, plan) if plan.world.active else None
     splits, skipped = {}, {}
     for name, split in plan.data.splits.items():
         views = plan.cfg.augment_views if name == "train" else 0
@@ -75,6 +77,8 @@ def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) ->
         skipped.update(bad)
         splits[name] = (x[good], split.labels[good], np.array(split.paths, dtype=object)[good])
     fs = FeatureSet(ex, splits, skipped, time.time() - t0)
+    if totals is not None:  # what all ranks computed and reused, not this rank's merge
+        ex.stats["computed"], ex.stats["cached"] = totals
     s = ex.stats
     note = f"cache   {s['cached']} feature vectors reused, {s['computed']} computed " \
            f"({fs.seconds:.1f}s)"
@@ -84,6 +88,34 @@ def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) ->
     if not len(splits["train"][0]):
         raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
     return fs
+
+
+def _extractor(plan: RunPlan) -> Extractor:
+    """The backbone's extractor; under torchrun rank 0 makes it first (its record and ONNX
+    export land in the cache once) while the others wait, then they open the same."""
+    device = plan.device if plan.device.type == "cuda" else None
+    quiet = plan.cfg.quiet or not plan.world.main
+    ex = None
+    if plan.world.main:
+        ex = Extractor(plan.backbone, device=device, quiet=quiet)
+        ex.engine()
+    distributed.barrier(plan.world)
+    return ex or Extractor(plan.backbone, device=device, quiet=quiet)
+
+
+def _extract_shards(ex: Extractor, plan: RunPlan) -> tuple[int, int]:
+    """This rank's share (every world-th file of each split) embedded into the shared
+    feature cache; returns the (computed, reused) counts of all ranks. The reduction is also
+    the barrier after which every rank's entries are in the cache. Without a cache that all
+    nodes share, a rank computes the missing rest itself (correct, slower)."""
+    w = plan.world
+    for name, split in plan.data.splits.items():
+        views = plan.cfg.augment_views if name == "train" else 0
+        ex.features(split.paths[w.rank :: w.size], views=views,
+                    augment=plan.augment.describe(), seed=plan.cfg.seed, desc=f"features {name}")
+    totals = distributed.all_sum(w, [ex.stats["computed"], ex.stats["cached"]])
+    ex.stats.update(computed=0, cached=0)
+    return int(totals[0]), int(totals[1])
 
 
 # -- the head on cached features ----------------------------------------------------------
@@ -114,7 +146,7 @@ class HeadSettings:
             d = TRANSFER_DEFAULTS["features"]
             return cls(plan.cfg.head, d["epochs"], d["lr"], d["batch_size"], d["weight_decay"],
                        d["label_smoothing"], d["patience"])
-        return cls(plan.cfg.head, plan.epochs, plan.lr, plan.batch_size, plan.weight_decay,
+        return cls(plan.cfg.head, plan.epochs, plan.lr, plan.global_batch, plan.weight_decay,
                    plan.label_smoothing, plan.patience)
 
 
