@@ -108,10 +108,8 @@ def session(plan: Any) -> Iterator[None]:
     _init(world, plan.device, plan.cfg.sync_bn)
     old = {s: signal.signal(s, _stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
-    except dist.DistError as e:  # a peer's socket closed, or a collective timed out
-        raise DistributedFailure(f"rank {world.rank} lost contact with the other ranks "
-                                 f"({_first_line(e)})", resume_hint()) from None
+        with peers_guard(world):
+            yield
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
@@ -137,6 +135,39 @@ def _init(world: World, device: Any, sync_bn: bool) -> None:
                                  f"({_first_line(e)})",
                                  "check --rdzv-endpoint / MASTER_ADDR and that every node "
                                  "started") from None
+
+
+@contextmanager
+def peers_guard(world: World) -> Iterator[None]:
+    """A collective that fails (a peer's socket closed, a timeout) ends this rank at once,
+    before any cleanup could remove the output folder holding the checkpoint."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not world.active or not _peer_lost(e):
+            raise
+        _lost(world, e)
+
+
+def _peer_lost(e: RuntimeError) -> bool:
+    """Whether an error comes from the process group (gloo and nccl raise plain RuntimeErrors
+    as well as torch.distributed.DistError)."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        k in text for k in ("gloo", "NCCL", "Connection closed", "c10d", "ProcessGroup"))
+
+
+def _lost(world: World, e: RuntimeError) -> None:
+    """A rank that lost its peers leaves at once, keeping the output folder (and its
+    checkpoint) as it is; the launcher of `--nproc` names the rank that died, else this
+    rank says what happened."""
+    if not os.environ.get(LAUNCHER_ENV):
+        failure = DistributedFailure(f"rank {world.rank} lost contact with the other ranks "
+                                     f"({_first_line(e)})", resume_hint())
+        print(f"imgrec: error: {failure}", file=sys.stderr, flush=True)
+    os._exit(DistributedFailure.exit_code)
 
 
 def _first_line(e: BaseException) -> str:
@@ -321,12 +352,10 @@ def launch(nproc: int, args: list[str]) -> int:
 def torchrun(argv: list[str]) -> int:
     """torch.distributed.run with its own logging quiet, a failing rank reported in one line
     (the rank printed its own error; a rank killed by a signal is named here)."""
-    import logging
-
+    os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own log lines: we report
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
     try:
         run(parse_args(argv))
         return 0

@@ -84,7 +84,8 @@ class Runner:
         """Train in a locked output folder; a run that fails removes the folder it made.
         Under torchrun rank 0 alone creates and locks it while the others wait."""
         main = self.plan.world.main
-        with output_folder(self.plan.out) if main else nullcontext():
+        with output_folder(self.plan.out) if main else nullcontext(), \
+                distributed.peers_guard(self.plan.world):
             distributed.barrier(self.plan.world)
             return self._run()
 
