@@ -470,9 +470,14 @@ def run_batch(inputs: list[str] | None, out: str | Path, model: str | None = Non
         # a complete output is checked the same way: its inputs re-listed, nothing left to do
         sources = expand_inputs(inputs) if inputs else iter(sample_photos())
         todo = sink.skip_done(sources)
-        for record in (scorer or local_records)(predictor, todo, top_k, invert):
-            errors += "error" in record
-            sink.add(record)
+        from tqdm import tqdm  # a count and a rate on a terminal; silent in a pipe or a log
+
+        with tqdm(desc=f"predict -> {Path(out).name}", unit="img", initial=start,
+                  disable=None, dynamic_ncols=True, leave=False) as bar:
+            for record in (scorer or local_records)(predictor, todo, top_k, invert):
+                errors += "error" in record
+                sink.add(record)
+                bar.update()
         sink.commit(complete=True)
     except BaseException:
         if start == 0 and sink.rows == 0:  # nothing done (e.g. a folder without images)
