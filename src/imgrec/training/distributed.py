@@ -352,9 +352,15 @@ def launch(nproc: int, args: list[str]) -> int:
 def torchrun(argv: list[str]) -> int:
     """torch.distributed.run with its own logging quiet, a failing rank reported in one line
     (the rank printed its own error; a rank killed by a signal is named here)."""
+    import logging
+
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own log lines: we report
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
+    for name in list(logging.Logger.manager.loggerDict):  # those made before LOGLEVEL was read
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
     try:
         run(parse_args(argv))
