@@ -219,3 +219,14 @@ def test_in_lanes_reads_chunks_lazily():
     assert [next(results) for _ in range(3)] == [0, 2, 4]
     assert len(pulled) <= 3 + 4  # at most `ahead` (2 per lane) beyond those taken
     assert list(results) == [2 * i for i in range(3, 1000)]
+
+
+def test_failed_start_leaves_no_output(job, tmp_path, capsys):
+    """A folder without images fails in one line and leaves no output to trip a rerun."""
+    model, _ = job
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "r.parquet"
+    assert main(["predict", str(tmp_path / "empty"), "--model", model, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no image files" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
