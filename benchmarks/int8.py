@@ -159,7 +159,8 @@ def measure(model: str, args, sets_cache: dict) -> dict:
                 "float_depthwise": imgrec.export.INT8_FLOAT_DEPTHWISE,
                 "percentile": imgrec.export.INT8_PERCENTILE,
                 "float_pooling": imgrec.export.INT8_FLOAT_POOLING,
-                "calibration_views": imgrec.export.CALIBRATION_VIEWS}
+                "calibration_views": imgrec.export.CALIBRATION_VIEWS,
+                "bias_correction": imgrec.export.INT8_BIAS_CORRECTION}
     return {"model": model, "int8_file": path.name, "settings": settings, "export": export,
             "quantization": (bundle.extra.get("export") or {}), "agreement": agree,
             "throughput": speed, "target_met": met}
@@ -210,6 +211,8 @@ def main() -> None:
     ap.add_argument("--float-pooling", choices=["yes", "no"],
                     help="try the global pooling in int8 (no) or float32 (yes)")
     ap.add_argument("--views", type=int, help="try another number of views per offline photo")
+    ap.add_argument("--bias-correction", choices=["yes", "no"],
+                    help="try without the weights' bias correction (no)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -227,6 +230,8 @@ def main() -> None:
         imgrec.export.INT8_PERCENTILE = None if args.percentile >= 100 else args.percentile
     if args.views is not None:
         imgrec.export.CALIBRATION_VIEWS = args.views
+    if args.bias_correction is not None:
+        imgrec.export.INT8_BIAS_CORRECTION = args.bias_correction == "yes"
     sets_cache: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         models = {"imagenet": args.model}

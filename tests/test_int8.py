@@ -16,6 +16,7 @@ from imgrec.cli import main
 from imgrec.export import (
     CALIBRATION_VIEWS,
     ONNX_INT8_FILE,
+    bias_correct,
     calibration_data,
     export_bundle,
     float_nodes,
@@ -101,6 +102,52 @@ def test_float_nodes_can_keep_the_depthwise_convolutions(tmp_path):
     kept = float_nodes(path, first_convs=0, depthwise=True)
     assert convs[1] in kept and convs[0] not in kept and convs[2] not in kept
     assert any(n.op_type == "Clip" and n.name in kept for n in graph)
+
+
+def test_bias_correction_puts_weights_on_the_int8_grid_and_keeps_the_output_means(tmp_path):
+    """Rounded to ONNX Runtime's per-channel int8 grid, with the rounding's mean effect taken
+    out of the bias: each output channel's mean over the calibration images stays float32's
+    (a plain rounding moves it), and a node kept in float32 is left alone."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv2d(8, 16, 3, groups=4),
+                              torch.nn.Conv2d(16, 4, 1))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(net.eval(), torch.zeros(1, 4, 12, 12), str(path), input_names=["input"],
+                      dynamic_axes={"input": {0: "n"}}, dynamo=False)
+    x = (np.random.default_rng(0).random((24, 4, 12, 12)) * 3 + 1).astype(np.float32)
+
+    def run(p):
+        return ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x})[0]
+
+    before = run(path)
+    convs = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    assert bias_correct(path, x, keep=[convs[2].name]) == 2
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    for conv in convs[:2]:
+        w = after[conv.input[1]].reshape(len(after[conv.input[1]]), -1)
+        steps = w / (np.abs(w).max(1, keepdims=True) / 127)
+        assert np.abs(steps - np.round(steps)).max() < 1e-3  # exactly on the grid
+    assert np.array_equal(after[convs[2].input[1]], weights[convs[2].input[1]])
+    moved = np.abs(run(path).mean((0, 2, 3)) - before.mean((0, 2, 3))).max()
+    assert moved < 1e-3 * np.abs(before).mean()
+    # without the bias correction the same rounding moves the means far more
+    for conv in convs[:2]:
+        w = weights[conv.input[1]]
+        scale = np.abs(w).reshape(len(w), -1).max(1).reshape(-1, 1, 1, 1) / 127
+        weights[conv.input[1]] = (np.round(w / scale) * scale).astype(np.float32)
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    onnx.save(model, str(tmp_path / "rounded.onnx"))
+    rounded = np.abs(run(tmp_path / "rounded.onnx").mean((0, 2, 3)) - before.mean((0, 2, 3)))
+    assert rounded.max() > 10 * moved, (rounded.max(), moved)
 
 
 def test_float_nodes_keep_the_first_convolutions_and_the_classifier(tiny_int8):
