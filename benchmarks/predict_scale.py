@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMGREC, ROOT, WORK, clean, timed, write_result  # noqa: E402
+from common import IMGREC, RESULTS, ROOT, WORK, clean, timed, write_result  # noqa: E402
 
 MINI = ROOT.parent / "shared" / "data" / "cats-dogs-mini"
 BASE = WORK / "predict-scale"
@@ -230,8 +230,12 @@ def main() -> None:
     ap.add_argument("--kill-after", type=int, default=8_000, help="rows before the kill -9")
     ap.add_argument("--bench-seconds", type=float, default=10.0)
     ap.add_argument("--skip-ray", action="store_true")
+    ap.add_argument("--ray-only", action="store_true", help="only the --ray check, merged "
+                    "into an earlier predict_scale.json")
     args = ap.parse_args()
     inputs = make_inputs(args.files, BASE / f"inputs-{args.files}")
+    if args.ray_only:
+        return ray_stage(inputs, args.ray_files)
     load = os.getloadavg()[0]
     reference = reference_images_per_s(args.bench_seconds)
     print(f"reference: imgrec benchmark imagenet, onnx batch 32: {reference:.1f} images/s")
@@ -266,11 +270,7 @@ def main() -> None:
           f"rows, {resumed['unique_inputs']} unique, in order {resumed['in_input_order']}, "
           f"labels equal {resumed['labels_equal_uninterrupted']}")
 
-    ray = None if args.skip_ray else ray_vs_local(inputs, args.ray_files)
-    if ray:
-        print(f"--ray vs local on {ray['files']} files: top-1 agreement "
-              f"{ray['top1_agreement']:.4%}, max |p diff| {ray['max_abs_topk_prob_diff']:.2e}")
-    write_result("predict_scale", {
+    result = {
         "files": args.files, "load_average_at_start": round(load, 2),
         "reference_onnx_batch32_images_per_s": reference,
         "reference_cpu": ref_cpu, "load_average_after": round(os.getloadavg()[0], 2),
@@ -278,7 +278,21 @@ def main() -> None:
         "targets": {"rss_end_over_1000": "< 1.5", "rss_max_over_1000": "< 1.5",
                     "ratio_to_reference": ">= 0.85",
                     "resume": "N rows, unique, in order", "ray": "labels equal, <= 1e-5"},
-        "resume": resumed, "ray_vs_local": ray})
+        "resume": resumed, "ray_vs_local": None}
+    write_result("predict_scale", result)  # kept even if the Ray stage fails
+    if not args.skip_ray:
+        ray_stage(inputs, args.ray_files)
+
+
+def ray_stage(inputs: Path, files: int) -> None:
+    """--ray against local, merged into predict_scale.json (alone: --ray-only)."""
+    ray = ray_vs_local(inputs, files)
+    print(f"--ray vs local on {ray['files']} files: top-1 agreement "
+          f"{ray['top1_agreement']:.4%}, max |p diff| {ray['max_abs_topk_prob_diff']:.2e}")
+    path = RESULTS / "predict_scale.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.pop("machine", None)
+    write_result("predict_scale", {**result, "ray_vs_local": ray})
 
 
 if __name__ == "__main__":
