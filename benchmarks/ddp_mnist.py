@@ -63,7 +63,7 @@ def run(case: str, distributed: bool) -> dict:
     source = "test split (training's figure)"
     if acc is None:
         acc, source = evaluate(out)
-    return {"command": " ".join(cmd[2:] if not distributed else ["torchrun", *cmd[3:]]),
+    return {"command": " ".join(["torchrun" if distributed else "imgrec", *cmd[3:]]),
             "wall_s": round(wall, 1), "accuracy": acc, "accuracy_on": source,
             "train_seconds": summary["seconds"], "epochs_run": summary["epochs_run"]}
 

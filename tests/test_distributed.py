@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_shapes_dataset
+
 from imgrec.training.config import TrainConfig, config_argv
 from imgrec.training.distributed import World, eval_indices, shard_batches, world_from_env
 
@@ -106,6 +106,8 @@ def test_sync_bn_is_refused_on_the_cpu(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("imgrec:")]
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and "--sync-bn needs CUDA" in lines[0]
+    assert all(ln.startswith(("imgrec:", "note: OMP_NUM_THREADS")) for ln in
+               r.stderr.splitlines()), r.stderr  # no torchrun log lines, no traceback
 
 
 # -- two processes -------------------------------------------------------------------------

@@ -164,15 +164,22 @@ def _lost(world: World, e: RuntimeError) -> None:
     checkpoint) as it is; the launcher of `--nproc` names the rank that died, else this
     rank says what happened."""
     if not os.environ.get(LAUNCHER_ENV):
-        failure = DistributedFailure(f"rank {world.rank} lost contact with the other ranks "
-                                     f"({_first_line(e)})", resume_hint())
+        peers = f"rank {1 - world.rank}" if world.size == 2 else "the other ranks"
+        failure = DistributedFailure(f"rank {world.rank} lost contact with {peers}, which died "
+                                     f"or dropped off the network ({_first_line(e)})",
+                                     resume_hint())
         print(f"imgrec: error: {failure}", file=sys.stderr, flush=True)
     os._exit(DistributedFailure.exit_code)
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1][:200] if text else type(e).__name__
+    """The gist of a backend's error: its last line, without gloo's [file.cc:line] prefix,
+    up to the first full stop."""
+    import re
+
+    lines = str(e).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[-1]) if lines else type(e).__name__
+    return text.split(". ")[0][:160]
 
 
 def resume_hint() -> str:

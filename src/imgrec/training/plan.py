@@ -52,7 +52,7 @@ class RunPlan:
     backbone: Any = None  # models.pretrained.Backbone in the transfer modes
     module: Any = None  # a network the caller built (the Python API's model=nn.Module)
     lookahead: bool = False  # airbench's lookahead EMA of the weights (engine.Lookahead)
-    world: World = SINGLE  # torchrun's processes (training/distributed.py); batch_size is each one's
+    world: World = SINGLE  # torchrun's processes (distributed.py); batch_size is per process
 
     @property
     def global_batch(self) -> int:
