@@ -230,3 +230,22 @@ def test_failed_start_leaves_no_output(job, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no image files" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.mark.parametrize("given, expected", [
+    (["predict", "d", "--out", "r.parquet", "--ray"],
+     ["predict", "d", "--out", "r.parquet", "--ray"]),
+    (["predict", "d", "--ray", "auto", "--out", "r.parquet"],
+     ["predict", "d", "--ray", "--ray-address", "auto", "--out", "r.parquet"]),
+    (["predict", "--ray", "10.0.0.5:6379", "d"],
+     ["predict", "--ray", "--ray-address", "10.0.0.5:6379", "d"]),
+    (["predict", "--ray", "ray://head:10001", "d"],
+     ["predict", "--ray", "--ray-address", "ray://head:10001", "d"]),
+    (["predict", "--ray", "photos/", "--out", "r.jsonl"],  # a path stays an input
+     ["predict", "--ray", "photos/", "--out", "r.jsonl"]),
+    (["train", "--ray", "auto"], ["train", "--ray", "auto"]),  # only predict has --ray
+])
+def test_ray_takes_an_optional_address(given, expected):
+    from imgrec.cli import ray_address_form
+
+    assert ray_address_form(given) == expected

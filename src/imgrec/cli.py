@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -218,8 +219,9 @@ _Resume = Annotated[bool, typer.Option(
                      "inputs, model and options; refused otherwise)")]
 _Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing --out")]
 _Ray = Annotated[bool, typer.Option(
-    "--ray", help="run the --out job on Ray Data: a local Ray on this machine's cores, or the "
-                  "cluster at --ray-address; needs imgrec[cluster]")]
+    "--ray", help="run the --out job on Ray Data: `--ray` alone starts a local Ray on this "
+                  "machine's cores, `--ray ADDRESS` (or --ray-address) joins that cluster; "
+                  "needs imgrec[cluster]")]
 _RayAddress = Annotated[str | None, typer.Option(
     envvar="RAY_ADDRESS", help="the Ray cluster for --ray (auto, HOST:6379, ray://HOST:10001)")]
 
@@ -696,11 +698,26 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 _USAGE_ERRORS = _usage_errors()
 
 
+#: what `--ray ADDRESS` may name: auto, local, ray://HOST:PORT or HOST:PORT (never a path)
+_RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
+
+
+def ray_address_form(args: list[str]) -> list[str]:
+    """`imgrec predict ... --ray ADDRESS` (the documented short form) as `--ray --ray-address
+    ADDRESS`: Typer options cannot take an optional value, so the address is moved here."""
+    if "predict" not in args or "--ray" not in args:
+        return args
+    i = args.index("--ray")
+    if i + 1 < len(args) and _RAY_ADDRESS.match(args[i + 1]) and not Path(args[i + 1]).exists():
+        return [*args[:i + 1], "--ray-address", args[i + 1], *args[i + 2:]]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the Typer app, turning user errors into one line and exit 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     command = typer.main.get_command(app)
-    args = sys.argv[1:] if argv is None else argv
+    args = ray_address_form(sys.argv[1:] if argv is None else list(argv))
     try:
         rv = command.main(args=args, prog_name="imgrec", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -142,6 +142,6 @@ def run_ray(inputs: list[str] | None, out: str | Path, address: str = "local",
     for item in inputs or []:
         if item.startswith("ray://"):
             raise InputError(f"{item} is a Ray address, not an input",
-                             f"give it as --ray-address {item}")
+                             f"give it right after --ray, or as --ray-address {item}")
     import_ray()  # before any output is created: a missing Ray is one line, nothing written
     return run_batch(inputs, out, scorer=ray_scorer(resolved, actors), **options)
