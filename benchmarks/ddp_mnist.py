@@ -123,7 +123,7 @@ def kill_and_resume(into_epoch_s: float = 5.0) -> dict:
               "messages": lines, "resume_wall_s": round(wall, 1),
               "resume_epochs_run": summary["epochs_run"],
               "resume_test_accuracy": summary["test"]["accuracy"],
-              "pass": ended <= 60 and summary["epochs_run"] == 3}
+              "pass": ended <= 60 and len(lines) == 1 and summary["epochs_run"] == 3}
     print(f"kill: the job ended {ended:.1f}s after SIGKILL of rank 1 (exit "
           f"{proc.returncode}): {' | '.join(lines)}; --resume ran to epoch "
           f"{summary['epochs_run']} in {wall:.1f}s, test accuracy "

@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 IMAGE = ROOT / "src" / "imgrec" / "samples" / "chelsea.jpg"
 RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 TARGET_RATIO, TARGET_READY_S = 4.0, 4.0
+#: an answer not read by then counts as an error (a connection the server never answers, as
+#: Flask's one-at-a-time server once left, must not hang the whole benchmark)
+REQUEST_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
@@ -122,11 +125,13 @@ class Client:
             if self.writer is None:
                 self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
             self.writer.write(self.request)
-            status, body, keep = await read_response(self.reader)
+            status, body, keep = await asyncio.wait_for(read_response(self.reader),
+                                                        REQUEST_TIMEOUT_S)
             if not keep:
                 self.close()
             err = None if status == 200 and b'"predictions"' in body else f"HTTP {status}"
-        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
+        except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError,
+                TimeoutError) as e:
             self.close()
             err = type(e).__name__
         return time.perf_counter() - t, err

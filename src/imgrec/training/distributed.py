@@ -43,7 +43,8 @@ _PROGRESS: dict[str, Any] = {"epoch": 0, "out": None}
 class DistributedFailure(ImgrecError):
     """A rank lost contact with the others (one died or the network dropped)."""
 
-    exit_code = 1
+    #: EX_TEMPFAIL (the run can go on with --resume): tells the launcher this rank said nothing
+    exit_code = 75
 
 
 @dataclass(frozen=True)
@@ -373,14 +374,28 @@ def torchrun(argv: list[str]) -> int:
         run(parse_args(argv))
         return 0
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode >= 0:
-            return failure.exitcode  # the rank printed its own one-line error
-        name = failure.signal_name()
-        print(f"imgrec: error: rank {rank} died ({name}); torchrun stopped the other ranks: "
-              "rerun the same command with --resume (it continues from the last finished "
-              "epoch's checkpoint)", file=sys.stderr, flush=True)
+        return report_failure(e.failures)
+
+
+def report_failure(failures: dict) -> int:
+    """The exit status of a failed job, said in one line unless the failing rank said it: a
+    rank killed by a signal is named wherever torchrun's list has it (the survivor may notice
+    the lost peer, and exit, before torchrun notices the death); else a rank that only lost
+    its peers gets the line it did not print."""
+    again = ("rerun the same command with --resume (it continues from the last finished "
+             "epoch's checkpoint)")
+    killed = sorted(r for r, f in failures.items() if f.exitcode < 0)
+    if killed:
+        failure = failures[killed[0]]
+        print(f"imgrec: error: rank {killed[0]} died ({failure.signal_name()}); torchrun "
+              f"stopped the other ranks: {again}", file=sys.stderr, flush=True)
         return 128 - failure.exitcode
+    rank = min(failures, key=lambda r: failures[r].timestamp)
+    if failures[rank].exitcode == DistributedFailure.exit_code:
+        print(f"imgrec: error: rank {rank} lost contact with the other ranks (one died or "
+              f"dropped off the network); torchrun stopped them: {again}", file=sys.stderr,
+              flush=True)
+    return failures[rank].exitcode  # else the rank printed its own one-line error
 
 
 if __name__ == "__main__":
