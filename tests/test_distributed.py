@@ -251,6 +251,9 @@ class _Failure:
     ({0: _Failure(75, 1)}, 75, "rank 0 lost contact with the other ranks"),
     # a rank's own error (bad input): it printed its line, the launcher adds none
     ({1: _Failure(2, 1)}, 2, None),
+    # ... even when torchrun saw first the other rank it stopped (SIGTERM caught: exit 143)
+    ({1: _Failure(143, 1), 0: _Failure(2, 2)}, 2, None),
+    ({1: _Failure(-15, 1), 0: _Failure(2, 2)}, 2, None),
 ])
 def test_a_failed_job_is_reported_in_one_line(failures, status, says, capsys):
     from imgrec.training.distributed import report_failure

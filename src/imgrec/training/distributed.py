@@ -378,13 +378,20 @@ def torchrun(argv: list[str]) -> int:
 
 
 def report_failure(failures: dict) -> int:
-    """The exit status of a failed job, said in one line unless the failing rank said it: a
-    rank killed by a signal is named wherever torchrun's list has it (the survivor may notice
-    the lost peer, and exit, before torchrun notices the death); else a rank that only lost
-    its peers gets the line it did not print."""
+    """The exit status of a failed job, said in one line unless the failing rank said it,
+    whichever failure torchrun happened to see first: a rank's own error (bad input: it
+    printed its line) wins over the ranks torchrun stopped because of it (SIGTERM: 143 or
+    -15) or that lost it as a peer (75); then a rank killed by another signal is named (the
+    survivor may notice the lost peer before torchrun notices the death); else a rank that
+    only lost its peers gets the line it did not print."""
     again = ("rerun the same command with --resume (it continues from the last finished "
              "epoch's checkpoint)")
+    stopped = (DistributedFailure.exit_code, 128 + signal.SIGTERM, -signal.SIGTERM)
+    own = [r for r, f in failures.items() if f.exitcode > 0 and f.exitcode not in stopped]
+    if own:
+        return failures[min(own, key=lambda r: failures[r].timestamp)].exitcode
     killed = sorted(r for r, f in failures.items() if f.exitcode < 0)
+    killed = [r for r in killed if failures[r].exitcode != -signal.SIGTERM] or killed
     if killed:
         failure = failures[killed[0]]
         print(f"imgrec: error: rank {killed[0]} died ({failure.signal_name()}); torchrun "
@@ -395,7 +402,7 @@ def report_failure(failures: dict) -> int:
         print(f"imgrec: error: rank {rank} lost contact with the other ranks (one died or "
               f"dropped off the network); torchrun stopped them: {again}", file=sys.stderr,
               flush=True)
-    return failures[rank].exitcode  # else the rank printed its own one-line error
+    return failures[rank].exitcode
 
 
 if __name__ == "__main__":
