@@ -17,8 +17,10 @@ RECIPES: dict[str, dict[str, Any]] = {
               # custom images (drawings, photos of digits on paper) get MNIST's own framing:
               # 78% -> 99.6% on drawings, 10% -> 98.8% on photographs (digit_drawings.py)
               "fit": "digit", "invert": "auto"},
-    # Measured (benchmarks/fashion_mnist.py): 92.8% test accuracy in under 2 minutes.
-    "fashion-mnist": {"model": "fast-cnn", "model_args": {"width": 16, "grid": 3}, "epochs": 8,
+    # Chosen on a 10% validation split of train (never test), 8 epochs: width 16 93.45% val,
+    # width 32 93.77% / 93.93% (seeds 0, 1), 10 epochs 93.80%, whole-pixel crops 93.03%.
+    # Width 32 costs 2x width 16 a step (bf16 on AMX: ~9 s an epoch on 2 cores).
+    "fashion-mnist": {"model": "fast-cnn", "model_args": {"width": 32, "grid": 3}, "epochs": 8,
                       "batch_size": 128, "lr": 2e-2, "augment": "flip", "label_smoothing": 0.1,
                       "val_fraction": 0.0, "tta": "flip",
                       # product photos: inverted, trimmed to the object, fitted to the frame
