@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from ..bundle import atomic_write_bytes
 from ..contract import fit_arrays
 from ..errors import ImgrecError
+from ..predict import available_cores
 from . import distributed
 from .callbacks import CallbackList, EarlyStopping, RunState
 from .loaders import Batches
 from .plan import RunPlan
+from .threads import ThreadGovernor
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -202,6 +204,7 @@ class EpochLoop:
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
         self.lookahead = (Lookahead(self.model, plan.epochs * len(self.train_batches))
                           if plan.lookahead else None)
+        self.governor = ThreadGovernor(plan.device, available_cores())
 
     # -- the run ---------------------------------------------------------------------------
     def run(self, state: RunState) -> LoopResult:
@@ -232,6 +235,7 @@ class EpochLoop:
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
+            self.governor.restore()
         if not state.history:
             raise ImgrecError("training stopped before the first epoch finished; nothing saved")
         state.skipped.update(distributed.gather_dicts(plan.world, state.skipped))
@@ -297,6 +301,8 @@ class EpochLoop:
         state.history.append(row)
         self.tracker.on_epoch_end(state, epoch, row)
         self.callbacks.on_epoch_end(state, epoch, row)
+        for note in self.governor.take_notes():
+            self.callbacks.on_note(state, note)
         self._checkpoint(state, epoch)
         self._check_terminate()
 
@@ -325,6 +331,7 @@ class EpochLoop:
                     warnings.simplefilter("ignore", UserWarning)
                     self.sched.step()  # a batch of unreadable files still moves the schedule
             self.callbacks.on_batch_end(state, step, logs)
+            self.governor.tick()
             self._check_terminate()
         loss_sum, correct, seen = logs["loss_sum"].item(), logs["correct"].item(), logs["seen"]
         if self.plan.world.active:  # the whole split's figures, on every rank
