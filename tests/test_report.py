@@ -44,6 +44,19 @@ def _chromium() -> str:
     pytest.skip("headless Chromium is not installed (apt-get install chromium)")
 
 
+def probe_in_chromium(page: Path, probe: str, profile: Path) -> dict:
+    """Open a copy of the page with `probe` (a script that writes JSON into <pre id=probe>
+    on load) in headless Chromium, offline; the JSON it wrote."""
+    copy = page.with_name("probe.html")
+    copy.write_text(page.read_text().replace("</body>", probe))
+    dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                          "--virtual-time-budget=5000", "--dump-dom", copy.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A fast-cnn trained one epoch on the split shapes dataset, with TensorBoard on."""
@@ -112,14 +125,7 @@ def test_report_renders_offline_in_chromium(trained, tmp_path):
 
     # render it: probe a copy for loaded images and element positions, then screenshot
     chromium = _chromium()
-    probe = out / "probe.html"
-    probe.write_text(page.replace("</body>", PROBE))
-    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'u1'}",
-                          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
-    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
-    assert found, dom[-2000:]
-    info = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    info = probe_in_chromium(index, PROBE, tmp_path / "u1")
     assert all(i["ok"] and i["shown"] > 0 for i in info["images"]), info["images"]
     srcs = {i["src"] for i in info["images"]}
     assert "confusion_matrix.png" in srcs and any("-gradcam.png" in s for s in srcs)

@@ -5,13 +5,15 @@ The small public API:
     imgrec.evaluate("runs/mnist", "mnist")     -> EvalReport
     imgrec.Predictor.load("imagenet").predict(["cat.jpg"])
     imgrec.load("runs/mnist")                  -> Bundle (metadata; torch-free)
+    imgrec.audit("data/pets")                  -> LabelAudit (label issues, near duplicates,
+                                                  outliers; .records)
 """
 
 from __future__ import annotations
 
 from ._version import __version__
 
-__all__ = ["__version__", "load", "train", "evaluate", "Predictor"]
+__all__ = ["__version__", "load", "train", "evaluate", "audit", "Predictor"]
 
 
 def load(model=None):
@@ -33,6 +35,14 @@ def evaluate(model, data, split: str = "test", **options):
     from .evaluation import evaluate_bundle
 
     return evaluate_bundle(model, data, split, **options)
+
+
+def audit(data, model=None, **options):
+    """Audit a folder dataset's labels: likely label errors (cleanlab on cross-validated
+    probabilities), near duplicates and outliers; see imgrec.label_audit.audit."""
+    from .label_audit import audit as _audit
+
+    return _audit(data, model, **options)
 
 
 def __getattr__(name: str):

@@ -630,6 +630,24 @@ def preview(
     _echo(f"preview: {path}")
 
 
+# `imgrec doctor --labels` and what goes with it
+_Labels = Annotated[bool, typer.Option(
+    "--labels", help="audit the labels too: likely mislabelled images (cleanlab on "
+                     "cross-validated probabilities), near duplicates and outliers, from one "
+                     "embedding of each image (cached)")]
+_AuditModel = Annotated[str | None, typer.Option(
+    help="--labels: the backbone that embeds the images: imagenet (default, offline "
+         "EfficientNet-Lite0), a timm name or a bundle folder")]
+_AuditReport = Annotated[Path | None, typer.Option(
+    help="--labels: write an offline HTML page of the findings (DIR/index.html)")]
+_FixList = Annotated[Path | None, typer.Option(
+    help="--labels: write the label issues as a CSV path,given,suggested to review, edit and "
+         "pass to --apply-fixes")]
+_ApplyFixes = Annotated[Path | None, typer.Option(
+    help="move each file of a reviewed fix list to its suggested class folder (writes FILE's "
+         ".applied.json manifest for --undo)")]
+
+
 @app.command()
 def doctor(
     data: Annotated[Path | None, typer.Argument(
@@ -640,41 +658,102 @@ def doctor(
         help="move flagged files (unreadable, truncated, non-images, bombs, duplicates, leaks) "
              "into this folder and write DIR/manifest.json to undo it")] = None,
     undo: Annotated[Path | None, typer.Option(
-        help="put back the files a --quarantine moved (give its manifest.json)")] = None,
+        help="put back the files a --quarantine or --apply-fixes moved (give its manifest)")] =
+    None,
     near: Annotated[int, typer.Option(min=0, max=32, help="dHash distance (of 64 bits) at or "
                                       "under which images count as near duplicates")] = 5,
+    labels: _Labels = False,
+    model: _AuditModel = None,
+    report: _AuditReport = None,
+    fix_list: _FixList = None,
+    apply_fixes: _ApplyFixes = None,
+    top: Annotated[int, typer.Option(min=1, help="--labels: rows of each kind shown here")] = 20,
 ) -> None:
     """Look through a folder dataset before training: unreadable, truncated or mislabelled
     files, non-images, EXIF rotation, unusual modes, tiny images, decompression bombs, exact
-    and near duplicates (leaks across train/validation/test) and class balance.
+    and near duplicates (leaks across train/validation/test) and class balance; with --labels,
+    images whose label looks wrong, embedding near duplicates and outliers.
 
     Example: imgrec doctor data/cats-dogs --json doctor.json --quarantine data/quarantine
+
+    Labels: imgrec doctor data/cats-dogs --labels --report audit --fix-list fixes.csv
+
+    Apply a reviewed fix list: imgrec doctor --apply-fixes fixes.csv (undo: imgrec doctor
+    --undo fixes.applied.json)
 
     Undo a quarantine: imgrec doctor --undo data/quarantine/manifest.json
     """
     from . import doctor as doc
 
-    if undo is not None:
-        restored, problems = doc.undo(undo)
-        _echo(f"restored {restored} file(s)")
-        for p in problems:
-            _echo(f"  {p}")
-        if problems:
-            raise typer.Exit(1)
-        return
+    if undo is not None or apply_fixes is not None:
+        return _move_back_or_fix(undo, apply_fixes, data)
     if data is None:
-        raise click.UsageError("give DATA (a folder) or --undo MANIFEST")
-    report = doc.scan(data, near_distance=near)
-    _echo(report.text())
+        raise click.UsageError("give DATA (a folder), --apply-fixes FILE or --undo MANIFEST")
+    if not labels and (model or report or fix_list):
+        raise click.UsageError("--model, --report and --fix-list go with --labels")
+    found = doc.scan(data, near_distance=near)
+    _echo(found.text())
+    findings = found.to_dict()
+    if labels:
+        summary, issues = _label_audit(data, model, report, fix_list, top)
+        findings["issues"] += issues
+        findings["label_audit"] = summary
     if json_file:
         from .bundle import atomic_write_text
 
-        atomic_write_text(json_file, json.dumps(report.to_dict(), indent=2) + "\n")
+        atomic_write_text(json_file, json.dumps(findings, indent=2) + "\n")
         _echo(f"findings: {json_file}")
     if quarantine:
-        manifest = doc.quarantine(report, quarantine)
+        manifest = doc.quarantine(found, quarantine)
         moved = len(json.loads(manifest.read_text())["moved"])
         _echo(f"moved {moved} file(s) to {quarantine}; undo: imgrec doctor --undo {manifest}")
+
+
+def _move_back_or_fix(undo: Path | None, apply_fixes: Path | None, data: Path | None) -> None:
+    """doctor --undo MANIFEST, or doctor [DATA] --apply-fixes FILE."""
+    from . import doctor as doc
+
+    if undo is not None and apply_fixes is not None:
+        raise click.UsageError("give --apply-fixes or --undo, not both")
+    if apply_fixes is not None:
+        from .label_fixes import apply_fixes as apply
+
+        manifest, moved = apply(apply_fixes, data)
+        _echo(f"moved {moved} file(s) to their suggested class folders; "
+              f"undo: imgrec doctor --undo {manifest}")
+        return
+    restored, problems = doc.undo(undo)
+    _echo(f"restored {restored} file(s)")
+    for p in problems:
+        _echo(f"  {p}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _label_audit(data: Path, model: str | None, report: Path | None, fix_list: Path | None,
+                 top: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """doctor --labels: run the audit, print its table, write the page and the fix list;
+    returns what it adds to doctor's JSON (a summary, and entries of its `issues`)."""
+    from .files import check_output_file, check_output_folder
+    from .label_audit import audit
+
+    if report is not None:  # unwritable outputs fail now, not after the audit
+        check_output_folder(report, "--report")
+    if fix_list is not None:
+        check_output_file(fix_list, "--fix-list")
+    result = audit(data, model, quiet=False)
+    _echo(result.text(top))
+    if report is not None:
+        from .label_report import write_report
+
+        _echo(f"report: {write_report(result, report)}")
+    if fix_list is not None:
+        from .label_fixes import write_fix_list
+
+        _echo(f"fix list: {write_fix_list(result.records, data, fix_list)} "
+              f"(edit it, then: imgrec doctor --apply-fixes {fix_list})")
+    summary = {k: v for k, v in result.to_dict().items() if k != "records"}
+    return summary, result.doctor_issues()
 
 
 #: What `imgrec[train]` adds; the base and serve installs are torch-free.

@@ -134,7 +134,9 @@ def _layout(root: Path) -> tuple[str, dict[str, Path]]:
     return "flat", {"": root}
 
 
-def _list_files(root: Path) -> tuple[str, list[FileInfo]]:
+def list_files(root: Path) -> tuple[str, list[FileInfo]]:
+    """(layout, every file under the class folders and images beside them), as doctor and
+    the label audit see a folder dataset."""
     layout, split_dirs = _layout(root)
     files: list[FileInfo] = []
     for split, folder in split_dirs.items():
@@ -310,7 +312,7 @@ def scan(data: str | Path, workers: int | None = None,
     if not root.is_dir():
         raise DataError(f"{data}: not a folder", "doctor scans a folder dataset "
                         "(DIR/<class>/*.jpg or DIR/train/<class>/*.jpg)")
-    layout, files = _list_files(root)
+    layout, files = list_files(root)
     if not files:
         raise DataError(f"{root}: no files found", "lay it out as DIR/<class>/*.jpg")
     workers = workers or min(16, 2 * (os.cpu_count() or 1))
@@ -394,10 +396,15 @@ def quarantine(report: DoctorReport, folder: str | Path,
     for i in report.issues:
         if i.kind in kinds and i.path != ".":
             by_path[i.path].append(f"{i.kind}: {i.detail}")
+    moves = [(root / rel, folder / rel, reasons) for rel, reasons in by_path.items()]
+    return move_files(moves, root, manifest)
+
+
+def move_files(moves: list[tuple[Path, Path, list[str]]], root: Path, manifest: Path) -> Path:
+    """Move each (from, to, reasons) that still exists, never rewriting or deleting a file,
+    and write the manifest `undo` reads (quarantine and `--apply-fixes` both come here)."""
     moved = []
-    for rel, reasons in by_path.items():
-        src = root / rel
-        dst = folder / rel
+    for src, dst, reasons in moves:
         if not src.exists():
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +426,7 @@ def undo(manifest: str | Path) -> tuple[int, list[str]]:
         moved = record["moved"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{manifest}: not a doctor quarantine manifest ({e})",
-                        "give the manifest.json that --quarantine wrote") from None
+                        "give the manifest that --quarantine or --apply-fixes wrote") from None
     restored, problems = 0, []
     for m in moved:
         src, dst = Path(m["to"]), Path(m["from"])

@@ -369,7 +369,7 @@ def _context(page: _Page) -> dict[str, Any]:
     }
 
 
-def _environment():
+def template_environment():
     """The templates in imgrec/templates, autoescaped: labels and file names are user data."""
     import jinja2
 
@@ -380,4 +380,4 @@ def _environment():
 
 def render_html(page: _Page) -> str:
     """The report page (templates/report.html.j2)."""
-    return _environment().get_template("report.html.j2").render(_context(page))
+    return template_environment().get_template("report.html.j2").render(_context(page))

@@ -64,6 +64,9 @@ class TrainConfig:
         None, "preset (none, flip, light, digits, standard, strong) and/or key=value list: "
               "rotation=DEG, shift=F, width_shift=F, height_shift=F, zoom=F, flip, "
               "brightness=F; e.g. 'standard,zoom=0.3'")
+    exclude: str | None = option(None, "leave out the image files this list names: a fix "
+                                       "list CSV (imgrec doctor --labels --fix-list) or one "
+                                       "path per line, relative to DATA or absolute")
     out: str | None = option(None, "bundle folder (default runs/DATA-MODEL)")
     seed: int = option(0, "seed for splits, init and shuffling")
     lr: float | None = option(None, "peak learning rate (one-cycle)")

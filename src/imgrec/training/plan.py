@@ -110,6 +110,10 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     recipe = _recipe(cfg, key)
     pick = _picker(cfg, recipe)
     ds = _load(cfg, source, pick("val_fraction"), pick("test_fraction"))
+    if cfg.exclude:
+        from ..label_fixes import exclude_files
+
+        ds = exclude_files(ds, cfg.exclude, quiet=cfg.quiet)
     if key not in BUILTIN_RECIPES:  # folders, CSVs, arrays: by how the data is held
         recipe = recipe_for("memory" if ds.in_memory else "folder")
         pick = _picker(cfg, recipe)
