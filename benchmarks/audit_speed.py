@@ -65,6 +65,7 @@ def audit_run(data: Path, cache: Path, name: str) -> dict:
         "audit_s": a["seconds"]["total"],
         "embed_s": a["seconds"]["embed"],
         "cross_validation_s": a["seconds"]["cross_validation"],
+        "audit_cpu_s": a["seconds"].get("cpu"),
         "images": a["images"],
         "features_computed": a["feature_cache"]["computed"],
         "features_cached": a["feature_cache"]["cached"],

@@ -149,6 +149,31 @@ def test_report_renders_offline_in_chromium(trained, tmp_path):
     assert warm.any()  # Grad-CAM overlays (jet reds) in the gallery
 
 
+def test_report_marks_the_mistakes_the_label_audit_flagged(trained, tmp_path, capsys):
+    """evaluate --report --flagged: the mistakes whose files doctor --labels flagged (its
+    --json findings, or a list of paths) carry a mark, and a note counts them."""
+    from imgrec.report import build_report
+
+    bundle, data = trained
+    first = build_report(bundle, str(data), tmp_path / "r1", gradcam=False)
+    wrong = [m["input"] for m in first.mistakes]
+    assert wrong, "the one-epoch bundle should make mistakes to show"
+    findings = tmp_path / "doctor.json"
+    findings.write_text(json.dumps({"data": str(data), "issues": [
+        {"kind": "label_issue", "path": str(Path(wrong[0]).relative_to(data))},
+        {"kind": "near-duplicate", "path": str(Path(wrong[-1]).relative_to(data))}]}))
+    listing = tmp_path / "flagged.txt"
+    listing.write_text(f"{wrong[0]}\n")
+    for flagged in (findings, listing):
+        built = build_report(bundle, str(data), tmp_path / flagged.stem, gradcam=False,
+                             flagged=flagged)
+        assert built.path.read_text().count("flagged by the label audit") == 1
+        assert [m["input"] for m in built.mistakes if m["flagged"]] == wrong[:1]
+        assert any(n.startswith("1 of the ") for n in built.notes), built.notes
+    assert main(["evaluate", str(bundle), str(data), "--flagged", str(listing)]) == 2
+    assert "--flagged marks" in capsys.readouterr().err
+
+
 def test_tensorboard_extras(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -107,6 +107,11 @@ train.__signature__ = inspect.Signature(_config_options())
 app.command()(train)
 
 
+_Flagged = Annotated[Path | None, typer.Option(
+    help="with --report: mark the mistakes whose files the label audit flagged (the --json of "
+         "imgrec doctor --labels, a fix list or a list of paths)")]
+
+
 @app.command()
 def evaluate(
     model: Annotated[str, typer.Argument(help="bundle folder or pretrained name")],
@@ -130,28 +135,23 @@ def evaluate(
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="fit a temperature on the validation split and store it in the "
                             "bundle (calibrated probabilities from then on)")] = False,
+    flagged: _Flagged = None,
 ) -> None:
     """Measure a bundle on a dataset split: accuracy, top-5, per-class metrics, confusion
     matrix (table and PNG) and the most confident mistakes; --report writes the HTML report.
 
     Example: imgrec evaluate runs/mnist mnist --json metrics.json --report runs/mnist/report
     """
-    from .files import check_output_file, check_output_folder
     from .zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=engine == "torch")
     root = str(data_dir) if data_dir else None
-    if json_file:  # outputs are checked before the evaluation runs, not after
-        check_output_file(json_file, "--json")
-    if report is not None:
-        check_output_folder(report, "--report")
-    else:
-        out = check_output_folder(out or _evaluation_folder(data, bundle, split))
+    out = _evaluation_outputs(json_file, report, out, flagged, data, bundle, split)
     if report is not None:
         from .report import build_report
 
         built = build_report(bundle, data, report, split, root, engine, calibrate=calibrate,
-                             mistakes=max(mistakes, 12))
+                             mistakes=max(mistakes, 12), flagged=flagged)
         for note in built.notes:
             _echo(note)
         _print_evaluation(built.evaluation, mistakes)
@@ -168,6 +168,22 @@ def evaluate(
     if json_file:
         rep.write_json(json_file)
         _echo(f"metrics: {json_file}")
+
+
+def _evaluation_outputs(json_file: Path | None, report: Path | None, out: Path | None,
+                        flagged: Path | None, data: str, bundle, split: str) -> Path | None:
+    """evaluate's outputs, checked before the evaluation runs, not after; the PNG's folder
+    when there is no --report."""
+    from .files import check_output_file, check_output_folder
+
+    if json_file:
+        check_output_file(json_file, "--json")
+    if report is not None:
+        check_output_folder(report, "--report")
+        return out
+    if flagged is not None:
+        raise click.UsageError("--flagged marks the mistakes of the --report page")
+    return check_output_folder(out or _evaluation_folder(data, bundle, split))
 
 
 def _evaluation_folder(data: str, bundle, split: str) -> Path:

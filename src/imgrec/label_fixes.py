@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .doctor import move_files
 from .errors import DataError
 
 FIELDS = ("path", "given", "suggested")
+AUDIT_KINDS = ("label_issue", "near_duplicate", "outlier")
 
 
 def write_fix_list(records: list[dict[str, Any]], data: str | Path, path: str | Path) -> Path:
@@ -179,6 +181,25 @@ def excluded_set(listed: list[str], data: str | Path | None) -> set[Path]:
         if root is not None and not p.is_absolute():
             out.add((root / p).resolve())
     return out
+
+
+def flagged_set(list_file: str | Path, data: str | Path | None) -> set[Path]:
+    """The files a list flags, as resolved paths: doctor's --json findings (the label audit's
+    label_issue, near_duplicate and outlier entries, relative to the audited folder), a fix
+    list or one path per line (relative to DATA or absolute)."""
+    path = Path(list_file).expanduser()
+    if path.suffix.lower() != ".json":
+        return excluded_set(read_path_list(path), data)
+    try:
+        findings = json.loads(path.read_text())
+        root = Path(findings["data"])
+        issues = [i for i in findings["issues"] if i.get("kind") in AUDIT_KINDS]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(
+            f"{path}: not the findings of imgrec doctor --labels --json ({e})",
+            "give doctor's --json file, a fix list or a list of paths",
+        ) from None
+    return {(root / i["path"]).resolve() for i in issues}
 
 
 def exclude_files(ds: Any, list_file: str | Path, quiet: bool = False) -> Any:

@@ -169,8 +169,10 @@ def _sha(path: Path, n: int = 16) -> str:
 
 def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: str = "test",
                  data_dir: str | None = None, engine: str = "auto", calibrate: bool = False,
-                 mistakes: int = 12, gradcam: bool = True, quiet: bool = True) -> ReportResult:
-    """Evaluate `model` on `data` and write DIR/index.html with its figures beside it."""
+                 mistakes: int = 12, gradcam: bool = True, quiet: bool = True,
+                 flagged: str | Path | None = None) -> ReportResult:
+    """Evaluate `model` on `data` and write DIR/index.html with its figures beside it;
+    `flagged`: the label audit's findings (or a list of paths) to mark the mistakes by."""
     bundle = model if isinstance(model, Bundle) else open_bundle(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +185,8 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
                      f"Reliability: {ds.name} {rep.split} (temperature {bundle.temperature:g})")
     curves, history = _training_curves(bundle, out)
     wrong = _mistakes_gallery(bundle, rep, ds, out / "mistakes", mistakes, gradcam, notes)
+    if flagged is not None:
+        _mark_flagged(rep, wrong, flagged, ds.source or data, notes)
     page = _Page(bundle, rep, cal, cal_before, t_before, wrong, conf_png.name,
                  curves.name if curves else None, history, _fingerprint(bundle, ds, data, rep),
                  notes)
@@ -260,6 +264,21 @@ def _mistakes_gallery(bundle: Bundle, rep: EvalReport, ds: Dataset, gallery: Pat
     return wrong
 
 
+def _mark_flagged(rep: EvalReport, wrong: list[dict[str, Any]], flagged: str | Path,
+                  root: str, notes: list[str]) -> None:
+    """Mark the mistakes whose file the label audit flagged, and say how many of all the
+    split's mistakes it had flagged."""
+    from .label_fixes import flagged_set
+
+    listed = flagged_set(flagged, root)
+    for m in wrong:
+        m["flagged"] = Path(m["input"]).resolve() in listed
+    missed = [rep.inputs[i] for i in np.flatnonzero(rep.y_pred != rep.y_true)]
+    hit = sum(Path(p).resolve() in listed for p in missed)
+    notes.append(f"{hit} of the {len(missed)} mistakes on this split are files the label "
+                 f"audit flagged ({flagged})")
+
+
 def _draw_gradcam(explainer: Any, pixels: np.ndarray, m: dict[str, Any], gallery: Path,
                   name: str, notes: list[str]) -> bool:
     """The Grad-CAM overlay for the predicted class of mistake `m`, saved as gallery/name."""
@@ -331,7 +350,8 @@ def _mistake_view(m: dict[str, Any]) -> dict[str, Any]:
         return {"image": None, "input": m["input"], "error": m.get("error", "")}
     return {"image": m["image"], "gradcam": m.get("gradcam"), "input": m["input"],
             "name": Path(m["input"]).name, "true": m["true"], "p_true": f"{m['p_true']:.1%}",
-            "predicted": m["predicted"], "probability": f"{m['probability']:.1%}"}
+            "predicted": m["predicted"], "probability": f"{m['probability']:.1%}",
+            "flagged": m.get("flagged", False)}
 
 
 def _history_table(history: list[dict]) -> tuple[list[str], list[list[str]]]:
