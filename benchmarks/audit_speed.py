@@ -49,7 +49,7 @@ def _cpu() -> float:
 
 def audit_run(data: Path, cache: Path, name: str) -> dict:
     """One whole `imgrec doctor DIR --labels --json` process with IMGREC_CACHE = cache."""
-    findings = WORK / f"audit-{name}.json"
+    findings = WORK / f"audit-{name.replace(' ', '-')}.json"
     findings.unlink(missing_ok=True)
     cpu = _cpu()
     wall, _ = timed(

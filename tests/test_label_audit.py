@@ -202,6 +202,26 @@ def test_doctor_labels_then_apply_fixes_and_undo(cats_dogs, clean_audit, tmp_pat
     assert not manifest.exists() and (out / "fixes.applied.undone.json").is_file()
 
 
+def test_a_bundle_embeds_as_its_backbone(clean_audit, cats_dogs, tmp_path):
+    """--model BUNDLE: the bundle's network without its classifier. The offline ImageNet
+    bundle is Lite0 with the same weights, so its embeddings are the default backbone's."""
+    from imgrec.label_audit import _samples, embed
+    from imgrec.zoo import pretrained_bundle
+
+    data = tmp_path / "small"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for p in sorted((cats_dogs / "train" / cls).glob("*.jpg"))[:6]:
+            (data / cls / p.name).symlink_to(p)
+    samples = _samples(data)
+    bundle = pretrained_bundle("imagenet").path
+    by_bundle = embed(samples, str(bundle), quiet=True)
+    assert by_bundle.backbone == "efficientnet_lite0" and by_bundle.stats["computed"] == 12
+    default = embed(samples, None, quiet=True)
+    assert default.stats["computed"] == 0  # the mini set's, cached by the first audit
+    np.testing.assert_allclose(by_bundle.x, default.x, atol=1e-4)
+
+
 PROBE = """<script>
 window.addEventListener('load', () => {
   const images = [...document.images].map(i => ({src: i.getAttribute('src'),
