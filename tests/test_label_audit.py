@@ -202,6 +202,26 @@ def test_doctor_labels_then_apply_fixes_and_undo(cats_dogs, clean_audit, tmp_pat
     assert not manifest.exists() and (out / "fixes.applied.undone.json").is_file()
 
 
+def test_a_warm_audit_reads_the_cache_alone(clean_audit, cats_dogs, tmp_path, monkeypatch):
+    """Once every image (and every undecodable file) is known, an audit reads the feature
+    cache without the extractor (no PyTorch import: the warm audit's speed)."""
+    from imgrec import audit
+    from imgrec.training import features
+
+    data = _mirror(cats_dogs, tmp_path / "broken")
+    (data / "train/cat/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    first = audit(data)
+    assert list(first.skipped) == [str(data / "train/cat/broken.jpg")]
+
+    def no_extractor(*args, **kwargs):
+        raise AssertionError("the extractor ran")
+
+    monkeypatch.setattr(features, "Extractor", no_extractor)
+    again = audit(data)
+    assert again.skipped == first.skipped and again.images == 600
+    assert again.records == first.records
+
+
 def test_a_bundle_embeds_as_its_backbone(clean_audit, cats_dogs, tmp_path):
     """--model BUNDLE: the bundle's network without its classifier. The offline ImageNet
     bundle is Lite0 with the same weights, so its embeddings are the default backbone's."""

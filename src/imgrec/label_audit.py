@@ -245,22 +245,36 @@ def _from_memo(samples: _Samples, model: str | Path | None) -> _Embedded | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     cache = FeatureCache(entry["key"], int(entry["dim"]))
+    undecodable = entry.get("undecodable", {})
     x = np.zeros((len(samples.paths), cache.dim), np.float32)
-    for i, digest in enumerate(digest_all(samples.paths)):
+    good, skipped = np.ones(len(x), bool), {}
+    for i, (path, digest) in enumerate(zip(samples.paths, digest_all(samples.paths), strict=True)):
         vec = None if isinstance(digest, Exception) else cache.get(view_key(digest))
-        if vec is None:
+        if vec is None and not isinstance(digest, Exception) and digest in undecodable:
+            good[i], skipped[path] = False, f"{path}: {undecodable[digest]}"
+        elif vec is None:
             return None
-        x[i] = vec
-    return _Embedded(
-        x,
-        np.ones(len(x), bool),
-        {},
-        entry["backbone"],
-        {"cached": len(x), "computed": 0, "corrupted": 0},
-    )
+        else:
+            x[i] = vec
+    stats = {"cached": int(good.sum()), "computed": 0, "corrupted": 0}
+    return _Embedded(x, good, skipped, entry["backbone"], stats)
 
 
-def _remember(model: str | Path | None, extractor) -> None:
+def _undecodable(skipped: dict[str, str], known: dict[str, str]) -> dict[str, str]:
+    """{content digest: reason} of the files the extractor could not decode (so that a warm
+    audit knows them without decoding them again), added to those already known."""
+    from .feature_cache import content_digest
+
+    out = dict(known)
+    for path, reason in skipped.items():
+        try:
+            out[content_digest(path)] = reason.removeprefix(f"{path}: ")
+        except OSError:
+            continue
+    return dict(list(out.items())[-10000:])
+
+
+def _remember(model: str | Path | None, extractor, skipped: dict[str, str]) -> None:
     """Record MODEL's extractor key for _from_memo (best effort: a failure costs speed only)."""
     import json
 
@@ -281,6 +295,7 @@ def _remember(model: str | Path | None, extractor) -> None:
             memo = json.loads(_memo_path().read_text())
         except (OSError, ValueError):
             memo = {}
+        known = memo.get(_memo_key(model), {}).get("undecodable", {})
         memo[_memo_key(model)] = {
             "key": extractor.key,
             "dim": extractor.dim,
@@ -288,6 +303,7 @@ def _remember(model: str | Path | None, extractor) -> None:
             "weights": weights,
             "weights_stat": _stat(weights),
             "stamp": [CACHE_FORMAT, __version__],
+            "undecodable": _undecodable(skipped, known),
         }
         atomic_write_text(_memo_path(), json.dumps(memo, indent=1) + "\n")
     except OSError:
@@ -313,7 +329,7 @@ def embed(samples: _Samples, model: str | Path | None, quiet: bool) -> _Embedded
             "give a pretrained backbone (imagenet) or a timm model's bundle",
         ) from None
     x, good, skipped = extractor.features(samples.paths, desc="embeddings")
-    _remember(model, extractor)
+    _remember(model, extractor, skipped)
     return _Embedded(
         x[:, 0], good, skipped, backbone.name, {k: int(v) for k, v in extractor.stats.items()}
     )
