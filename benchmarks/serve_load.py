@@ -27,6 +27,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,11 +62,14 @@ def healthy(port: int) -> bool:
 def start(cmd: list[str], port: int, timeout: float = 180.0) -> tuple[subprocess.Popen, float]:
     """Start a server; (process, seconds from its start to the first /healthz 200)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # The server's log goes to a file: a pipe nobody reads fills after ~800 request lines
+    # (64 KiB) and then blocks the server (it stopped Flask's werkzeug mid-run).
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log, text=True)
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {' '.join(cmd)}\n{proc.stderr.read()[-3000:]}")
+            log.seek(0)
+            raise SystemExit(f"server exited: {' '.join(cmd)}\n{log.read()[-3000:]}")
         if healthy(port):
             return proc, time.perf_counter() - t0
         time.sleep(0.02)
