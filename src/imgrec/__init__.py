@@ -7,13 +7,14 @@ The small public API:
     imgrec.load("runs/mnist")                  -> Bundle (metadata; torch-free)
     imgrec.audit("data/pets")                  -> LabelAudit (label issues, near duplicates,
                                                   outliers; .records)
+    imgrec.tune("photos/", model="efficientnet_lite0", trials=20) -> TuneSummary
 """
 
 from __future__ import annotations
 
 from ._version import __version__
 
-__all__ = ["__version__", "load", "train", "evaluate", "audit", "Predictor"]
+__all__ = ["__version__", "load", "train", "tune", "evaluate", "audit", "Predictor"]
 
 
 def load(model=None):
@@ -29,6 +30,14 @@ def train(data, **options):
     from .training.api import train as _train
 
     return _train(data, **options)
+
+
+def tune(data, **options):
+    """Search training options with Optuna: `imgrec.tune("mnist", trials=12, subset=10000)`;
+    see imgrec.tuning.api.tune."""
+    from .tuning.api import tune as _tune
+
+    return _tune(data, **options)
 
 
 def evaluate(model, data, split: str = "test", **options):

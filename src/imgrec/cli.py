@@ -107,6 +107,62 @@ train.__signature__ = inspect.Signature(_config_options())
 app.command()(train)
 
 
+@app.command()
+def tune(
+    data: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10, a folder or a CSV")],
+    model: Annotated[str | None, typer.Option(help="as imgrec train --model")] = None,
+    mode: Annotated[Literal["scratch", "features", "finetune"] | None, typer.Option(
+        help="as imgrec train --mode; the default space depends on it")] = None,
+    trials: Annotated[int, typer.Option(
+        min=1, help="finished (complete or pruned) trials the study should hold; every process "
+                    "of the study stops there, a rerun tops it up")] = 20,
+    timeout: Annotated[float | None, typer.Option(help="seconds for this process's trials")] =
+    None,
+    study: Annotated[str | None, typer.Option(help="study name (default DATA-MODEL-MODE)")] =
+    None,
+    storage: Annotated[str | None, typer.Option(
+        help="database URL of the study (default sqlite:///OUT/study.db); a postgresql:// or "
+             "mysql:// URL lets several machines share it")] = None,
+    space: Annotated[Path | None, typer.Option(
+        help="YAML or JSON search space over the default (see docs/tune.md)")] = None,
+    metric: Annotated[Literal["val_accuracy", "val_loss"], typer.Option(
+        help="what trials are scored on (validation only)")] = "val_accuracy",
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/tune-DATA)")] =
+    None,
+    pruner: Annotated[Literal["median", "halving", "none"], typer.Option(
+        help="stop poor trials early: median, or successive halving")] = "median",
+    subset: Annotated[int | None, typer.Option(
+        min=2, help="train on a stratified subset of this many training images")] = None,
+    seed: Annotated[int, typer.Option(help="every trial's training seed")] = 0,
+    sampler_seed: Annotated[int | None, typer.Option(
+        help="seed of the TPE sampler (one process; default: random)")] = None,
+    heartbeat: Annotated[int, typer.Option(
+        min=1, help="seconds between a trial's heartbeats; a trial silent for 3 is failed "
+                    "and retried")] = 30,
+    keep_trials: Annotated[bool, typer.Option(
+        "--keep-trials", help="keep each trial's bundle in OUT/trials/N")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no line per trial")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Search training options with Optuna (TPE, pruning) on the validation split; the best
+    trial is trained again into OUT/best, the only run that sees the test split.
+
+    Example: imgrec tune photos/ --model efficientnet_lite0 --mode features --trials 20
+    """
+    from .tuning.api import summary_lines
+    from .tuning.api import tune as run
+
+    summary = run(data, model, mode, trials, timeout=timeout, study=study, storage=storage,
+                  space=space, metric=metric, out=out, pruner=pruner, subset=subset, seed=seed,
+                  sampler_seed=sampler_seed, heartbeat=heartbeat, keep_trials=keep_trials,
+                  quiet=quiet or json_out)
+    if json_out:
+        _echo(json.dumps(summary.to_dict(), indent=2, default=str))
+        return
+    for line in summary_lines(summary):
+        _echo(line)
+
+
 _Flagged = Annotated[Path | None, typer.Option(
     help="with --report: mark the mistakes whose files the label audit flagged (the --json of "
          "imgrec doctor --labels, a fix list or a list of paths)")]

@@ -102,6 +102,9 @@ class TrainConfig:
                                           "lookahead EMA); the averaged weights are saved",
                                     cli=False)
     tensorboard: bool = option(True, "write TensorBoard scalars")
+    onnx: bool = option(True, "write model.onnx into the bundle at the end (checked against "
+                              "PyTorch); --no-onnx leaves it to `imgrec export` (imgrec tune's "
+                              "trials skip it)")
     quiet: bool = option(False, "no progress output", flags=("--quiet", "-q"))
     model_args: dict[str, Any] = option(cli=False, factory=dict)
 

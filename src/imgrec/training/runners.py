@@ -100,8 +100,8 @@ class Runner:
         try:
             bundle, loop = self.train(t0)
             test = None if loop.interrupted or bundle is None else self.test_metrics(bundle)
-            if not loop.interrupted and bundle is not None:  # a stopped run stops now
-                self.write_onnx(bundle)
+            if not loop.interrupted and bundle is not None and self.plan.cfg.onnx:
+                self.write_onnx(bundle)  # (an interrupted run stops now)
             logs.update(history=loop.history, best_epoch=loop.best_epoch, test=test,
                         stopped_early=loop.stopped_early, interrupted=loop.interrupted)
         finally:

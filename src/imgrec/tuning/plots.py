@@ -1,0 +1,43 @@
+"""The study's figures: optimisation history, parameter importances and parallel
+coordinates, drawn by optuna.visualization.matplotlib (headless, on imgrec's Agg backend) and
+written through figures.save_figure like every other imgrec figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..figures import pyplot, save_figure
+
+PLOTS = {
+    "optimization_history.png": ("plot_optimization_history", (9, 5)),
+    "param_importances.png": ("plot_param_importances", (8, 5)),
+    "parallel_coordinate.png": ("plot_parallel_coordinate", (11, 5)),
+}
+
+
+def draw_plots(study: Any, out: Path, metric: str) -> tuple[list[Path], list[str]]:
+    """The PNGs that the study's trials allow (importances need two finished trials with
+    different values, for instance): (written paths, one note per figure left out)."""
+    from .study import quiet_optuna
+
+    plt = pyplot()  # the Agg backend before Optuna touches matplotlib
+    written, notes = [], []
+    with quiet_optuna(), plt.rc_context():  # Optuna sets the ggplot style globally
+        from optuna.visualization import matplotlib as vis
+
+        for name, (function, size) in PLOTS.items():
+            try:
+                ax = getattr(vis, function)(study, target_name=metric)
+            except Exception as e:  # noqa: BLE001 (too few trials for this figure)
+                plt.close("all")
+                notes.append(f"{name} not drawn: {str(e).splitlines()[0] if str(e) else e!r}")
+                continue
+            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            if not fig.axes or not any(a.has_data() for a in fig.axes):
+                plt.close(fig)
+                notes.append(f"{name} not drawn: no finished trial to show")
+                continue
+            fig.set_size_inches(*size)
+            written.append(save_figure(fig, out / name))
+    return written, notes

@@ -1,0 +1,231 @@
+"""imgrec tune (issue 15): the search space and its errors, pruning read back from the study,
+the test split kept out of every trial, the feature cache shared by features-mode trials, and
+two processes (one of them killed with SIGKILL, then rerun) on one SQLite study."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import write_fake_mnist
+
+import imgrec
+from imgrec.cli import main
+
+IMGREC = str(Path(sys.executable).with_name("imgrec"))
+#: a small, fast search: 4 epochs of fast-cnn on 180 training images, over the learning rate
+SPACE = {
+    "epochs": 4,
+    "lr": {"low": 1e-4, "high": 0.3, "log": True},
+    "augment": "none",
+    "batch_size": 64,
+    "weight_decay": None,
+    "label_smoothing": None,
+}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """IMGREC_DATA-style root holding a tiny, learnable fake MNIST."""
+    root = tmp_path_factory.mktemp("tune-data")
+    write_fake_mnist(root, n_train=200, n_test=50)
+    return root
+
+
+def _study(out: Path, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+
+
+def _states(out: Path, name: str) -> dict[str, int]:
+    from imgrec.tuning.study import counts
+
+    return counts(_study(out, name))
+
+
+def test_pruning_stops_a_third_of_12_trials_and_trials_never_see_test(digits, tmp_path):
+    out = tmp_path / "search"
+    search = {"out": out, "data_dir": str(digits), "space": SPACE, "metric": "val_loss"}
+    summary = imgrec.tune("mnist", trials=12, sampler_seed=0, quiet=True, **search)
+    study = _study(out, summary.study)
+    states = _states(out, summary.study)
+    assert states["finished"] == 12 and states["fail"] == 0
+    assert states["pruned"] >= 4, states  # a third of 12, read from the study itself
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
+    # the recipe's own options are trial 0; the best is at least as good on validation
+    assert study.trials[0].user_attrs["recipe"] and study.trials[0].params == {"lr": 0.02}
+    assert summary.best["value"] <= study.trials[0].value
+    # the final bundle is the one run with the test split; trials were scored on validation
+    meta = json.loads((out / "best" / "imgrec.json").read_text())
+    assert meta["training"]["tune"]["trial"] == summary.best["trial"]
+    assert meta["training"]["tune"]["test_split"] == "used once, by this bundle"
+    assert meta["metrics"]["test"]["n"] == 50 and summary.test["n"] == 50
+    assert (out / "best" / "model.onnx").is_file()
+    assert summary.validation["val_loss"] == pytest.approx(summary.best["value"], rel=1e-4)
+    for name in (
+        "trials.csv",
+        "tune.json",
+        "optimization_history.png",
+        "param_importances.png",
+        "parallel_coordinate.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    assert len((out / "trials.csv").read_text().strip().splitlines()) == 13
+    assert not (out / "trials").exists()  # trials' bundles are removed
+    # the same command again continues the study: it already holds 12 trials
+    again = imgrec.tune("mnist", trials=12, quiet=True, **search)
+    assert again.ran_here == 0 and _states(out, summary.study)["finished"] == 12
+
+
+def test_trial_bundles_have_no_test_split_and_no_onnx(digits, tmp_path):
+    out = tmp_path / "kept"
+    imgrec.tune(
+        "mnist", trials=1, out=out, data_dir=str(digits), space=SPACE, keep_trials=True, quiet=True
+    )
+    trial = json.loads((out / "trials" / "0" / "imgrec.json").read_text())
+    assert "test" not in trial["training"]["splits"] and not trial["metrics"]
+    assert not (out / "trials" / "0" / "model.onnx").exists()  # onnx=False for trials
+    best = json.loads((out / "best" / "imgrec.json").read_text())
+    assert best["training"]["splits"]["test"] == 50
+    assert best["training"]["splits"]["train"] == trial["training"]["splits"]["train"]
+
+
+BAD_SPACES = {
+    "lr: {low: 1e-4, high: [1}": "not valid YAML",
+    "lrr: {low: 1.0e-4, high: 1.0e-2}": "unknown parameter 'lrr'. Did you mean 'lr'?",
+    "epochs: {low: 2, high: 3.5}": "epochs takes whole numbers",
+    "label_smoothing: {low: 0.0, high: 1.5}": "label_smoothing=1.5 is out of range",
+    "optimizer: [adamw, lion]": "optimizer='lion' is out of range",
+    "- lr": "expected a mapping",
+}
+BAD_STORAGES = {
+    "sqlite:////nonexistent/folder/study.db": "cannot open it (unable to open database file)",
+    "postgresql://tuner:secret@127.0.0.1:9/study": "no database driver",
+    "not-a-url": "is not a database URL",
+}
+BAD_INPUTS = [("--space", k, v) for k, v in BAD_SPACES.items()] + [
+    ("--storage", k, v) for k, v in BAD_STORAGES.items()
+]
+
+
+@pytest.mark.parametrize("option, value, expected", BAD_INPUTS)
+def test_a_bad_space_or_storage_is_one_line_and_exit_2(
+    digits, tmp_path, capsys, monkeypatch, option, value, expected
+):
+    monkeypatch.setenv("IMGREC_DATA", str(digits))
+    start = "space file" if option == "--space" else "--storage"
+    if option == "--space":
+        (tmp_path / "space.yaml").write_text(value + "\n")
+        value = str(tmp_path / "space.yaml")
+    rc = main(["tune", "mnist", option, value, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"imgrec: error: {start}"), err
+    assert expected in err[0], err[0]
+    assert "secret" not in err[0]  # a storage URL's password is never printed
+    assert not (tmp_path / "o").exists()  # nothing is left behind
+
+
+@pytest.mark.slow
+def test_features_trials_share_the_feature_cache(shapes, tmp_path):
+    """Only the first trial embeds images; later ones read the cache (test images are
+    embedded by the final bundle alone)."""
+    out = tmp_path / "features"
+    summary = imgrec.tune(
+        str(shapes),
+        model="efficientnet_lite0",
+        mode="features",
+        trials=3,
+        out=out,
+        space={"augment_views": 0},
+        sampler_seed=1,
+        quiet=True,
+    )
+    trials = _study(out, summary.study).trials
+    n_train_val = trials[0].user_attrs["features_computed"]
+    assert n_train_val == 72  # 80 images less the 8 of the test split
+    assert [t.user_attrs["features_computed"] for t in trials[1:]] == [0, 0]
+    assert [t.user_attrs["features_cached"] for t in trials[1:]] == [72, 72]
+    best = json.loads((out / "best" / "imgrec.json").read_text())["training"]
+    assert best["features_computed"] == 8 and best["features_cached"] == 72
+
+
+def _tune_cmd(out: Path, trials: int, space: Path, *more: str) -> list[str]:
+    return [IMGREC, "tune", "mnist", "--out", str(out), "--trials", str(trials), "--space",
+            str(space), "--metric", "val_loss", "--json", *more]  # fmt: skip
+
+
+def _running_mid_trial(db: Path, after: int) -> int | None:
+    """A trial that is running, beating and past its first epoch (its parameters drawn)."""
+    with sqlite3.connect(db, timeout=30) as con:
+        row = con.execute(
+            "SELECT t.number FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+            "WHERE t.state = 'RUNNING' AND t.number >= ? AND EXISTS (SELECT 1 FROM "
+            "trial_intermediate_values v WHERE v.trial_id = t.trial_id)",
+            (after,),
+        ).fetchone()
+    return row[0] if row else None
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_study_and_a_killed_one_loses_only_its_trial(digits, tmp_path):
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps(SPACE))
+    out = tmp_path / "shared"
+    env = {**os.environ, "IMGREC_DATA": str(digits)}
+    both = [
+        subprocess.Popen(
+            _tune_cmd(out, 4, space),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    ran = []
+    for p in both:
+        stdout, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr[-2000:]
+        ran.append(json.loads(stdout)["ran_here"])
+    name = "mnist-fast-cnn-scratch"
+    states = _states(out, name)
+    assert states["fail"] == 0 and states["finished"] == sum(ran) >= 4, (states, ran)
+    # a third process, killed with SIGKILL in the middle of a trial, then run again
+    killed = subprocess.Popen(
+        _tune_cmd(out, 8, space, "--heartbeat", "1"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline, number = time.time() + 300, None
+    while number is None and time.time() < deadline and killed.poll() is None:
+        time.sleep(0.1)
+        number = _running_mid_trial(out / "study.db", sum(ran))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert number is not None
+    time.sleep(3.5)  # its heartbeat (each second) is now stale: 3 missed
+    rerun = subprocess.run(
+        _tune_cmd(out, 8, space, "--heartbeat", "1"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    study = _study(out, name)
+    failed = [t.number for t in study.trials if t.state.name == "FAIL"]
+    assert failed == [number]  # only the killed trial was lost...
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == number]
+    assert len(retried) == 1 and retried[0].params == study.trials[number].params  # ...and rerun
+    assert _states(out, name)["finished"] == 8 and _states(out, name)["running"] == 0
+    assert not (out / "trials").exists()
