@@ -1,0 +1,156 @@
+"""Projects, classes and images on disk. Torch-free.
+
+    DIR/<project>/data/<class>/<file>   the dataset (what `imgrec train DIR/<project>/data` reads)
+    DIR/<project>/trash/<class>/<file>  deleted images, until the trash is emptied
+    DIR/<project>/model/                the last good bundle (renamed into place by the trainer)
+    DIR/.trash/<project>-<time>/        deleted projects
+
+Every upload is decoded by the one safe decoder (`images.decode_image`) before it is kept,
+written atomically (`bundle.atomic_write_bytes`) under its content hash, so the same photo
+added twice is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..bundle import atomic_write_bytes
+from ..errors import ImgrecError, InputError
+from ..images import decode_image, sniff_format
+
+#: a project or class name: letters, digits, space, `_`, `-`, `.`; no `..`; at most 100
+NAME = re.compile(r"^\w[\w .\-]{0,99}$")
+EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "bmp": ".bmp", "tiff": ".tif",
+              "webp": ".webp"}
+
+
+class NotFound(ImgrecError):
+    http_status = 404
+    code = "not_found"
+
+
+class Conflict(ImgrecError):
+    http_status = 409
+    code = "conflict"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """The name itself, or a 400 when it could escape its folder or is not a plain name."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name or name != name.strip():
+        raise InputError(f"invalid {what} {name[:40]!r}" if isinstance(name, str) else
+                         f"invalid {what}", "use letters, digits, spaces, '_', '-' or '.' "
+                         "(at most 100 characters, no '..' or '/')")
+    return name
+
+
+@dataclass
+class Added:
+    added: int = 0
+    duplicates: int = 0
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    error: ImgrecError | None = None  # the first rejection, raised when nothing was kept
+
+
+class Store:
+    """The studio's folder: one sub-folder per project."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # -- projects ----------------------------------------------------------------------------
+    def project(self, name: str, must_exist: bool = True) -> Path:
+        path = self.root / check_name(name, "project name")
+        if must_exist and not (path / "data").is_dir():
+            raise NotFound(f"no project {name!r}")
+        return path
+
+    def projects(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / "data").is_dir())
+
+    def create_project(self, name: str) -> Path:
+        path = self.project(name, must_exist=False)
+        if path.exists():
+            raise Conflict(f"project {name!r} exists")
+        (path / "data").mkdir(parents=True)
+        return path
+
+    def delete_project(self, name: str) -> None:
+        path = self.project(name)
+        trash = self.root / ".trash"
+        trash.mkdir(exist_ok=True)
+        path.rename(trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
+
+    def rename_project(self, name: str, new: str) -> None:
+        path, target = self.project(name), self.project(new, must_exist=False)
+        if target.exists():
+            raise Conflict(f"project {new!r} exists")
+        path.rename(target)
+
+    # -- classes -----------------------------------------------------------------------------
+    def class_dir(self, project: str, name: str, must_exist: bool = True) -> Path:
+        path = self.project(project) / "data" / check_name(name, "class name")
+        if must_exist and not path.is_dir():
+            raise NotFound(f"no class {name!r} in project {project!r}")
+        return path
+
+    def classes(self, project: str) -> dict[str, list[str]]:
+        data = self.project(project) / "data"
+        return {c.name: sorted(f.name for f in c.iterdir() if f.is_file()
+                               and not f.name.startswith("."))
+                for c in sorted(data.iterdir()) if c.is_dir() and not c.name.startswith(".")}
+
+    def create_class(self, project: str, name: str) -> None:
+        path = self.class_dir(project, name, must_exist=False)
+        if path.exists():
+            raise Conflict(f"class {name!r} exists in project {project!r}")
+        path.mkdir()
+
+    def delete_class(self, project: str, name: str) -> None:
+        path = self.class_dir(project, name)
+        for f in path.iterdir():
+            self._to_trash(project, name, f)
+        path.rmdir()
+
+    # -- images ------------------------------------------------------------------------------
+    def add_images(self, project: str, cls: str, uploads: list[tuple[str, bytes]]) -> Added:
+        """Keep each upload that decodes, named by its content hash; report the others."""
+        folder, out = self.class_dir(project, cls), Added()
+        for filename, data in uploads:
+            try:
+                decode_image(data)
+            except ImgrecError as e:
+                out.rejected.append({"filename": filename, "error": e.message})
+                out.error = out.error or e
+                continue
+            digest = hashlib.sha256(data).hexdigest()[:32]
+            suffix = EXTENSIONS.get(str(sniff_format(data[:16])).lower(), "")
+            path = folder / f"{digest}{suffix}"
+            if path.exists():
+                out.duplicates += 1
+                continue
+            atomic_write_bytes(path, data)
+            out.added += 1
+        return out
+
+    def image(self, project: str, cls: str, filename: str) -> Path:
+        path = self.class_dir(project, cls) / check_name(filename, "file name")
+        if not path.is_file():
+            raise NotFound(f"no image {filename!r} in class {cls!r}")
+        return path
+
+    def delete_image(self, project: str, cls: str, filename: str) -> None:
+        self._to_trash(project, cls, self.image(project, cls, filename))
+
+    def empty_trash(self, project: str) -> None:
+        shutil.rmtree(self.project(project) / "trash", ignore_errors=True)
+
+    def _to_trash(self, project: str, cls: str, path: Path) -> None:
+        target = self.project(project) / "trash" / cls / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)

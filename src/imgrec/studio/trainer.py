@@ -1,0 +1,171 @@
+"""One background training per project, on cached EfficientNet-Lite features (features mode
+of imgrec's training API, so a retraining after adding a few photos only computes theirs).
+
+The bundle is written into a temporary folder beside the project's model and renamed into
+place when the run succeeded, so `DIR/<project>/model/` is always the last good model. A
+`training.json` marker is kept while a run is going; a studio restarted mid-training finds it
+and reports the run as failed (its temporary folder removed), never a half-written model.
+Torch and imgrec.training are imported only when a training starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .store import Conflict, Store
+
+MARKER = "training.json"
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+@dataclass
+class TrainOptions:
+    backbone: str = "efficientnet_lite0"
+    epochs: int | None = None
+    augment_views: int = 0
+    val_fraction: float = 0.34  # a third: 20 validation photos of 2 x 30
+
+
+@dataclass
+class TrainStatus:
+    state: str = "idle"  # idle | running | done | failed
+    progress: float = 0.0
+    val_accuracy: float | None = None
+    message: str = ""
+    seconds: float | None = None
+
+
+class Progress:
+    """The training callback: notes and epochs become the project's live status."""
+
+    def __init__(self, status: TrainStatus):
+        self.status = status
+
+    def on_note(self, state: Any, message: str) -> None:
+        self.status.message = " ".join(message.split())
+        if self.status.progress < 0.1 and "feature" in message:
+            self.status.progress = 0.1
+
+    def on_epoch_end(self, state: Any, epoch: int, logs: dict[str, Any]) -> None:
+        total = max(1, state.epochs or 1)
+        self.status.progress = round(min(0.95, 0.1 + 0.85 * epoch / total), 3)
+        self.status.message = f"epoch {epoch}/{total}: val_acc {logs.get('val_acc') or 0:.3f}"
+
+
+def best_val_accuracy(history: list[dict], best_epoch: int | None) -> float | None:
+    """The validation accuracy of the epoch that was kept (early stopping restores it)."""
+    rows = [r for r in history if r.get("val_acc") is not None]
+    if not rows:
+        return None
+    kept = [r for r in rows if r.get("epoch") == best_epoch] or rows[-1:]
+    return round(float(kept[0]["val_acc"]), 4)
+
+
+class Trainer:
+    """The projects' trainings: at most one running per project, each in its own thread."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.status: dict[str, TrainStatus] = {}
+        self.threads: dict[str, threading.Thread] = {}
+        self.lock = threading.Lock()
+
+    def get(self, project: str) -> TrainStatus:
+        path = self.store.project(project)
+        with self.lock:
+            if project not in self.status:
+                self.status[project] = self._recovered(path)
+            return self.status[project]
+
+    def _recovered(self, path: Path) -> TrainStatus:
+        """A project's status after a (re)start: an interrupted run is failed and cleaned up."""
+        for tmp in path.glob(".model-*"):
+            if tmp.name.startswith(".model-old-") and not (path / "model").exists():
+                tmp.rename(path / "model")  # stopped between the two renames
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+        marker = path / MARKER
+        model = (path / "model" / "imgrec.json").is_file()
+        if marker.exists():
+            marker.unlink()
+            return TrainStatus("failed", 0.0, None, "the training was interrupted by a "
+                               "restart; the last good model is kept" if model else
+                               "the training was interrupted by a restart")
+        done = json.loads((path / "model" / "studio.json").read_text()) if model and (
+            path / "model" / "studio.json").is_file() else None
+        if done:
+            return TrainStatus("done", 1.0, done.get("val_accuracy"), "last good model")
+        return TrainStatus()
+
+    def start(self, project: str, options: TrainOptions) -> TrainStatus:
+        path = self.store.project(project)
+        self.get(project)
+        with self.lock:
+            if self.status[project].state == "running":
+                raise Conflict(f"project {project!r} is training already; wait for it to end")
+            status = self.status[project] = TrainStatus("running", 0.0, None, "starting")
+            (path / MARKER).write_text(json.dumps(asdict(options)))
+        thread = threading.Thread(target=self._run, args=(path, options, status),
+                                  name=f"studio-train-{project}", daemon=True)
+        self.threads[project] = thread
+        thread.start()
+        return status
+
+    def _run(self, path: Path, options: TrainOptions, status: TrainStatus) -> None:
+        start = time.perf_counter()
+        tmp = path / f".model-{uuid.uuid4().hex[:8]}"
+        try:
+            accuracy = train_bundle(path / "data", tmp, options, Progress(status))
+            (tmp / "studio.json").write_text(json.dumps({"val_accuracy": accuracy}))
+            put_in_place(tmp, path / "model")
+            status.val_accuracy, status.message = accuracy, "done"
+            status.progress, status.state = 1.0, "done"
+        except Exception as e:  # the page shows why; the last good model stays
+            status.state, status.message = "failed", str(e) or type(e).__name__
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            status.seconds = round(time.perf_counter() - start, 2)
+            (path / MARKER).unlink(missing_ok=True)
+
+    def wait(self, project: str, timeout: float | None = None) -> None:
+        thread = self.threads.get(project)
+        if thread is not None:
+            thread.join(timeout)
+
+
+def train_bundle(data: Path, out: Path, options: TrainOptions, progress: Progress) -> float | None:
+    """Features mode on the chosen EfficientNet-Lite; the kept epoch's validation accuracy."""
+    from ..training.api import plan
+    from ..training.runners import run_plan
+
+    if options.backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}")
+    extra = {"epochs": options.epochs} if options.epochs else {}
+    run = plan(str(data), model=options.backbone, mode="features", out=str(out), quiet=True,
+               tensorboard=False, val_fraction=options.val_fraction, test_fraction=0.0,
+               augment_views=options.augment_views, **extra)
+    best: dict[str, Any] = {}
+
+    class Ended:
+        def on_train_end(self, state: Any, logs: dict[str, Any]) -> None:
+            best.update(logs)
+
+    result = run_plan(run, [progress, Ended()])
+    return best_val_accuracy(result.history, best.get("best_epoch"))
+
+
+def put_in_place(new: Path, model: Path) -> None:
+    """Rename the new bundle over the old one: the old is moved aside first and removed only
+    after the new one is in place."""
+    old = model.with_name(f".model-old-{uuid.uuid4().hex[:8]}")
+    if model.exists():
+        model.rename(old)
+    new.rename(model)
+    shutil.rmtree(old, ignore_errors=True)

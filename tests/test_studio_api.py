@@ -1,0 +1,121 @@
+"""imgrec studio through its HTTP API alone: the whole flow on cats-dogs-mini (create, classes,
+upload, train, predict, export, restart), and the refusals (names, non-images, a second train)."""
+
+from __future__ import annotations
+
+import io
+import time
+import zipfile
+
+import pytest
+
+pytest.importorskip("torch")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from imgrec.errors import ImgrecError  # noqa: E402
+from imgrec.predict import Predictor  # noqa: E402
+from imgrec.studio.app import create_app  # noqa: E402
+from imgrec.studio.store import Store, check_name  # noqa: E402
+
+API = "/v1/studio/projects"
+
+
+def _photos(cats_dogs, split: str, cls: str, n: int, skip: int = 0):
+    return sorted((cats_dogs / split / cls).glob("*.jpg"))[skip:skip + n]
+
+
+def _upload(client, project: str, cls: str, paths) -> dict:
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    r = client.post(f"{API}/{project}/classes/{cls}/images", files=files)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _wait(client, project: str, timeout: float = 300) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state = client.get(f"{API}/{project}/train").json()
+        if state["state"] in ("done", "failed"):
+            return state
+        assert state["state"] == "running" and 0 <= state["progress"] <= 1
+        time.sleep(0.5)
+    raise AssertionError("training did not end")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "x\x00y", "a" * 300, "..", ".hidden", ""])
+def test_bad_names_are_refused(tmp_path, name):
+    client = TestClient(create_app(tmp_path))
+    r = client.post(API, json={"name": name})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    client.post(API, json={"name": "p"})
+    r = client.post(f"{API}/p/classes", json={"name": name})
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    assert Store(tmp_path).projects() == ["p"] and list((tmp_path / "p" / "data").iterdir()) == []
+    with pytest.raises(ImgrecError):
+        check_name(name)
+
+
+def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):
+    client = TestClient(create_app(tmp_path))
+    assert client.post(API, json={"name": "p"}).status_code == 201
+    assert client.post(f"{API}/p/classes", json={"name": "cat"}).status_code == 201
+    assert client.post(f"{API}/p/classes", json={"name": "cat"}).status_code == 409
+    r = client.post(f"{API}/p/classes/cat/images", files=[("files", ("x.jpg", b"not an image"))])
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert list((tmp_path / "p" / "data" / "cat").iterdir()) == []
+    photos = _photos(cats_dogs, "train", "cat", 2)
+    files = [("files", (p.name, p.read_bytes())) for p in photos]
+    r = client.post(f"{API}/p/classes/cat/images", files=[*files, files[0],
+                                                         ("files", ("bad.png", b"\x89PNG..."))])
+    assert r.json()["added"] == 2 and r.json()["duplicates"] == 1
+    assert [x["filename"] for x in r.json()["rejected"]] == ["bad.png"]
+    names = client.get(f"{API}/p").json()["classes"][0]["images"]
+    assert len(names) == 2 and not list((tmp_path / "p" / "data" / "cat").glob(".*"))
+    assert client.get(f"{API}/p/classes/cat/images/{names[0]}").content == \
+        (tmp_path / "p" / "data" / "cat" / names[0]).read_bytes()
+    assert client.delete(f"{API}/p/classes/cat/images/{names[0]}").status_code == 204
+    assert (tmp_path / "p" / "trash" / "cat" / names[0]).is_file()
+    assert client.get(f"{API}/p/bundle.zip").status_code == 404
+    assert client.delete(f"{API}/p").status_code == 204 and client.get(API).json() == []
+
+
+def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs):
+    client = TestClient(create_app(tmp_path))
+    client.post(API, json={"name": "pets"})
+    for cls in ("cat", "dog"):
+        client.post(f"{API}/pets/classes", json={"name": cls})
+        assert _upload(client, "pets", cls, _photos(cats_dogs, "train", cls, 30))["added"] == 30
+    started = time.perf_counter()
+    r = client.post(f"{API}/pets/train")
+    assert r.status_code == 202 and r.json()["state"] == "running"
+    r = client.post(f"{API}/pets/train")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    state = _wait(client, "pets")
+    print(f"trained in {time.perf_counter() - started:.1f} s: {state}")
+    assert state["state"] == "done", state
+    assert state["val_accuracy"] >= 0.95 and state["progress"] == 1.0
+    held_out = _photos(cats_dogs, "validation", "dog", 1)[0]
+    r = client.post(f"{API}/pets/predict", files={"file": held_out.read_bytes()})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"model", "predictions", "elapsed_ms"}
+    assert body["predictions"][0]["label"] == "dog"
+    r = client.get(f"{API}/pets/bundle.zip")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    unzipped = tmp_path / "unzipped"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(unzipped)
+    assert (unzipped / "model.onnx").is_file()
+    label = Predictor.load(unzipped).predict([str(held_out)])[0][0].label
+    assert label == body["predictions"][0]["label"]
+    # a restart in the middle of a training: projects, images and the last good model intact
+    (tmp_path / "pets" / "training.json").write_text("{}")
+    (tmp_path / "pets" / ".model-half").mkdir()
+    again = TestClient(create_app(tmp_path))
+    projects = again.get(API).json()
+    assert [p["name"] for p in projects] == ["pets"] and projects[0]["has_model"]
+    assert [c["count"] for c in projects[0]["classes"]] == [30, 30]
+    state = again.get(f"{API}/pets/train").json()
+    assert state["state"] == "failed" and "restart" in state["message"]
+    assert not (tmp_path / "pets" / ".model-half").exists()
+    r = again.post(f"{API}/pets/predict", files={"file": held_out.read_bytes()})
+    assert r.json()["predictions"][0]["label"] == "dog"
