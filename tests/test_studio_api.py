@@ -119,3 +119,19 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs):
     assert not (tmp_path / "pets" / ".model-half").exists()
     r = again.post(f"{API}/pets/predict", files={"file": held_out.read_bytes()})
     assert r.json()["predictions"][0]["label"] == "dog"
+
+
+def test_the_command(monkeypatch, tmp_path, capsys):
+    import imgrec.export
+    import imgrec.studio.app
+    from imgrec.cli import main
+
+    calls = []
+    monkeypatch.setattr(imgrec.studio.app, "run_studio", lambda *a: calls.append(a))
+    assert main(["studio", "--dir", str(tmp_path), "--port", "8123"]) == 0
+    assert calls == [(tmp_path, "127.0.0.1", 8123)]
+    assert "/studio" in capsys.readouterr().out
+    monkeypatch.setattr(imgrec.export, "torch_available", lambda: False)
+    assert main(["studio"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "imgrec[train]" in err[0], err

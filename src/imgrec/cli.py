@@ -555,6 +555,30 @@ def serve(
     launch.run_server(config, host, port, log_level)
 
 
+@app.command()
+def studio(
+    dir: Annotated[Path, typer.Option("--dir", help="the studio's folder: one folder dataset "
+                                      "per project")] = Path("imgrec-studio"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+) -> None:
+    """Teach a classifier from the browser: classes, photos (files or webcam), train, test,
+    export. Needs imgrec[train].
+
+    Example: imgrec studio --dir ~/studio --port 8080
+    """
+    from .export import torch_available
+
+    if not torch_available():
+        raise ImgrecError("imgrec studio trains models and needs PyTorch, which is not "
+                          "installed", "pip install 'imgrec[train]'")
+    from .studio.app import run_studio
+
+    _echo(f"imgrec: studio on http://{'localhost' if host == '127.0.0.1' else host}:{port}/studio"
+          f"  (projects in {dir}; API docs at /docs; Ctrl+C stops)")
+    run_studio(dir, host, port)
+
+
 def _bundle_to_serve(model: str | None):
     """(bundle, torch_fallback): the bundle, exported to ONNX first when it has no ONNX file.
     The export runs in a child process, so the server never imports torch (nor keeps its
