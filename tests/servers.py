@@ -91,9 +91,10 @@ def serve_without_torch(*args: str, env: dict[str, str] | None = None) -> Iterat
 
 
 @contextlib.contextmanager
-def serve_in_thread(config, **uvicorn_options) -> Iterator[str]:
-    """`create_app(config)` on uvicorn in a thread on a free loopback port (the in-process
-    server of the browser, auth and slow-client tests); stopped at the end."""
+def serve_in_thread(config, app=None, **uvicorn_options) -> Iterator[str]:
+    """`create_app(config)` (or `app`, the studio's) on uvicorn in a thread on a free loopback
+    port (the in-process server of the browser, auth and slow-client tests); stopped at the
+    end."""
     import threading
 
     import uvicorn
@@ -101,7 +102,7 @@ def serve_in_thread(config, **uvicorn_options) -> Iterator[str]:
     from imgrec.serve.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(app or create_app(config), host="127.0.0.1", port=port,
                                            log_level="warning", **uvicorn_options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

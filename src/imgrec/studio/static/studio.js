@@ -1,0 +1,257 @@
+// imgrec studio's page: one client of the /v1/studio/ API. No framework, no CDN.
+"use strict";
+const API = "/v1/studio/projects";
+const $ = (id) => document.getElementById(id);
+let current = null;      // the open project's name
+let stream = null;       // the webcam's MediaStream
+let polling = null;      // the training poll timer
+let liveTest = null;     // the live webcam test timer
+
+function say(text, error = false) {
+  $("status").textContent = text;
+  $("status").className = error ? "error" : "";
+}
+
+async function call(path, options = {}) {
+  const r = await fetch(path, options);
+  if (r.status === 204) return null;
+  const body = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    const message = (body.error && body.error.message) || `HTTP ${r.status}`;
+    say(message, true);
+    throw new Error(message);
+  }
+  return body;
+}
+
+const json = (body) => ({method: "POST", headers: {"Content-Type": "application/json"},
+                         body: JSON.stringify(body)});
+const enc = encodeURIComponent;
+const here = () => `${API}/${enc(current)}`;
+
+// -- projects ----------------------------------------------------------------------------
+async function loadProjects() {
+  const list = await call(API);
+  const ul = $("projects");
+  ul.replaceChildren();
+  for (const p of list) {
+    const li = document.createElement("li");
+    li.className = p.name === current ? "current" : "";
+    const open = document.createElement("button");
+    open.className = "open"; open.textContent = p.name; open.type = "button";
+    open.onclick = () => openProject(p.name);
+    const del = document.createElement("button");
+    del.textContent = "Delete"; del.type = "button"; del.className = "delete-project";
+    del.onclick = async () => {
+      if (!confirm(`Delete project “${p.name}”? It is moved to the studio's trash folder.`)) return;
+      await call(`${API}/${enc(p.name)}`, {method: "DELETE"});
+      if (current === p.name) { current = null; $("project").hidden = true; }
+      loadProjects();
+    };
+    li.append(open, del);
+    ul.append(li);
+  }
+}
+
+$("project-form").onsubmit = async (e) => {
+  e.preventDefault();
+  const name = $("project-name").value.trim();
+  await call(API, json({name}));
+  $("project-name").value = "";
+  say(`project ${name} created`);
+  await loadProjects();
+  openProject(name);
+};
+
+async function openProject(name) {
+  current = name;
+  $("project").hidden = false;
+  $("project-title").textContent = name;
+  $("download").href = `${here()}/bundle.zip`;
+  await Promise.all([loadProjects(), loadClasses(), pollTraining()]);
+}
+
+// -- classes and images --------------------------------------------------------------------
+$("class-form").onsubmit = async (e) => {
+  e.preventDefault();
+  await call(`${here()}/classes`, json({name: $("class-name").value.trim()}));
+  $("class-name").value = "";
+  loadClasses();
+};
+
+async function loadClasses() {
+  const project = await call(here());
+  const box = $("classes");
+  box.replaceChildren();
+  for (const c of project.classes) box.append(classCard(c));
+  showCommands(project);
+}
+
+function classCard(c) {
+  const card = $("class-template").content.firstElementChild.cloneNode(true);
+  card.dataset.class = c.name;
+  card.querySelector(".name").textContent = c.name;
+  card.querySelector(".count").textContent = `(${c.count})`;
+  const base = `${here()}/classes/${enc(c.name)}`;
+  const thumbs = card.querySelector(".thumbs");
+  for (const f of c.images.slice(-200)) {
+    const img = document.createElement("img");
+    img.loading = "lazy"; img.alt = f; img.src = `${base}/images/${enc(f)}`;
+    thumbs.append(img);
+  }
+  card.querySelector(".file-input").onchange = (e) => upload(c.name, [...e.target.files]);
+  card.querySelector(".delete-class").onclick = async () => {
+    if (!confirm(`Delete class “${c.name}”? Its photos go to the project's trash.`)) return;
+    await call(base, {method: "DELETE"});
+    loadClasses();
+  };
+  card.ondragover = (e) => { e.preventDefault(); card.classList.add("dragging"); };
+  card.ondragleave = () => card.classList.remove("dragging");
+  card.ondrop = (e) => {
+    e.preventDefault(); card.classList.remove("dragging");
+    upload(c.name, [...e.dataTransfer.files]);
+  };
+  holdToCapture(card.querySelector(".capture"), c.name);
+  return card;
+}
+
+async function upload(cls, files) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name || "capture.jpg");
+  const out = await call(`${here()}/classes/${enc(cls)}/images`, {method: "POST", body: form});
+  const notes = out.rejected.map((r) => `${r.filename}: ${r.error}`).join("; ");
+  say(`${cls}: ${out.added} added` + (out.duplicates ? `, ${out.duplicates} already there` : "")
+      + (notes ? ` — refused ${notes}` : ""), !!notes);
+  await loadClasses();
+}
+
+// -- the webcam ----------------------------------------------------------------------------
+async function startWebcam() {
+  if (stream) return stream;
+  stream = await navigator.mediaDevices.getUserMedia({video: {width: 320, height: 240}});
+  $("webcam").srcObject = stream;
+  $("webcam").hidden = false;
+  $("webcam-toggle").textContent = "Stop webcam";
+  await $("webcam").play().catch(() => {});
+  return stream;
+}
+
+function stopWebcam() {
+  if (stream) stream.getTracks().forEach((t) => t.stop());
+  stream = null;
+  $("webcam").hidden = true;
+  $("webcam-toggle").textContent = "Start webcam";
+}
+
+$("webcam-toggle").onclick = () => (stream ? stopWebcam() : startWebcam().catch(
+  (e) => say(`no webcam: ${e.message}`, true)));
+
+function frame() {
+  const video = $("webcam");
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth || 320; canvas.height = video.videoHeight || 240;
+  canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
+  return new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", 0.9));
+}
+
+function holdToCapture(button, cls) {
+  let timer = null, frames = [];
+  const start = async (e) => {
+    e.preventDefault();
+    try { await startWebcam(); } catch (err) { say(`no webcam: ${err.message}`, true); return; }
+    button.classList.add("active");
+    frames = [];
+    const grab = async () => { const b = await frame(); if (b) frames.push(new File([b], `webcam-${Date.now()}-${frames.length}.jpg`, {type: "image/jpeg"})); };
+    grab();
+    timer = setInterval(grab, 200);  // five frames a second while held
+  };
+  const stop = async () => {
+    if (timer === null) return;
+    clearInterval(timer); timer = null;
+    button.classList.remove("active");
+    await upload(cls, frames);
+  };
+  button.addEventListener("pointerdown", start);
+  button.addEventListener("pointerup", stop);
+  button.addEventListener("pointerleave", stop);
+  button.addEventListener("keydown", (e) => { if (e.key === " " && timer === null) start(e); });
+  button.addEventListener("keyup", (e) => { if (e.key === " ") stop(); });
+}
+
+// -- training --------------------------------------------------------------------------------
+$("train").onclick = async () => {
+  const options = {backbone: $("backbone").value, augment_views: Number($("views").value || 0),
+                   val_fraction: Number($("val-share").value || 0.34)};
+  if ($("epochs").value) options.epochs = Number($("epochs").value);
+  await call(`${here()}/train`, json(options));
+  pollTraining();
+};
+
+async function pollTraining() {
+  clearTimeout(polling);
+  if (!current) return;
+  const s = await call(`${here()}/train`);
+  $("train-progress").value = s.progress;
+  $("train-state").textContent = `${s.state}${s.message ? ": " + s.message : ""}` +
+    (s.seconds != null && s.state !== "running" ? ` (${s.seconds} s)` : "");
+  $("train-state").dataset.state = s.state;
+  $("val-accuracy").textContent = s.val_accuracy == null ? "–" : `${(100 * s.val_accuracy).toFixed(1)}%`;
+  $("train").disabled = s.state === "running";
+  if (s.state === "running") polling = setTimeout(pollTraining, 1000);
+  else if (s.state === "done") loadClasses();
+}
+
+// -- testing ---------------------------------------------------------------------------------
+async function classify(blob, name) {
+  const form = new FormData();
+  form.append("file", blob, name);
+  const out = await call(`${here()}/predict`, {method: "POST", body: form});
+  const ul = $("test-results");
+  ul.replaceChildren();
+  for (const p of out.predictions) {
+    const li = document.createElement("li");
+    const pct = (100 * p.probability).toFixed(1);
+    li.innerHTML = `<span class="label"></span><div role="meter" aria-valuemin="0" aria-valuemax="100"><div class="bar"></div></div><span class="pct"></span>`;
+    li.querySelector(".label").textContent = p.label;
+    li.querySelector("[role=meter]").setAttribute("aria-valuenow", pct);
+    li.querySelector(".bar").style.width = `${pct}%`;
+    li.querySelector(".pct").textContent = `${pct}%`;
+    ul.append(li);
+  }
+  say(`${out.predictions[0].label} (${(100 * out.predictions[0].probability).toFixed(1)}%)`);
+}
+
+$("test-file").onchange = (e) => {
+  const f = e.target.files[0];
+  if (!f) return;
+  $("test-preview").src = URL.createObjectURL(f);
+  $("test-preview").hidden = false;
+  classify(f, f.name);
+};
+
+$("test-webcam").onclick = async () => {
+  if (liveTest) { clearInterval(liveTest); liveTest = null; $("test-webcam").textContent = "Classify the webcam live"; return; }
+  await startWebcam();
+  $("test-webcam").textContent = "Stop live test";
+  let busy = false;
+  liveTest = setInterval(async () => {
+    if (busy) return;
+    busy = true;
+    try { await classify(await frame(), "webcam.jpg"); } catch (e) { /* shown in #status */ }
+    busy = false;
+  }, 300);
+};
+
+// -- export ----------------------------------------------------------------------------------
+function showCommands(project) {
+  const origin = location.origin;
+  $("commands").textContent = project.has_model ?
+    `unzip ${project.name}-model.zip -d ${project.name}-model\n` +
+    `imgrec serve ${project.name}-model --port 8000\n` +
+    `curl -F file=@photo.jpg http://localhost:8000/v1/predict\n\n` +
+    `# or, from this studio:\ncurl -F file=@photo.jpg ${origin}${here()}/predict` :
+    "Train the project first.";
+}
+
+loadProjects();
