@@ -81,6 +81,14 @@ def test_pruning_stops_a_third_of_12_trials_and_trials_never_see_test(digits, tm
         assert (out / name).stat().st_size > 0, name
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 13
     assert not (out / "trials").exists()  # trials' bundles are removed
+    # the evaluation report says how the options were chosen and where the test split went
+    from imgrec.report import build_report
+
+    built = build_report(out / "best", "mnist", tmp_path / "report", data_dir=str(digits),
+                         mistakes=0, gradcam=False)  # fmt: skip
+    page = built.path.read_text()
+    assert "Hyperparameter search" in page and "used once, by this bundle" in page
+    assert (tmp_path / "report" / "optimization_history.png").is_file()
     # the same command again continues the study: it already holds 12 trials
     again = imgrec.tune("mnist", trials=12, quiet=True, **search)
     assert again.ran_here == 0 and _states(out, summary.study)["finished"] == 12

@@ -189,7 +189,7 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
         _mark_flagged(rep, wrong, flagged, ds.source or data, notes)
     page = _Page(bundle, rep, cal, cal_before, t_before, wrong, conf_png.name,
                  curves.name if curves else None, history, _fingerprint(bundle, ds, data, rep),
-                 notes)
+                 notes, _tune_section(bundle, out))
     index = out / "index.html"
     atomic_write_text(index, render_html(page))
     return ReportResult(index, rep, cal["ece"], bundle.temperature, t_before, wrong, notes)
@@ -329,6 +329,31 @@ class _Page:
     history: list[dict]
     fingerprint: dict[str, str]
     notes: list[str]
+    tune: dict[str, Any] | None = None  # the search that chose the options (imgrec tune)
+
+
+def _tune_section(bundle: Bundle, out: Path) -> dict[str, Any] | None:
+    """The search that chose this bundle's options (imgrec tune records it in the bundle),
+    with its optimisation-history figure when the bundle still sits in the search's folder."""
+    t = bundle.training.get("tune")
+    if not t:
+        return None
+    n, value = t.get("trials", {}), t.get("value")
+    rows = [("study", f"{t.get('study')} ({t.get('storage')})"),
+            ("best trial", f"{t.get('trial')} of {n.get('finished', '?')} finished "
+                           f"({n.get('complete', '?')} complete, {n.get('pruned', '?')} pruned, "
+                           f"{n.get('fail', 0)} failed)"),
+            (f"validation {t.get('metric')}", "-" if value is None else f"{value:.4f}"),
+            ("training images", "all" if not t.get("subset") else f"a subset of {t['subset']}"),
+            ("test split", f"{t.get('test_split')}; every trial was scored on validation only")]
+    params = [(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+              for k, v in (t.get("params") or {}).items()]
+    figure = bundle.path.parent / "optimization_history.png"
+    png = None
+    if figure.is_file():
+        png = "optimization_history.png"
+        atomic_write_bytes(out / png, figure.read_bytes())
+    return {"rows": rows, "params": params, "history_png": png}
 
 
 def _cards(page: _Page, per: dict[str, dict[str, float]]) -> list[tuple[str, str]]:
@@ -384,7 +409,7 @@ def _context(page: _Page) -> dict[str, Any]:
         "ece": f"{page.cal['ece']:.4f}", "temperature": f"{bundle.temperature:g}",
         "ece_before": None if page.cal_before is None else f"{page.cal_before['ece']:.4f}",
         "temperature_before": f"{page.t_before:g}",
-        "curves_png": page.curves_png, "history_keys": history_keys,
+        "curves_png": page.curves_png, "history_keys": history_keys, "tune": page.tune,
         "history_rows": history_rows,
     }
 
