@@ -4,6 +4,7 @@ upload, train, predict, export, restart), and the refusals (names, non-images, a
 from __future__ import annotations
 
 import io
+import json
 import time
 import zipfile
 
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("torch")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from imgrec.cli import main  # noqa: E402
 from imgrec.errors import ImgrecError  # noqa: E402
 from imgrec.predict import Predictor  # noqa: E402
 from imgrec.studio.app import create_app  # noqa: E402
@@ -79,7 +81,7 @@ def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):
     assert client.delete(f"{API}/p").status_code == 204 and client.get(API).json() == []
 
 
-def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs):
+def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     client = TestClient(create_app(tmp_path))
     client.post(API, json={"name": "pets"})
     for cls in ("cat", "dog"):
@@ -107,6 +109,9 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs):
     assert (unzipped / "model.onnx").is_file()
     label = Predictor.load(unzipped).predict([str(held_out)])[0][0].label
     assert label == body["predictions"][0]["label"]
+    capsys.readouterr()
+    assert main(["predict", "--model", str(unzipped), str(held_out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "dog"
     # a restart in the middle of a training: projects, images and the last good model intact
     (tmp_path / "pets" / "training.json").write_text("{}")
     (tmp_path / "pets" / ".model-half").mkdir()
@@ -124,7 +129,6 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs):
 def test_the_command(monkeypatch, tmp_path, capsys):
     import imgrec.export
     import imgrec.studio.app
-    from imgrec.cli import main
 
     calls = []
     monkeypatch.setattr(imgrec.studio.app, "run_studio", lambda *a: calls.append(a))
