@@ -77,6 +77,7 @@ def test_pruning_stops_a_third_of_12_trials_and_trials_never_see_test(digits, tm
         "optimization_history.png",
         "param_importances.png",
         "parallel_coordinate.png",
+        "intermediate_values.png",
     ):
         assert (out / name).stat().st_size > 0, name
     assert len((out / "trials.csv").read_text().strip().splitlines()) == 13

@@ -1,6 +1,7 @@
-"""The study's figures: optimisation history, parameter importances and parallel
-coordinates, drawn by optuna.visualization.matplotlib (headless, on imgrec's Agg backend) and
-written through figures.save_figure like every other imgrec figure."""
+"""The study's figures: optimisation history, parameter importances, parallel coordinates
+and each trial's validation metric per epoch (where the pruned ones stopped), drawn by
+optuna.visualization.matplotlib (headless, on imgrec's Agg backend) and written through
+figures.save_figure like every other imgrec figure."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ PLOTS = {
     "optimization_history.png": ("plot_optimization_history", (9, 5)),
     "param_importances.png": ("plot_param_importances", (8, 5)),
     "parallel_coordinate.png": ("plot_parallel_coordinate", (11, 5)),
+    "intermediate_values.png": ("plot_intermediate_values", (9, 5)),  # pruned trials too
 }
 
 
@@ -27,8 +29,11 @@ def draw_plots(study: Any, out: Path, metric: str) -> tuple[list[Path], list[str
         from optuna.visualization import matplotlib as vis
 
         for name, (function, size) in PLOTS.items():
+            per_epoch = function == "plot_intermediate_values"  # takes no target name
             try:
-                ax = getattr(vis, function)(study, target_name=metric)
+                ax = getattr(vis, function)(study, **({} if per_epoch else {"target_name": metric}))
+                if per_epoch:
+                    ax.set(xlabel="epoch", ylabel=f"{metric} (each epoch)")
             except Exception as e:  # noqa: BLE001 (too few trials for this figure)
                 plt.close("all")
                 notes.append(f"{name} not drawn: {str(e).splitlines()[0] if str(e) else e!r}")

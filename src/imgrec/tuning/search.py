@@ -169,43 +169,33 @@ class Search:
 
     # -- settling the space ----------------------------------------------------------------
     def prepare(self) -> None:
+        """The base plan (what the recipe would train), the space around it, checked."""
         from ..files import check_output_folder
-        from .space import check_names
+        from .space import check_names, fixed_values
 
         check_output_folder(self.out, "--out")
-        where = f"space file {self.s.space}" if isinstance(self.s.space, str | Path) else None
-        self.where = where or "search space"
+        named = isinstance(self.s.space, str | Path)
+        self.where = f"space file {self.s.space}" if named else "search space"
         check_names(self.raw, self.where)
-        fixed = {
-            **self.s.options,
-            **{
-                k: v
-                for k, v in self.raw.items()
-                if v is not None and not isinstance(v, dict | list)
-            },
-        }
-        base = self.plan(fixed)
+        if "model" in self.raw and self.s.model:
+            raise ImgrecError(f"{self.where} sets model, and so does --model: give one of them")
+        given = {**self.s.options, **fixed_values(self.raw)}
+        base, extra = self.plan(given), {}
         if not base.has_validation:
-            if fixed.get("val_fraction") is not None:
+            if given.get("val_fraction") is not None:
                 raise ImgrecError(
-                    "a search needs a validation split: --val-fraction 0 leaves none",
+                    "a search needs a validation split: val_fraction 0 leaves none",
                     "drop val_fraction from the space",
                 )
-            fixed["val_fraction"] = VALIDATION_FRACTION
+            extra = {"val_fraction": VALIDATION_FRACTION}
             self.notes.append(
                 f"no validation split in {self.s.data_name}: "
                 f"{VALIDATION_FRACTION:.0%} of train is held out for it"
             )
-            base = self.plan(fixed)
+            base = self.plan({**given, **extra})
         self.base, self.mode, self.model = base, base.mode, base.model_name
         self.space = build_space(
-            default_space(base),
-            self.raw,
-            {
-                **self.s.options,
-                **({"val_fraction": fixed["val_fraction"]} if "val_fraction" in fixed else {}),
-            },
-            self.where,
+            default_space(base), self.raw, {**self.s.options, **extra}, self.where
         )
         if not self.space.params:
             raise ImgrecError(f"{self.where}: nothing left to search (every option is fixed)")

@@ -217,19 +217,18 @@ def build_space(
 ) -> Space:
     """The defaults with the file's entries over them, and the options fixed for every
     trial (`fixed`: the caller's, then the file's single values)."""
-    params, fixed = dict(defaults), dict(fixed)
-    for name, value in raw.items():
-        _check_name(str(name), where)
-        params.pop(name, None)
-        if value is None:
-            fixed.pop(name, None)
-        elif isinstance(value, dict | list):
-            params[name] = parse_param(str(name), value, where)
-        else:
-            fixed[name] = value
-    for name in fixed:
-        params.pop(name, None)
-    return Space(params, fixed)
+    check_names(raw, where)
+    params = {k: p for k, p in defaults.items() if k not in raw}
+    params |= {
+        k: parse_param(str(k), v, where) for k, v in raw.items() if isinstance(v, dict | list)
+    }
+    fixed = {k: v for k, v in fixed.items() if k not in raw} | fixed_values(raw)
+    return Space({k: p for k, p in params.items() if k not in fixed}, fixed)
+
+
+def fixed_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """The single values of a space (options fixed for every trial)."""
+    return {k: v for k, v in raw.items() if v is not None and not isinstance(v, dict | list)}
 
 
 def check_names(raw: dict[str, Any], where: str) -> None:
