@@ -52,11 +52,17 @@ class Progress:
         self.status.message = " ".join(message.split())
         if self.status.progress < 0.1 and "feature" in message:
             self.status.progress = 0.1
+        if message.startswith("head"):  # the head is trained: the bundle is being written
+            self.status.progress = max(self.status.progress, 0.9)
 
     def on_epoch_end(self, state: Any, epoch: int, logs: dict[str, Any]) -> None:
         total = max(1, state.epochs or 1)
         self.status.progress = round(min(0.95, 0.1 + 0.85 * epoch / total), 3)
         self.status.message = f"epoch {epoch}/{total}: val_acc {logs.get('val_acc') or 0:.3f}"
+
+    def on_train_end(self, state: Any, logs: dict[str, Any]) -> None:
+        self.status.progress = max(self.status.progress, 0.9)
+        self.status.message = "writing the model and its checked model.onnx"
 
 
 def best_val_accuracy(history: list[dict], best_epoch: int | None) -> float | None:
@@ -125,7 +131,7 @@ class Trainer:
             accuracy = train_bundle(path / "data", tmp, options, Progress(status))
             (tmp / "studio.json").write_text(json.dumps({"val_accuracy": accuracy}))
             put_in_place(tmp, path / "model")
-            status.val_accuracy, status.message = accuracy, "done"
+            status.val_accuracy, status.message = accuracy, "the model is ready"
             status.progress, status.state = 1.0, "done"
         except Exception as e:  # the page shows why; the last good model stays
             status.state, status.message = "failed", str(e) or type(e).__name__
