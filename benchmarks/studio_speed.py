@@ -61,6 +61,8 @@ def main() -> None:
             upload(client, cls, paths[:args.photos])
         probe = sorted((PHOTOS / "validation" / "dog").glob("*.jpg"))[0].read_bytes()
         cold, first = train_to_usable(client, probe)
+        while client.get(f"{API}/train").json()["validation"] is None:  # the figures follow
+            time.sleep(0.1)
         for cls, paths in photos.items():
             upload(client, cls, paths[args.photos:args.photos + args.more])
         warm, second = train_to_usable(client, probe)

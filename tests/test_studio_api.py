@@ -96,6 +96,13 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     print(f"trained in {time.perf_counter() - started:.1f} s: {state}")
     assert state["state"] == "done", state
     assert state["val_accuracy"] >= 0.95 and state["progress"] == 1.0
+    for _ in range(120):  # the confusion matrix follows the model
+        if (validation := client.get(f"{API}/pets/train").json()["validation"]) is not None:
+            break
+        time.sleep(0.5)
+    assert validation["labels"] == ["cat", "dog"]
+    assert sum(map(sum, validation["confusion_matrix"])) == 20  # a third of 60 photos
+    assert min(validation["per_class_accuracy"].values()) >= 0.9
     held_out = _photos(cats_dogs, "validation", "dog", 1)[0]
     r = client.post(f"{API}/pets/predict", files={"file": held_out.read_bytes()})
     assert r.status_code == 200, r.text
@@ -121,6 +128,7 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     assert [c["count"] for c in projects[0]["classes"]] == [30, 30]
     state = again.get(f"{API}/pets/train").json()
     assert state["state"] == "failed" and "restart" in state["message"]
+    assert (tmp_path / "pets" / "model" / "studio.json").is_file()
     assert not (tmp_path / "pets" / ".model-half").exists()
     r = again.post(f"{API}/pets/predict", files={"file": held_out.read_bytes()})
     assert r.json()["predictions"][0]["label"] == "dog"

@@ -66,6 +66,8 @@ def test_teach_cats_and_dogs_in_the_browser(studio, browser, cats_dogs, tmp_path
         page.locator("#train-state[data-state='done']").wait_for(timeout=240_000)
         accuracy = float(page.locator("#val-accuracy").inner_text().rstrip("%"))
         assert accuracy >= 95, accuracy
+        page.locator("#validation table.confusion").wait_for(timeout=60_000)
+        assert page.locator("#validation td.diagonal").count() == 2
         held_out = sorted((cats_dogs / "validation" / "cat").glob("*.jpg"))[0]
         page.set_input_files("#test-file", str(held_out))
         page.locator("#test-results li").first.wait_for(timeout=15_000)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,3 +54,6 @@ class TrainState(_Body):
     val_accuracy: float | None
     message: str
     seconds: float | None = Field(None, description="how long the last run took")
+    validation: dict[str, Any] | None = Field(
+        None, description="after a training: `labels`, `confusion_matrix` (rows: true class) "
+                          "and `per_class_accuracy` on the validation photos")

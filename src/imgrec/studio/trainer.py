@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..bundle import atomic_write_bytes
 from .store import Conflict, Store
 
 MARKER = "training.json"
@@ -40,6 +41,9 @@ class TrainStatus:
     val_accuracy: float | None = None
     message: str = ""
     seconds: float | None = None
+    #: after a training: labels, confusion_matrix (rows true) and per-class recall on the
+    #: validation photos (imgrec evaluate's figures)
+    validation: dict[str, Any] | None = None
 
 
 class Progress:
@@ -107,14 +111,16 @@ class Trainer:
         done = json.loads((path / "model" / "studio.json").read_text()) if model and (
             path / "model" / "studio.json").is_file() else None
         if done:
-            return TrainStatus("done", 1.0, done.get("val_accuracy"), "last good model")
+            return TrainStatus("done", 1.0, done.get("val_accuracy"), "last good model",
+                               validation=done.get("validation"))
         return TrainStatus()
 
     def start(self, project: str, options: TrainOptions) -> TrainStatus:
         path = self.store.project(project)
         self.get(project)
         with self.lock:
-            if self.status[project].state == "running":
+            busy = self.threads.get(project)
+            if self.status[project].state == "running" or (busy and busy.is_alive()):
                 raise Conflict(f"project {project!r} is training already; wait for it to end")
             status = self.status[project] = TrainStatus("running", 0.0, None, "starting")
             (path / MARKER).write_text(json.dumps(asdict(options)))
@@ -131,14 +137,19 @@ class Trainer:
             accuracy = train_bundle(path / "data", tmp, options, Progress(status))
             (tmp / "studio.json").write_text(json.dumps({"val_accuracy": accuracy}))
             put_in_place(tmp, path / "model")
-            status.val_accuracy, status.message = accuracy, "the model is ready"
-            status.progress, status.state = 1.0, "done"
         except Exception as e:  # the page shows why; the last good model stays
             status.state, status.message = "failed", str(e) or type(e).__name__
             shutil.rmtree(tmp, ignore_errors=True)
+            return
         finally:
             status.seconds = round(time.perf_counter() - start, 2)
             (path / MARKER).unlink(missing_ok=True)
+        status.val_accuracy, status.message = accuracy, "the model is ready"
+        status.progress, status.state = 1.0, "done"
+        # the model is usable now; the confusion matrix follows (the page polls for it)
+        status.validation = validation_figures(path / "model", path / "data")
+        atomic_write_bytes(path / "model" / "studio.json", json.dumps(
+            {"val_accuracy": accuracy, "validation": status.validation}).encode())
 
     def wait(self, project: str, timeout: float | None = None) -> None:
         thread = self.threads.get(project)
@@ -165,6 +176,20 @@ def train_bundle(data: Path, out: Path, options: TrainOptions, progress: Progres
 
     result = run_plan(run, [progress, Ended()])
     return best_val_accuracy(result.history, best.get("best_epoch"))
+
+
+def validation_figures(bundle: Path, data: Path) -> dict[str, Any] | None:
+    """`imgrec evaluate BUNDLE DATA --split val`'s confusion matrix and per-class recall (the
+    split re-created from the bundle's record; scored from the feature cache)."""
+    from ..evaluation import evaluate_bundle
+
+    try:
+        report = evaluate_bundle(bundle, str(data), split="val")
+    except Exception:  # noqa: BLE001 (no validation split: nothing to show)
+        return None
+    per_class = report.per_class()
+    return {"labels": report.labels, "confusion_matrix": report.confusion().tolist(),
+            "per_class_accuracy": {k: round(v["recall"], 4) for k, v in per_class.items()}}
 
 
 def put_in_place(new: Path, model: Path) -> None:

@@ -198,8 +198,41 @@ async function pollTraining() {
   $("train-state").dataset.state = s.state;
   $("val-accuracy").textContent = s.val_accuracy == null ? "–" : `${(100 * s.val_accuracy).toFixed(1)}%`;
   $("train").disabled = s.state === "running";
-  if (s.state === "running") polling = setTimeout(pollTraining, 1000);
-  else if (s.state === "done") loadClasses();
+  showValidation(s.validation);
+  if (s.state === "running") { waitedForFigures = 0; polling = setTimeout(pollTraining, 1000); }
+  else if (s.state === "done" && !s.validation && waitedForFigures++ < 30) {
+    polling = setTimeout(pollTraining, 1000);  // the confusion matrix follows the model
+  }
+  if (s.state === "done" && waitedForFigures <= 1) loadClasses();
+}
+
+let waitedForFigures = 0;
+
+// per-class accuracy and the confusion matrix on the validation photos (rows: true class)
+function showValidation(v) {
+  const box = $("validation");
+  box.replaceChildren();
+  if (!v) return;
+  const table = document.createElement("table");
+  table.className = "confusion";
+  const head = table.createTHead().insertRow();
+  head.insertCell().textContent = "true \\ predicted";
+  for (const l of v.labels) head.insertCell().textContent = l;
+  head.insertCell().textContent = "accuracy";
+  const body = table.createTBody();
+  v.labels.forEach((l, i) => {
+    const row = body.insertRow();
+    row.insertCell().textContent = l;
+    v.confusion_matrix[i].forEach((n, j) => {
+      const cell = row.insertCell();
+      cell.textContent = n;
+      if (i === j) cell.className = "diagonal";
+    });
+    row.insertCell().textContent = `${(100 * v.per_class_accuracy[l]).toFixed(1)}%`;
+  });
+  const caption = table.createCaption();
+  caption.textContent = "Validation photos: rows are the true class";
+  box.append(table);
 }
 
 // -- testing ---------------------------------------------------------------------------------
