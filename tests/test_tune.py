@@ -70,7 +70,8 @@ def test_pruning_stops_a_third_of_12_trials_and_trials_never_see_test(digits, tm
     assert meta["training"]["tune"]["test_split"] == "used once, by this bundle"
     assert meta["metrics"]["test"]["n"] == 50 and summary.test["n"] == 50
     assert (out / "best" / "model.onnx").is_file()
-    assert summary.validation["val_loss"] == pytest.approx(summary.best["value"], rel=1e-4)
+    # retrained with the trial's seed: the same run, up to the float sums of other thread counts
+    assert summary.validation["val_loss"] == pytest.approx(summary.best["value"], rel=1e-3)
     for name in (
         "trials.csv",
         "tune.json",
