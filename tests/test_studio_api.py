@@ -59,6 +59,10 @@ def test_bad_names_are_refused(tmp_path, name):
 
 def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):
     client = TestClient(create_app(tmp_path))
+    assert "cdn" not in client.get("/docs").text  # serve's offline Swagger UI
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {f"{API}/{{project}}/train", f"{API}/{{project}}/bundle.zip",
+            "/v1/predict"} <= set(paths)
     assert client.post(API, json={"name": "p"}).status_code == 201
     assert client.post(f"{API}/p/classes", json={"name": "cat"}).status_code == 201
     assert client.post(f"{API}/p/classes", json={"name": "cat"}).status_code == 409
@@ -132,6 +136,11 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     assert not (tmp_path / "pets" / ".model-half").exists()
     r = again.post(f"{API}/pets/predict", files={"file": held_out.read_bytes()})
     assert r.json()["predictions"][0]["label"] == "dog"
+    # "serve this model": the studio's own /v1/predict, remembered across restarts
+    assert again.post("/v1/predict", content=held_out.read_bytes()).status_code == 404
+    assert again.post(f"{API}/pets/serve").json() == {"project": "pets"}
+    r = TestClient(create_app(tmp_path)).post("/v1/predict", content=held_out.read_bytes())
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "dog"
 
 
 def test_the_command(monkeypatch, tmp_path, capsys):

@@ -14,15 +14,18 @@ import anyio
 from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response
 
+from ..bundle import atomic_write_bytes
 from ..contract import load_input
 from ..predict import Predictor
 from ..serve.schemas import ErrorResponse, Prediction, PredictResponse, error_responses
-from ..serve.uploads import OneImage, SeveralImages
-from .schemas import AddedImages, ClassInfo, Name, Project, TrainRequest, TrainState
+from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages
+from .schemas import AddedImages, ClassInfo, Name, Project, Served, TrainRequest, TrainState
 from .store import NotFound, Store
 from .trainer import Trainer, TrainOptions
 
 STATIC = Path(__file__).parent / "static"
+#: DIR/<this file> names the project whose model answers POST /v1/predict
+SERVED = ".served"
 #: the studio's own statuses (serve's ERROR_WHEN has no 404 or 409 of its own)
 STUDIO_ERRORS = {
     404: {"model": ErrorResponse, "description": "`not_found`: no such project, class, image "
@@ -149,6 +152,10 @@ def training_state(project: str, trainer: TrainerDep) -> TrainState:
 async def predict(project: str, image: OneImage, request: Request) -> PredictResponse:
     """Classify one image (multipart field `file`) with the project's last good model; the
     same body as /v1/predict."""
+    return await _classify(request, project, image)
+
+
+async def _classify(request: Request, project: str, image: bytes) -> PredictResponse:
     started = time.perf_counter()
     predictor = await anyio.to_thread.run_sync(request.app.state.models.get, project)
     pixels = await anyio.to_thread.run_sync(load_input, image, predictor.contract)
@@ -156,6 +163,29 @@ async def predict(project: str, image: OneImage, request: Request) -> PredictRes
     top = [Prediction(**p.to_dict()) for p in predictor.top_k(probs, 5)[0]]
     return PredictResponse(model=project, predictions=top,
                            elapsed_ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+@api.post("/{project}/serve")
+def serve_project(project: str, store: StoreDep) -> Served:
+    """Make the project's model the one behind this studio's POST /v1/predict (remembered
+    across restarts)."""
+    _model_dir(store, project)
+    atomic_write_bytes(store.root / SERVED, project.encode())
+    return Served(project=project)
+
+
+served = APIRouter(tags=["predict"], responses=ERRORS)
+
+
+@served.post("/v1/predict", openapi_extra=FORM_OR_RAW_BODY,
+             responses=error_responses(413, 415))
+async def predict_served(image: OneImage, request: Request, store: StoreDep) -> PredictResponse:
+    """Classify one image with the served project's model (POST .../{P}/serve chose it):
+    multipart field `file`, or the raw image as the body, as `imgrec serve`'s /v1/predict."""
+    marker = store.root / SERVED
+    if not marker.is_file():
+        raise NotFound("no project is served yet", "POST /v1/studio/projects/{P}/serve first")
+    return await _classify(request, marker.read_text(), image)
 
 
 @api.get("/{project}/bundle.zip", response_class=Response,

@@ -57,3 +57,7 @@ class TrainState(_Body):
     validation: dict[str, Any] | None = Field(
         None, description="after a training: `labels`, `confusion_matrix` (rows: true class) "
                           "and `per_class_accuracy` on the validation photos")
+
+
+class Served(_Body):
+    project: str = Field(description="the project whose model now answers POST /v1/predict")

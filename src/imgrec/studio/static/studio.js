@@ -287,4 +287,10 @@ function showCommands(project) {
     "Train the project first.";
 }
 
+$("serve-here").onclick = async () => {
+  await call(`${here()}/serve`, {method: "POST"});
+  $("serving").textContent = `served: curl -F file=@photo.jpg ${location.origin}/v1/predict`;
+  say(`${current}'s model answers ${location.origin}/v1/predict`);
+};
+
 loadProjects();
