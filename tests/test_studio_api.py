@@ -82,7 +82,13 @@ def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):
     assert client.delete(f"{API}/p/classes/cat/images/{names[0]}").status_code == 204
     assert (tmp_path / "p" / "trash" / "cat" / names[0]).is_file()
     assert client.get(f"{API}/p/bundle.zip").status_code == 404
-    assert client.delete(f"{API}/p").status_code == 204 and client.get(API).json() == []
+    r = client.post(f"{API}/p/classes/cat/rename", json={"name": "kitten"})
+    assert [c["name"] for c in r.json()["classes"]] == ["kitten"]
+    assert client.post(f"{API}/p/classes/kitten/rename", json={"name": "../x"}).status_code == 400
+    assert client.post(f"{API}/p/rename", json={"name": "q"}).json()["name"] == "q"
+    assert (tmp_path / "q" / "data" / "kitten").is_dir() and not (tmp_path / "p").exists()
+    assert client.delete(f"{API}/q").status_code == 204 and client.get(API).json() == []
+    assert len(list((tmp_path / ".trash").iterdir())) == 1  # deleted, not erased
 
 
 def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):

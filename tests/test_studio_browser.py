@@ -5,13 +5,14 @@ held-out photo; and captures frames from Chromium's fake webcam into a class."""
 
 from __future__ import annotations
 
+import base64
 import io
 import zipfile
 
 import httpx
 import pytest
 from servers import serve_in_thread
-from test_browser import ARGS, CHROMIUM
+from test_browser import ARGS, CHELSEA, CHROMIUM
 
 pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed "
@@ -99,5 +100,16 @@ def test_capture_frames_from_the_webcam(studio, browser):
         project = httpx.get(f"{studio}/v1/studio/projects/webcam").json()
         count = project["classes"][0]["count"]
         assert count >= 3, count  # five frames a second while held (Chromium's moving test card)
+        # a pasted image goes to the class card clicked last
+        card = page.locator(".class-card[data-class='me']")
+        card.locator("h4").click()
+        page.evaluate("""(b64) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "pasted.jpg", {type: "image/jpeg"}));
+            document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt}));
+        }""", base64.b64encode(CHELSEA.read_bytes()).decode())
+        page.locator(".class-card[data-class='me'] .count",
+                     has_text=f"({count + 1})").wait_for(timeout=15_000)
     finally:
         page.close()

@@ -95,6 +95,12 @@ def create_class(project: str, body: Name, store: StoreDep) -> Project:
     return _project(store, project)
 
 
+@api.post("/{project}/classes/{cls}/rename", responses={409: STUDIO_ERRORS[409]})
+def rename_class(project: str, cls: str, body: Name, store: StoreDep) -> Project:
+    store.rename_class(project, cls, body.name)
+    return _project(store, project)
+
+
 @api.delete("/{project}/classes/{cls}", status_code=204)
 def delete_class(project: str, cls: str, store: StoreDep) -> Response:
     """Delete a class: its images go to the project's trash."""

@@ -111,6 +111,12 @@ class Store:
             raise Conflict(f"class {name!r} exists in project {project!r}")
         path.mkdir()
 
+    def rename_class(self, project: str, name: str, new: str) -> None:
+        path, target = self.class_dir(project, name), self.class_dir(project, new, False)
+        if target.exists():
+            raise Conflict(f"class {new!r} exists in project {project!r}")
+        path.rename(target)
+
     def delete_class(self, project: str, name: str) -> None:
         path = self.class_dir(project, name)
         for f in path.iterdir():

@@ -40,6 +40,15 @@ async function loadProjects() {
     const open = document.createElement("button");
     open.className = "open"; open.textContent = p.name; open.type = "button";
     open.onclick = () => openProject(p.name);
+    const rename = document.createElement("button");
+    rename.textContent = "Rename"; rename.type = "button"; rename.className = "rename-project";
+    rename.onclick = async () => {
+      const name = prompt(`Rename project “${p.name}” to:`, p.name);
+      if (!name || name === p.name) return;
+      await call(`${API}/${enc(p.name)}/rename`, json({name}));
+      if (current === p.name) return openProject(name);
+      loadProjects();
+    };
     const del = document.createElement("button");
     del.textContent = "Delete"; del.type = "button"; del.className = "delete-project";
     del.onclick = async () => {
@@ -48,7 +57,7 @@ async function loadProjects() {
       if (current === p.name) { current = null; $("project").hidden = true; }
       loadProjects();
     };
-    li.append(open, del);
+    li.append(open, rename, del);
     ul.append(li);
   }
 }
@@ -100,6 +109,14 @@ function classCard(c) {
     thumbs.append(img);
   }
   card.querySelector(".file-input").onchange = (e) => upload(c.name, [...e.target.files]);
+  card.querySelector(".rename-class").onclick = async () => {
+    const name = prompt(`Rename class “${c.name}” to:`, c.name);
+    if (!name || name === c.name) return;
+    await call(`${base}/rename`, json({name}));
+    loadClasses();
+  };
+  card.addEventListener("pointerdown", () => { pasteTarget = c.name; markPasteTarget(); });
+  if (pasteTarget === c.name) card.classList.add("paste-target");
   card.querySelector(".delete-class").onclick = async () => {
     if (!confirm(`Delete class “${c.name}”? Its photos go to the project's trash.`)) return;
     await call(base, {method: "DELETE"});
@@ -286,6 +303,22 @@ function showCommands(project) {
     `# or, from this studio:\ncurl -F file=@photo.jpg ${origin}${here()}/predict` :
     "Train the project first.";
 }
+
+// pasted images go to the class card clicked last, else to the test panel
+let pasteTarget = null;
+function markPasteTarget() {
+  for (const card of document.querySelectorAll(".class-card")) {
+    card.classList.toggle("paste-target", card.dataset.class === pasteTarget);
+  }
+}
+document.addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+  if (!files.length || !current) return;
+  e.preventDefault();
+  if (pasteTarget) upload(pasteTarget, files);
+  else classify(files[0], files[0].name || "pasted.png");
+});
+$("test-panel").addEventListener("pointerdown", () => { pasteTarget = null; markPasteTarget(); });
 
 $("serve-here").onclick = async () => {
   await call(`${here()}/serve`, {method: "POST"});
