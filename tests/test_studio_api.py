@@ -75,11 +75,21 @@ def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):
                                                          ("files", ("bad.png", b"\x89PNG..."))])
     assert r.json()["added"] == 2 and r.json()["duplicates"] == 1
     assert [x["filename"] for x in r.json()["rejected"]] == ["bad.png"]
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in _photos(cats_dogs, "train", "cat", 3):
+            z.writestr(f"photos/{p.name}", p.read_bytes())
+        z.writestr("photos/notes.txt", "not an image")
+        z.writestr("__MACOSX/photos/._x.jpg", "resource fork")
+    r = client.post(f"{API}/p/classes/cat/images", files=[("files", ("a.zip", archive.getvalue()))])
+    assert r.json()["added"] == 1 and r.json()["duplicates"] == 2, r.json()
+    assert [x["filename"] for x in r.json()["rejected"]] == ["a.zip/photos/notes.txt"]
     names = client.get(f"{API}/p").json()["classes"][0]["images"]
-    assert len(names) == 2 and not list((tmp_path / "p" / "data" / "cat").glob(".*"))
+    assert len(names) == 3 and not list((tmp_path / "p" / "data" / "cat").glob(".*"))
     assert client.get(f"{API}/p/classes/cat/images/{names[0]}").content == \
         (tmp_path / "p" / "data" / "cat" / names[0]).read_bytes()
     assert client.delete(f"{API}/p/classes/cat/images/{names[0]}").status_code == 204
+    assert len(client.get(f"{API}/p").json()["classes"][0]["images"]) == 2
     assert (tmp_path / "p" / "trash" / "cat" / names[0]).is_file()
     assert client.get(f"{API}/p/bundle.zip").status_code == 404
     r = client.post(f"{API}/p/classes/cat/rename", json={"name": "kitten"})

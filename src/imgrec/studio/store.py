@@ -13,9 +13,12 @@ added twice is stored once.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import shutil
 import time
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,38 @@ class Added:
     duplicates: int = 0
     rejected: list[dict[str, str]] = field(default_factory=list)
     error: ImgrecError | None = None  # the first rejection, raised when nothing was kept
+
+
+#: a zip upload: at most this many members, each at most MAX_MEMBER bytes once inflated
+MAX_MEMBERS = 5000
+MAX_MEMBER = 50 * 1024 * 1024
+
+
+def expand_zips(uploads: list[tuple[str, bytes]], out: Added) -> Iterator[tuple[str, bytes]]:
+    """The uploads, a zip replaced by its files (`archive.zip/member`); members past the
+    limits, or an unreadable archive, are reported in `out.rejected`. Sizes are checked as
+    the bytes inflate, not as the archive claims them."""
+    for filename, data in uploads:
+        if not data.startswith(b"PK\x03\x04"):
+            yield filename, data
+            continue
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                members = [m for m in archive.infolist() if not m.is_dir()
+                           and not Path(m.filename).name.startswith(".")
+                           and "__MACOSX" not in m.filename]  # Finder's resource forks
+                if len(members) > MAX_MEMBERS:
+                    raise InputError(f"over {MAX_MEMBERS} files in the archive")
+                for m in members:
+                    with archive.open(m) as f:
+                        body = f.read(MAX_MEMBER + 1)
+                    if len(body) > MAX_MEMBER:
+                        out.rejected.append({"filename": f"{filename}/{m.filename}",
+                                             "error": "over 50 MB once unpacked"})
+                        continue
+                    yield f"{filename}/{m.filename}", body
+        except (zipfile.BadZipFile, InputError, OSError, RuntimeError) as e:
+            out.rejected.append({"filename": filename, "error": f"unreadable zip ({e})"})
 
 
 class Store:
@@ -127,7 +162,7 @@ class Store:
     def add_images(self, project: str, cls: str, uploads: list[tuple[str, bytes]]) -> Added:
         """Keep each upload that decodes, named by its content hash; report the others."""
         folder, out = self.class_dir(project, cls), Added()
-        for filename, data in uploads:
+        for filename, data in expand_zips(uploads, out):
             try:
                 decode_image(data)
             except ImgrecError as e:
