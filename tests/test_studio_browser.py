@@ -111,5 +111,10 @@ def test_capture_frames_from_the_webcam(studio, browser):
         }""", base64.b64encode(CHELSEA.read_bytes()).decode())
         page.locator(".class-card[data-class='me'] .count",
                      has_text=f"({count + 1})").wait_for(timeout=15_000)
+        # a photo clicked (and confirmed) goes to the trash
+        page.on("dialog", lambda d: d.accept())
+        card.locator(".thumbs img").first.click()
+        page.locator(".class-card[data-class='me'] .count",
+                     has_text=f"({count})").wait_for(timeout=15_000)
     finally:
         page.close()

@@ -106,6 +106,12 @@ function classCard(c) {
   for (const f of c.images.slice(-200)) {
     const img = document.createElement("img");
     img.loading = "lazy"; img.alt = f; img.src = `${base}/images/${enc(f)}`;
+    img.title = "click to move this photo to the trash"; img.tabIndex = 0;
+    img.onclick = async () => {
+      if (!confirm("Move this photo to the project's trash?")) return;
+      await call(`${base}/images/${enc(f)}`, {method: "DELETE"});
+      loadClasses();
+    };
     thumbs.append(img);
   }
   card.querySelector(".file-input").onchange = (e) => upload(c.name, [...e.target.files]);
@@ -142,6 +148,12 @@ async function upload(cls, files) {
       + (notes ? ` — refused ${notes}` : ""), !!notes);
   await loadClasses();
 }
+
+$("empty-trash").onclick = async () => {
+  if (!confirm("Erase the photos in this project's trash for good?")) return;
+  await call(`${here()}/trash`, {method: "DELETE"});
+  say("trash emptied");
+};
 
 // -- the webcam ----------------------------------------------------------------------------
 async function startWebcam() {
