@@ -55,6 +55,17 @@ def per_trial(out: Path, attr: str) -> list:
     return [None if v is None else json.loads(v) for _, v in rows]
 
 
+def values(out: Path) -> list:
+    """Each trial's value by trial number (a pruned trial's is the last one it reported;
+    None for a failed one)."""
+    with sqlite3.connect(out / "study.db") as con:
+        rows = con.execute(
+            "SELECT t.number, v.value FROM trials t LEFT JOIN trial_values v "
+            "ON v.trial_id = t.trial_id ORDER BY t.number"
+        ).fetchall()
+    return [None if v is None else round(v, 4) for _, v in rows]
+
+
 def cats_dogs(work: Path) -> dict:
     cache, out, recipe = work / "cache", work / "tune-cats-dogs", work / "recipe-cats-dogs"
     env = {"IMGREC_CACHE": str(cache)}
@@ -82,6 +93,7 @@ def cats_dogs(work: Path) -> dict:
         "recipe_trial_val_acc": (s["recipe"] or {}).get("value"),
         "default_recipe_val_acc": recipe_val,
         "features_computed_per_trial": computed,
+        "value_per_trial": values(out),
         "test": s["test_note"],
         "load_before": before,
         "load_after": after,
@@ -110,6 +122,7 @@ def fashion(work: Path) -> dict:
         "trials": s["trials"],
         "pruned": s["trials"]["pruned"],
         "pruned_at_epoch": pruned_at,
+        "value_per_trial": values(out),
         "epochs_run": per_trial(out, "epochs_run"),
         "best_val_acc": s["best"]["value"],
         "best_params": s["best"]["params"],

@@ -127,7 +127,7 @@ def tune(
         help="YAML or JSON search space over the default (see docs/tune.md)")] = None,
     metric: Annotated[Literal["val_accuracy", "val_loss"], typer.Option(
         help="what trials are scored on (validation only)")] = "val_accuracy",
-    out: Annotated[Path | None, typer.Option(help="output folder (default runs/tune-DATA)")] =
+    out: Annotated[Path | None, typer.Option(help="output folder (default runs/tune-DATA-MODEL)")] =
     None,
     pruner: Annotated[Literal["median", "halving", "none"], typer.Option(
         help="stop poor trials early: median, or successive halving")] = "median",
