@@ -144,6 +144,23 @@ def test_a_bad_space_or_storage_is_one_line_and_exit_2(
     assert not (tmp_path / "o").exists()  # nothing is left behind
 
 
+def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch):
+    """The training loop turns SIGTERM into an interrupted run; the trial fails, the command
+    says so in one line and exits 143 (Typer would turn it into a silent 130)."""
+    from imgrec.training import runners
+    from imgrec.training.engine import Terminated
+
+    def terminated(plan, callbacks=()):
+        raise Terminated()
+
+    monkeypatch.setenv("IMGREC_DATA", str(digits))
+    monkeypatch.setattr(runners, "run_plan", terminated)
+    rc = main(["tune", "mnist", "--out", str(tmp_path / "o"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 143 and len(err) == 1 and err[0].startswith("imgrec: interrupted"), err
+    assert _states(tmp_path / "o", "mnist-fast-cnn-scratch")["fail"] == 1
+
+
 @pytest.mark.slow
 def test_features_trials_share_the_feature_cache(shapes, tmp_path):
     """Only the first trial embeds images; later ones read the cache (test images are

@@ -152,10 +152,15 @@ def tune(
     from .tuning.api import summary_lines
     from .tuning.api import tune as run
 
-    summary = run(data, model, mode, trials, timeout=timeout, study=study, storage=storage,
-                  space=space, metric=metric, out=out, pruner=pruner, subset=subset, seed=seed,
-                  sampler_seed=sampler_seed, heartbeat=heartbeat, keep_trials=keep_trials,
-                  quiet=quiet or json_out)
+    try:
+        summary = run(data, model, mode, trials, timeout=timeout, study=study, storage=storage,
+                      space=space, metric=metric, out=out, pruner=pruner, subset=subset,
+                      seed=seed, sampler_seed=sampler_seed, heartbeat=heartbeat,
+                      keep_trials=keep_trials, quiet=quiet or json_out)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM in a trial (Typer would hide it)
+        print("imgrec: interrupted: the running trial is recorded as failed; the same command "
+              "continues the study", file=sys.stderr)
+        raise typer.Exit(143 if type(e).__name__ == "Terminated" else 130) from None
     if json_out:
         _echo(json.dumps(summary.to_dict(), indent=2, default=str))
         return

@@ -30,12 +30,12 @@ SQLITE_LOCK_TIMEOUT_S = 120  # SQLite serialises writers: a process waits this l
 
 @contextmanager
 def quiet_optuna():
-    """Optuna's per-trial log lines and its experimental-feature warnings off (imgrec prints
-    its own line per trial)."""
+    """Optuna's log lines off (imgrec prints its own line per trial, and a failed trial's
+    error is one line, not Optuna's traceback), and its experimental-feature warnings."""
     import optuna
 
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
