@@ -154,3 +154,20 @@ def test_cli_train_lists_skipped_files(capsys, tmp_path):
     tail = captured.err.strip().splitlines()[-3:]  # the run ends by listing them
     assert tail[0] == "skipped 2 unreadable file(s):"
     assert {t.split(":")[0].rsplit("/", 1)[-1] for t in tail[1:]} == {"broken.jpg", "notes.jpg"}
+
+
+@pytest.mark.parametrize("signal_name, code", [("Terminated", 143), ("KeyboardInterrupt", 130)])
+def test_an_interrupt_inside_a_command_is_one_line_and_its_signal_code(
+        monkeypatch, capsys, signal_name, code):
+    """Typer turns Ctrl-C inside a command into a silent 130 (SIGTERM too): imgrec says so and
+    exits 128 + the signal, also when training stops before its first epoch."""
+    from imgrec.training import api
+    from imgrec.training.engine import Terminated
+
+    def interrupted(*args, **kwargs):
+        raise Terminated() if signal_name == "Terminated" else KeyboardInterrupt()
+
+    monkeypatch.setattr(api, "train", interrupted)
+    assert main(["train", "mnist", "--quiet"]) == code
+    err = capsys.readouterr().err
+    assert err.strip() == "imgrec: interrupted" and "Traceback" not in err

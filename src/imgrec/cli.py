@@ -3,6 +3,7 @@ print one line and exit with status 2; nothing prints a traceback."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -897,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the Typer app, turning user errors into one line and exit 2."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     command = typer.main.get_command(app)
+    for sub in getattr(command, "commands", {}).values():
+        sub.callback = _interrupts_reported(sub.callback)
     args = ray_address_form(sys.argv[1:] if argv is None else list(argv))
     try:
         rv = command.main(args=args, prog_name="imgrec", standalone_mode=False)
@@ -913,13 +916,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgrec: error: {e.format_message()} (see `imgrec{sub} --help`)", file=sys.stderr)
         return 2
     except click.exceptions.Exit as e:
+        if isinstance(e.__cause__, KeyboardInterrupt):  # Typer's silent 130 for Ctrl-C/SIGTERM
+            return _interrupted(e.__cause__)
         return e.exit_code
     except click.exceptions.Abort:
         print("imgrec: aborted", file=sys.stderr)
         return 130
-    except KeyboardInterrupt as e:  # 128 + the signal: SIGTERM (training's Terminated) or SIGINT
-        print("imgrec: interrupted", file=sys.stderr)
-        return 143 if type(e).__name__ == "Terminated" else 130
+    except (KeyboardInterrupt, _Interrupted) as e:
+        return _interrupted(e)
     except MemoryError:
         print("imgrec: error: out of memory; lower --batch-size or --image-size", file=sys.stderr)
         return 2
@@ -935,6 +939,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgrec: {rank}internal error: {type(e).__name__}: {e} "
               "(set IMGREC_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
         return 1
+
+
+class _Interrupted(Exception):
+    """Ctrl-C or SIGTERM inside a command, carried past Typer (which would turn it into a
+    silent exit 130, SIGTERM included)."""
+
+    def __init__(self, cause: KeyboardInterrupt):
+        super().__init__("interrupted")
+        self.cause = cause
+
+
+def _interrupts_reported(callback):
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            raise _Interrupted(e) from None
+
+    return functools.wraps(callback)(run) if callback is not None else None
+
+
+def _interrupted(e: BaseException) -> int:
+    """One line, and 128 + the signal: SIGTERM (training's Terminated) or SIGINT."""
+    cause = e.cause if isinstance(e, _Interrupted) else e
+    print("imgrec: interrupted", file=sys.stderr)
+    return 143 if type(cause).__name__ == "Terminated" else 130
 
 
 def script() -> NoReturn:
