@@ -118,7 +118,8 @@ def kill_and_resume(into_epoch_s: float = 5.0) -> dict:
     lines = [ln for ln in err.splitlines() if ln.startswith("imgrec:")]
     wall, stdout = timed([*cmd, "--resume", "--json"], env={"IMGREC_DATA": env["IMGREC_DATA"]})
     summary = json.loads(stdout[stdout.index("{"):])
-    result = {"command": " ".join(["imgrec", *cmd[3:]]), "killed": "rank 1 (SIGKILL), epoch 2 running",
+    result = {"command": " ".join(["imgrec", *cmd[3:]]),
+              "killed": "rank 1 (SIGKILL), epoch 2 running",
               "seconds_to_end": round(ended, 2), "exit_status": proc.returncode,
               "messages": lines, "resume_wall_s": round(wall, 1),
               "resume_epochs_run": summary["epochs_run"],
