@@ -172,3 +172,24 @@ def test_the_command(monkeypatch, tmp_path, capsys):
     assert main(["studio"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "imgrec[train]" in err[0], err
+
+
+def test_progress_says_about_how_long_is_left():
+    """The live message estimates the rest at the epochs' mean pace so far."""
+    from imgrec.studio import trainer
+
+    assert trainer.time_left(100.0, 3, 10, now=130.0) == ", about 70 s left"
+    assert trainer.time_left(100.0, 1, 10, now=130.0) == ", about 4 min left"
+    assert trainer.time_left(100.0, 10, 10, now=130.0) == ""
+    assert trainer.time_left(None, 1, 10, now=130.0) == ""
+    status = trainer.TrainStatus()
+    progress = trainer.Progress(status)
+    clock = iter([130.0, 136.0])
+    progress.clock = lambda: next(clock)
+    progress.on_epoch_begin(None, 1)
+
+    class State:
+        epochs = 4
+
+    progress.on_epoch_end(State(), 2, {"val_acc": 0.9})
+    assert status.message == "epoch 2/4: val_acc 0.900, about 6 s left"

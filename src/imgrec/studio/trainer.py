@@ -51,6 +51,12 @@ class Progress:
 
     def __init__(self, status: TrainStatus):
         self.status = status
+        self.clock = time.monotonic
+        self.epochs_began: float | None = None  # the clock at the first epoch's start
+
+    def on_epoch_begin(self, state: Any, epoch: int) -> None:
+        if self.epochs_began is None:
+            self.epochs_began = self.clock()
 
     def on_note(self, state: Any, message: str) -> None:
         self.status.message = " ".join(message.split())
@@ -62,11 +68,21 @@ class Progress:
     def on_epoch_end(self, state: Any, epoch: int, logs: dict[str, Any]) -> None:
         total = max(1, state.epochs or 1)
         self.status.progress = round(min(0.95, 0.1 + 0.85 * epoch / total), 3)
-        self.status.message = f"epoch {epoch}/{total}: val_acc {logs.get('val_acc') or 0:.3f}"
+        self.status.message = (f"epoch {epoch}/{total}: val_acc {logs.get('val_acc') or 0:.3f}"
+                               + time_left(self.epochs_began, epoch, total, self.clock()))
 
     def on_train_end(self, state: Any, logs: dict[str, Any]) -> None:
         self.status.progress = max(self.status.progress, 0.9)
         self.status.message = "writing the model and its checked model.onnx"
+
+
+def time_left(began: float | None, done: int, total: int, now: float) -> str:
+    """", about N s left" at the epochs' mean pace so far (early stopping may end sooner);
+    nothing before the first epoch has ended or after the last."""
+    if began is None or done < 1 or done >= total:
+        return ""
+    left = (now - began) / done * (total - done)
+    return f", about {left:.0f} s left" if left < 120 else f", about {left / 60:.0f} min left"
 
 
 def best_val_accuracy(history: list[dict], best_epoch: int | None) -> float | None:
