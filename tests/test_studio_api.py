@@ -139,6 +139,12 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     capsys.readouterr()
     assert main(["predict", "--model", str(unzipped), str(held_out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "dog"
+    # the evaluation report of the validation photos, and nothing outside its folder
+    r = client.get(f"{API}/pets/report/index.html")
+    assert r.status_code == 200 and "confusion_matrix.png" in r.text, r.text[:300]
+    r = client.get(f"{API}/pets/report/confusion_matrix.png")
+    assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+    assert client.get(f"{API}/pets/report/..%2Fdata%2Fcat").status_code == 404
     # a restart in the middle of a training: projects, images and the last good model intact
     (tmp_path / "pets" / "training.json").write_text("{}")
     (tmp_path / "pets" / ".model-half").mkdir()

@@ -208,6 +208,24 @@ def bundle_zip(project: str, store: StoreDep) -> Response:
         "Content-Disposition": f'attachment; filename="{project}-model.zip"'})
 
 
+@api.get("/{project}/report/{name:path}", response_class=FileResponse,
+         responses={200: {"content": {"text/html": {}, "image/png": {}}}})
+def evaluation_report(project: str, store: StoreDep, name: str = "index.html") -> FileResponse:
+    """`imgrec evaluate --report` of the project's model on its validation photos (made on
+    the first request after each training, in DIR/<P>/report/): the page and its figures."""
+    report = store.project(project) / "report"
+    model = _model_dir(store, project)
+    index = report / "index.html"
+    if not index.is_file() or index.stat().st_mtime < (model / "imgrec.json").stat().st_mtime:
+        from ..report import build_report
+
+        build_report(str(model), str(store.project(project) / "data"), report, split="val")
+    path = (report / (name or "index.html")).resolve()
+    if not path.is_file() or not path.is_relative_to(report.resolve()):
+        raise NotFound(f"the report has no {name!r}", "open .../report/index.html")
+    return FileResponse(path)
+
+
 def _model_dir(store: Store, project: str) -> Path:
     model = store.project(project) / "model"
     if not (model / "imgrec.json").is_file():

@@ -77,6 +77,7 @@ async function openProject(name) {
   $("project").hidden = false;
   $("project-title").textContent = name;
   $("download").href = `${here()}/bundle.zip`;
+  $("report").href = `${here()}/report/index.html`;
   await Promise.all([loadProjects(), loadClasses(), pollTraining()]);
 }
 
