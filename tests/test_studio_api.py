@@ -199,3 +199,27 @@ def test_progress_says_about_how_long_is_left():
 
     progress.on_epoch_end(State(), 2, {"val_acc": 0.9})
     assert status.message == "epoch 2/4: val_acc 0.900, about 6 s left"
+
+
+def test_doctor_warnings_name_the_photos_they_concern(tmp_path):
+    """A photo doctor would flag (here: tiny) is listed with its class/file path, which the
+    page marks beside its thumbnail; an empty project has none."""
+    from PIL import Image
+
+    client = TestClient(create_app(tmp_path))
+    client.post(API, json={"name": "p"})
+    client.post(f"{API}/p/classes", json={"name": "a"})
+    assert client.get(f"{API}/p/warnings").json() == []
+    tiny, fine = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (6, 6), (200, 30, 30)).save(tiny, "PNG")
+    Image.linear_gradient("L").convert("RGB").save(fine, "PNG")
+    r = client.post(f"{API}/p/classes/a/images",
+                    files=[("files", ("tiny.png", tiny.getvalue(), "image/png")),
+                           ("files", ("fine.png", fine.getvalue(), "image/png"))])
+    assert r.json()["added"] == 2
+    names = client.get(f"{API}/p").json()["classes"][0]["images"]
+    found = client.get(f"{API}/p/warnings").json()
+    tiny_found = [w for w in found if w["kind"] == "tiny"]
+    assert len(tiny_found) == 1 and tiny_found[0]["detail"].startswith("6x6 pixels"), found
+    assert all(w["path"].split("/")[0] == "a" and w["path"].split("/")[1] in names
+               for w in found)

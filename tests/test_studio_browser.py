@@ -118,3 +118,19 @@ def test_capture_frames_from_the_webcam(studio, browser):
                      has_text=f"({count})").wait_for(timeout=15_000)
     finally:
         page.close()
+
+
+def test_a_photo_doctor_flags_is_marked_beside_its_thumbnail(studio, browser, tmp_path):
+    """A tiny photo gets imgrec doctor's warning on its thumbnail (outline and tooltip)."""
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (40, 160, 40)).save(tmp_path / "tiny.png")
+    page = browser.new_page()
+    try:
+        _new_project(page, studio, "warned", ["a"])
+        page.set_input_files(".class-card[data-class='a'] .file-input", str(tmp_path / "tiny.png"))
+        flagged = page.locator(".class-card[data-class='a'] .thumbs img.warn")
+        flagged.wait_for(timeout=15_000)
+        assert flagged.get_attribute("title").startswith("tiny: 8x8 pixels")
+    finally:
+        page.close()

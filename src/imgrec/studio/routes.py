@@ -19,7 +19,16 @@ from ..contract import load_input
 from ..predict import Predictor
 from ..serve.schemas import ErrorResponse, Prediction, PredictResponse, error_responses
 from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages
-from .schemas import AddedImages, ClassInfo, Name, Project, Served, TrainRequest, TrainState
+from .schemas import (
+    AddedImages,
+    ClassInfo,
+    Name,
+    PhotoWarning,
+    Project,
+    Served,
+    TrainRequest,
+    TrainState,
+)
 from .store import NotFound, Store
 from .trainer import Trainer, TrainOptions
 
@@ -206,6 +215,21 @@ def bundle_zip(project: str, store: StoreDep) -> Response:
                 z.write(f, f.relative_to(model).as_posix())
     return Response(buffer.getvalue(), media_type="application/zip", headers={
         "Content-Disposition": f'attachment; filename="{project}-model.zip"'})
+
+
+@api.get("/{project}/warnings")
+def warnings(project: str, store: StoreDep) -> list[PhotoWarning]:
+    """`imgrec doctor`'s findings about single photos of the project (tiny, rotated, near
+    duplicates, ...), which the page shows beside their thumbnails."""
+    from ..doctor import scan
+    from ..errors import DataError
+
+    try:
+        report = scan(store.project(project) / "data")
+    except DataError:  # no photos yet
+        return []
+    return [PhotoWarning(path=i.path, kind=i.kind, detail=i.detail) for i in report.issues
+            if i.path != "."]
 
 
 @api.get("/{project}/report/{name:path}", response_class=FileResponse,

@@ -29,6 +29,12 @@ class Project(_Body):
     has_model: bool
 
 
+class PhotoWarning(_Body):
+    path: str = Field(description="CLASS/FILE within the project's data")
+    kind: str = Field(description="imgrec doctor's kind: tiny, rotated, near_duplicate...")
+    detail: str
+
+
 class Rejected(_Body):
     filename: str
     error: str

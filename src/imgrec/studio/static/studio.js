@@ -95,6 +95,20 @@ async function loadClasses() {
   box.replaceChildren();
   for (const c of project.classes) box.append(classCard(c));
   showCommands(project);
+  markWarnings();
+}
+
+// imgrec doctor's findings (tiny, rotated, near duplicates...) beside the photos they concern
+async function markWarnings() {
+  const found = await call(`${here()}/warnings`);
+  for (const w of found) {
+    const [cls, file] = w.path.split("/");
+    const card = [...document.querySelectorAll(".class-card")].find((c) => c.dataset.class === cls);
+    const img = card && [...card.querySelectorAll(".thumbs img")].find((i) => i.alt === file);
+    if (!img) continue;
+    img.classList.add("warn");
+    img.title = `${w.kind}: ${w.detail}\n` + img.title;
+  }
 }
 
 function classCard(c) {
