@@ -92,6 +92,7 @@ def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):
     assert len(client.get(f"{API}/p").json()["classes"][0]["images"]) == 2
     assert (tmp_path / "p" / "trash" / "cat" / names[0]).is_file()
     assert client.get(f"{API}/p/bundle.zip").status_code == 404
+    assert client.get(f"{API}/nope/train/events").status_code == 404
     r = client.post(f"{API}/p/classes/cat/rename", json={"name": "kitten"})
     assert [c["name"] for c in r.json()["classes"]] == ["kitten"]
     assert client.post(f"{API}/p/classes/kitten/rename", json={"name": "../x"}).status_code == 400
@@ -112,6 +113,14 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     assert r.status_code == 202 and r.json()["state"] == "running"
     r = client.post(f"{API}/pets/train")
     assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    with client.stream("GET", f"{API}/pets/train/events") as events:  # live, until it is over
+        assert events.headers["content-type"].startswith("text/event-stream")
+        pushed = [json.loads(line[6:]) for line in events.iter_lines()
+                  if line.startswith("data: ")]
+    assert pushed[0]["state"] == "running" and pushed[-1]["state"] == "done", pushed[-1]
+    assert pushed[-1]["validation"] is not None and len(pushed) >= 2
+    progress = [p["progress"] for p in pushed]
+    assert progress == sorted(progress)
     state = _wait(client, "pets")
     print(f"trained in {time.perf_counter() - started:.1f} s: {state}")
     assert state["state"] == "done", state

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
 from ..bundle import atomic_write_bytes
 from ..contract import load_input
@@ -161,6 +161,32 @@ def start_training(project: str, trainer: TrainerDep,
 def training_state(project: str, trainer: TrainerDep) -> TrainState:
     """The project's training: state, progress 0..1, validation accuracy, a message."""
     return TrainState(**vars(trainer.get(project)))
+
+
+@api.get("/{project}/train/events", response_class=StreamingResponse,
+         responses={200: {"content": {"text/event-stream": {}}}})
+async def training_events(project: str, trainer: TrainerDep) -> StreamingResponse:
+    """Server-sent events: the training state (GET .../train's body) each time it changes,
+    until the run is over (done with its validation figures, failed, or idle)."""
+    trainer.get(project)  # an unknown project is a 404 now, not an empty stream
+
+    async def states():
+        last, waited = None, 0
+        while True:
+            state = TrainState(**vars(trainer.get(project)))
+            body = state.model_dump_json()
+            if body != last:
+                yield f"data: {body}\n\n"
+                last = body
+            over = state.state in ("failed", "idle") or (
+                state.state == "done" and (state.validation is not None or waited > 120))
+            if over:
+                return
+            waited += state.state == "done"
+            await anyio.sleep(0.25)
+
+    return StreamingResponse(states(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 @api.post("/{project}/predict", responses=error_responses(413, 415))

@@ -236,6 +236,31 @@ async function pollTraining() {
   clearTimeout(polling);
   if (!current) return;
   const s = await call(`${here()}/train`);
+  showTraining(s);
+  if (s.state === "running" && window.EventSource) { watchTraining(); return; }
+  if (s.state === "running") { waitedForFigures = 0; polling = setTimeout(pollTraining, 1000); }
+  else if (s.state === "done" && !s.validation && waitedForFigures++ < 30) {
+    polling = setTimeout(pollTraining, 1000);  // the confusion matrix follows the model
+  }
+  if (s.state === "done" && waitedForFigures <= 1) loadClasses();
+}
+
+// live progress: the server pushes each change (server-sent events) until the run is over,
+// then one more look settles the page (polling is the fallback)
+let events = null;
+function watchTraining() {
+  if (events) events.close();
+  const project = current;
+  events = new EventSource(`${here()}/train/events`);
+  events.onmessage = (e) => { if (current === project) showTraining(JSON.parse(e.data)); };
+  events.onerror = () => {
+    events.close(); events = null;
+    waitedForFigures = 0;
+    if (current === project) pollTraining();
+  };
+}
+
+function showTraining(s) {
   $("train-progress").value = s.progress;
   $("train-state").textContent = `${s.state}${s.message ? ": " + s.message : ""}` +
     (s.seconds != null && s.state !== "running" ? ` (${s.seconds} s)` : "");
@@ -243,11 +268,6 @@ async function pollTraining() {
   $("val-accuracy").textContent = s.val_accuracy == null ? "–" : `${(100 * s.val_accuracy).toFixed(1)}%`;
   $("train").disabled = s.state === "running";
   showValidation(s.validation);
-  if (s.state === "running") { waitedForFigures = 0; polling = setTimeout(pollTraining, 1000); }
-  else if (s.state === "done" && !s.validation && waitedForFigures++ < 30) {
-    polling = setTimeout(pollTraining, 1000);  // the confusion matrix follows the model
-  }
-  if (s.state === "done" && waitedForFigures <= 1) loadClasses();
 }
 
 let waitedForFigures = 0;
