@@ -82,3 +82,17 @@ def skipped_report(skipped: dict[str, str]) -> str:
     for path, reason in sorted(skipped.items()):
         lines.append(f"  {reason}" if reason.startswith(path) else f"  {path}: {reason}")
     return "\n".join(lines)
+
+
+class NotFound(ImgrecError):
+    """No such thing (a studio project, class, image or model)."""
+
+    http_status = 404
+    code = "not_found"
+
+
+class Conflict(ImgrecError):
+    """The name exists already, or the thing is busy (a studio project training)."""
+
+    http_status = 409
+    code = "conflict"

@@ -23,23 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bundle import atomic_write_bytes
-from ..errors import ImgrecError, InputError
+from ..errors import Conflict, ImgrecError, InputError, NotFound
 from ..images import decode_image, sniff_format
 
 #: a project or class name: letters, digits, space, `_`, `-`, `.`; no `..`; at most 100
 NAME = re.compile(r"^\w[\w .\-]{0,99}$")
 EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "bmp": ".bmp", "tiff": ".tif",
               "webp": ".webp"}
-
-
-class NotFound(ImgrecError):
-    http_status = 404
-    code = "not_found"
-
-
-class Conflict(ImgrecError):
-    http_status = 409
-    code = "conflict"
 
 
 def check_name(name: str, what: str = "name") -> str:
