@@ -183,6 +183,10 @@ def test_the_command(monkeypatch, tmp_path, capsys):
     assert main(["studio", "--dir", str(tmp_path), "--port", "8123"]) == 0
     assert calls == [(tmp_path, "127.0.0.1", 8123)]
     assert "/studio" in capsys.readouterr().out
+    (tmp_path / "a-file").write_text("")  # a --dir it cannot use: one line before starting
+    assert main(["studio", "--dir", str(tmp_path / "a-file")]) == 2 and len(calls) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgrec: error: --dir"), err
     monkeypatch.setattr(imgrec.export, "torch_available", lambda: False)
     assert main(["studio"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

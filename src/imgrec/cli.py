@@ -578,8 +578,10 @@ def studio(
     if not torch_available():
         raise ImgrecError("imgrec studio trains models and needs PyTorch, which is not "
                           "installed", "pip install 'imgrec[train]'")
+    from .files import check_output_folder
     from .studio.app import run_studio
 
+    check_output_folder(dir, "--dir")  # a folder it can write, or one line now
     _echo(f"imgrec: studio on http://{'localhost' if host == '127.0.0.1' else host}:{port}/studio"
           f"  (projects in {dir}; API docs at /docs; Ctrl+C stops)")
     run_studio(dir, host, port)
