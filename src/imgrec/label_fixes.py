@@ -150,15 +150,16 @@ def _common_root(paths: list[Path]) -> Path:
 
 
 # -- imgrec train --exclude ----------------------------------------------------------------
-def read_path_list(path: str | Path) -> list[str]:
+def read_path_list(path: str | Path, option: str = "--exclude") -> list[str]:
     """The paths a list names: a CSV's `path` column (a fix list), else the first field of
-    each line; blank lines and lines starting with # are skipped."""
+    each line; blank lines and lines starting with # are skipped. `option`: the flag that
+    named the file, for the error."""
     path = Path(path).expanduser()
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(
-            f"--exclude {path}: cannot read it ({getattr(e, 'strerror', e)})",
+            f"{option} {path}: cannot read it ({getattr(e, 'strerror', e)})",
             "give a CSV with a path column or a text file of paths",
         ) from None
     lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
@@ -189,7 +190,7 @@ def flagged_set(list_file: str | Path, data: str | Path | None) -> set[Path]:
     list or one path per line (relative to DATA or absolute)."""
     path = Path(list_file).expanduser()
     if path.suffix.lower() != ".json":
-        return excluded_set(read_path_list(path), data)
+        return excluded_set(read_path_list(path, "--flagged"), data)
     try:
         findings = json.loads(path.read_text())
         root = Path(findings["data"])
