@@ -27,6 +27,7 @@ from ..predict import available_cores
 from . import distributed
 from .callbacks import CallbackList, EarlyStopping, RunState
 from .loaders import Batches
+from .optimizers import optimizer_for
 from .plan import RunPlan
 from .threads import ThreadGovernor
 
@@ -41,19 +42,6 @@ class LoopResult:
     interrupted: bool
     skipped: dict[str, str] = field(default_factory=dict)
     terminated: bool = False  # by SIGTERM rather than Ctrl-C
-
-
-def optimizer_for(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
-                               weight_decay=weight_decay)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=weight_decay)
-    raise ImgrecError(f"unknown optimizer {name!r}", "choose adamw, adam, sgd or rmsprop")
 
 
 def one_cycle(opt, lr: float | list[float], steps: int) -> torch.optim.lr_scheduler.OneCycleLR:

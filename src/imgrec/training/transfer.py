@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ImgrecError
 from ..models.pretrained import Backbone, make_head
-from . import distributed
+from . import distributed, optimizers
 from .callbacks import CallbackList, EarlyStopping, RunState
 from .engine import class_weights
 from .features import Extractor
@@ -195,7 +195,7 @@ class _HeadTrainer:
         self.weights = class_weights(y_tr, len(plan.data.classes), plan.cfg.class_weights, "cpu")
         self.head = make_head(s.kind, self.xt.shape[1], len(plan.data.classes), MLP_HIDDEN,
                               MLP_DROPOUT)
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=s.lr,
+        self.opt = optimizers.AdamW(self.head.parameters(), lr=s.lr,
                                      weight_decay=s.weight_decay)
         steps = s.epochs * math.ceil(len(self.xt) / s.batch_size)
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, steps)
