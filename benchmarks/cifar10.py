@@ -14,6 +14,9 @@ Two measurements (plus two optional ones):
   dev images as test_batch.bin), trained with `IMGREC_DATA=ROOT imgrec train cifar10`. Its
   accuracy means nothing (the test images are training images); its time is the figure.
 - long (--only long or --with-long): `--recipe long` on the dev split.
+- short (--only short): `--recipe short` on the dev split (the default where bfloat16 is slow:
+  a CPU without AMX; with AMX the default is long).
+- full-long (--only full-long): `--recipe long` on the 50k stand-in, wall time only.
 - cnn (--only cnn): the workshop's cifar-cnn the workshop's way (RMSprop 1e-4, batch 32) on
   the dev split, for comparison.
 
@@ -131,7 +134,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEV,
                     help="a folder holding cifar-10-batches-bin/data_batch_1.bin (default "
                          "../shared/data/cifar10-dev)")
-    ap.add_argument("--only", choices=("dev", "full", "long", "cnn"), default=None,
+    ap.add_argument("--only", default=None,
+                    choices=("dev", "full", "long", "full-long", "short", "cnn"),
                     help="one measurement (default: dev and full)")
     ap.add_argument("--with-long", action="store_true", help="also --recipe long on dev")
     ap.add_argument("--cnn-epochs", type=int, default=10, help="epochs for cifar-cnn")
@@ -142,7 +146,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     todo = [args.only] if args.only else ["dev", "full"] + (["long"] if args.with_long else [])
     results = {}
-    if {"dev", "long", "cnn"} & set(todo):
+    if {"dev", "long", "short", "cnn"} & set(todo):
         dev = dev_split_root(args.data)
     if "dev" in todo:
         results["dev"] = run("dev", [], dev)
@@ -150,6 +154,13 @@ def main() -> None:
         results["full"] = run("full-standin", [], standin_root(args.data), via_env=True)
         results["full"]["note"] = ("50k stand-in: time only (its test images are training "
                                    "images, so test_acc means nothing)")
+    if "full-long" in todo:
+        results["full-long"] = run("full-long-standin", ["--recipe", "long"],
+                                   standin_root(args.data), via_env=True)
+        results["full-long"]["note"] = ("50k stand-in: time only (its test images are "
+                                        "training images, so test_acc means nothing)")
+    if "short" in todo:
+        results["short"] = run("short", ["--recipe", "short"], dev)
     if "long" in todo:
         results["long"] = run("long", ["--recipe", "long"], dev)
     if "cnn" in todo:
@@ -157,7 +168,8 @@ def main() -> None:
                                    dev)
     path = WORK.parent / "results" / "cifar10.json"
     previous = json.loads(path.read_text()).get("runs", {}) if path.exists() else {}
-    previous = {k: v for k, v in previous.items() if k in ("dev", "full", "long", "cifar-cnn")}
+    kept = ("dev", "full", "long", "full-long", "short", "cifar-cnn")
+    previous = {k: v for k, v in previous.items() if k in kept}
     write_result("cifar10", {"data": str(args.data), "runs": {**previous, **results},
                              "note": "dev: 8,000 train / 2,000 held out of cifar10-dev; "
                                      "full: 50k stand-in, wall time only"})

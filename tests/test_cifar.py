@@ -62,7 +62,12 @@ def test_tar_archive(tmp_path):
 
 def test_default_recipe_trains(tmp_path):
     """The cifar10 recipe (airnet, flip + crop, lookahead, flip TTA) runs end to end."""
+    import torch
+
     import imgrec
+    from imgrec.training.config import TrainConfig
+    from imgrec.training.plan import recipe_variant
+    from imgrec.training.recipes import RECIPES
 
     test_extracted_binary_batches(tmp_path)
     result = imgrec.train("cifar10", data_dir=str(tmp_path), epochs=1, batch_size=8,
@@ -70,6 +75,15 @@ def test_default_recipe_trains(tmp_path):
     assert result.bundle.architecture["name"] == "airnet"
     assert result.bundle.preprocess.tta == ("flip",)
     assert result.test_metrics["n"] == 4
+    # this machine's default (long where bfloat16 is fast), and --recipe short
+    long = recipe_variant(TrainConfig(data="cifar10"), "cifar10", torch.device("cpu")) == "long"
+    widths = RECIPES["cifar10-long" if long else "cifar10"]["model_args"]["widths"]
+    assert result.bundle.architecture["args"]["widths"] == widths
+    short = imgrec.train("cifar10", data_dir=str(tmp_path), epochs=1, batch_size=8,
+                         recipe="short", out=str(tmp_path / "short"), quiet=True,
+                         tensorboard=False)
+    assert short.bundle.architecture["args"]["widths"] == RECIPES["cifar10"]["model_args"][
+        "widths"]
     # naming the folder that holds the batches is the same dataset, with the same recipe
     by_path = imgrec.train(str(tmp_path / "cifar10"), epochs=1, batch_size=8,
                            out=str(tmp_path / "run2"), quiet=True, tensorboard=False)
@@ -288,3 +302,25 @@ def test_a_neighbouring_folder_is_suggested(tmp_path, capsys, monkeypatch):
 
 def _no_network(*args, **kwargs):
     raise OSError("no network in tests")
+
+
+def test_default_recipe_is_long_only_where_bfloat16_is_fast():
+    """cifar10's default is its long recipe on a GPU or a CPU with AMX (it fits 15 minutes
+    there), else the short one; --recipe and --precision fp32 decide over it."""
+    import torch
+
+    from imgrec.training.config import TrainConfig
+    from imgrec.training.plan import recipe_variant
+
+    cpu, cfg = torch.device("cpu"), TrainConfig(data="cifar10")
+    assert recipe_variant(cfg, "cifar10", cpu, {"amx_bf16", "avx512_bf16"}) == "long"
+    assert recipe_variant(cfg, "cifar10", cpu, {"avx512_bf16"}) == "short"
+    assert recipe_variant(cfg, "cifar10", torch.device("cuda"), set()) == "long"
+    assert recipe_variant(cfg, "mnist", cpu, {"amx_bf16"}) == "short"
+    assert recipe_variant(cfg, None, cpu, {"amx_bf16"}) == "short"
+    fp32 = TrainConfig(data="cifar10", precision="fp32")
+    assert recipe_variant(fp32, "cifar10", cpu, {"amx_bf16"}) == "short"
+    for asked in ("short", "long"):
+        cfg = TrainConfig(data="cifar10", recipe=asked)
+        assert recipe_variant(cfg, "cifar10", cpu, {"amx_bf16"}) == asked
+        assert recipe_variant(cfg, "cifar10", cpu, set()) == asked

@@ -10,7 +10,8 @@ stops exposing `__wrapped__`, the classes fall back to torch's methods unchanged
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -22,7 +22,7 @@ from ..files import check_output_folder
 from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, validate
 from .distributed import SINGLE, World, world_from_env
-from .recipes import BUILTIN_RECIPES, RECIPES, TRANSFER_DEFAULTS, recipe_for
+from .recipes import BUILTIN_RECIPES, LONG_WHERE_FAST, RECIPES, TRANSFER_DEFAULTS, recipe_for
 
 HYPER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
          "patience")
@@ -53,6 +53,7 @@ class RunPlan:
     module: Any = None  # a network the caller built (the Python API's model=nn.Module)
     lookahead: bool = False  # airbench's lookahead EMA of the weights (engine.Lookahead)
     world: World = SINGLE  # torchrun's processes (distributed.py); batch_size is per process
+    recipe: str = "short"  # the built-in recipe's variant (recipe_variant)
 
     @property
     def global_batch(self) -> int:
@@ -107,7 +108,10 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
         check_output_folder(cfg.out)
     augment_default = Augment.parse(cfg.augment)  # a bad --augment fails before data loads
     key = builtin_key(cfg.data) if source is None else None
-    recipe = _recipe(cfg, key)
+    world = world_from_env()
+    device = pick_device(cfg.device, world)
+    variant = recipe_variant(cfg, key, device)
+    recipe = _recipe(cfg, key, variant)
     pick = _picker(cfg, recipe)
     ds = _load(cfg, source, pick("val_fraction"), pick("test_fraction"))
     if cfg.exclude:
@@ -121,7 +125,6 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     size = _image_size(cfg, ds, name)
     mode = _mode(cfg, ds, name, module)
     hyper = {h: pick(h) for h in HYPER}
-    world = world_from_env()
     augment = Augment.parse(pick("augment")) if cfg.augment is None else augment_default
     backbone, contract = None, _contract(cfg, ds, name, size, pick, recipe)
     if mode != "scratch":
@@ -132,16 +135,34 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
         hyper["batch_size"] = max(1, math.ceil(hyper["batch_size"] / world.size))
     out = Path(cfg.out or Path("runs") / f"{ds.name}-{name}")
     return RunPlan(cfg, ds, mode, name, args, contract, size, **hyper, augment=augment,
-                   device=pick_device(cfg.device, world), out=out,
+                   device=device, out=out, recipe=variant,
                    val_fraction=pick("val_fraction"), test_fraction=pick("test_fraction"),
                    backbone=backbone, module=module, lookahead=bool(pick("lookahead")),
                    world=world)
 
 
-def _recipe(cfg: TrainConfig, key: str | None) -> dict[str, Any]:
-    """The dataset's recipe; --recipe long picks its long variant (RECIPES['<name>-long'])."""
+def recipe_variant(cfg: TrainConfig, key: str | None, device: torch.device,
+                   flags: set[str] | None = None) -> str:
+    """short or long: --recipe's, else the default for this machine, long for the datasets of
+    LONG_WHERE_FAST where bfloat16 runs fast (CUDA; a CPU with AMX, unless --precision fp32),
+    short elsewhere."""
+    if cfg.recipe in ("short", "long"):
+        return cfg.recipe
+    if key not in LONG_WHERE_FAST:
+        return "short"
+    if device.type == "cuda":
+        return "long"
+    if device.type != "cpu" or cfg.precision == "fp32":
+        return "short"
+    from .engine import cpu_flags
+
+    return "long" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "short"
+
+
+def _recipe(cfg: TrainConfig, key: str | None, variant: str) -> dict[str, Any]:
+    """The dataset's recipe; the long variant is RECIPES['<name>-long']."""
     name = key or cfg.data.lower()
-    if cfg.recipe != "long":
+    if variant != "long":
         return recipe_for(name)
     if f"{name}-long" not in RECIPES:
         have = ", ".join(k[:-5] for k in RECIPES if k.endswith("-long"))

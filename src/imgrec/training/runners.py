@@ -137,6 +137,11 @@ class Runner:
         return report.headline()
 
 
+def _fast_kind(plan: RunPlan) -> str:
+    """Where bfloat16 runs fast, in words (why a default recipe went long)."""
+    return "a GPU" if plan.device.type == "cuda" else "a CPU with AMX"
+
+
 class ScratchRunner(Runner):
     """A network from random weights (a registry or timm name, or the caller's module)."""
 
@@ -147,7 +152,13 @@ class ScratchRunner(Runner):
         n_params = sum(p.numel() for p in model.parameters())
         self.note(f"model   {plan.model_name} ({n_params / 1e6:.2f}M parameters), input "
                   f"{plan.image_size}px x{plan.data.channels}, device {plan.device}")
-        self.note(f"recipe  {plan.epochs} epochs, batch {plan.batch_size}, {plan.optimizer} "
+        variant = ""
+        if plan.recipe == "long":
+            variant = "long" + ("" if plan.cfg.recipe else f" (the default on {_fast_kind(plan)})")
+            variant += ", "
+        epochs = f"{plan.epochs} epoch" + ("s" if plan.epochs != 1 else "")
+        self.note(f"recipe  {variant}{epochs}, batch {plan.batch_size}, "
+                  f"{plan.optimizer} "
                   f"lr {plan.lr:g} one-cycle, label smoothing {plan.label_smoothing:g}, "
                   f"augment {plan.augment.describe()}")
         return self.fit(model, arch, t0, EarlyStopping(plan.patience, plan.has_validation))
