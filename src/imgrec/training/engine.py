@@ -29,7 +29,7 @@ from .callbacks import CallbackList, EarlyStopping, RunState
 from .loaders import Batches
 from .optimizers import optimizer_for
 from .plan import RunPlan
-from .threads import ThreadGovernor
+from .threads import ThreadGovernor, cpu_flags
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -65,19 +65,6 @@ def class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor
 
 #: how many training images set a whitening layer (airbench uses 5,000)
 WHITEN_IMAGES = 5000
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS,
-    Windows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
 
 
 def autocast_dtype(precision: str, device: torch.device,

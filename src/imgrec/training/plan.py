@@ -23,6 +23,7 @@ from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, validate
 from .distributed import SINGLE, World, world_from_env
 from .recipes import BUILTIN_RECIPES, LONG_WHERE_FAST, RECIPES, TRANSFER_DEFAULTS, recipe_for
+from .threads import cpu_flags
 
 HYPER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
          "patience")
@@ -154,8 +155,6 @@ def recipe_variant(cfg: TrainConfig, key: str | None, device: torch.device,
         return "long"
     if device.type != "cpu" or cfg.precision == "fp32":
         return "short"
-    from .engine import cpu_flags
-
     return "long" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "short"
 
 

@@ -8,6 +8,9 @@ is quiet). So every couple of seconds the loop reads how much CPU the other proc
 (Linux /proc/stat minus this process's own time) and trains on the cores they leave free,
 returning to every core when they go. An explicit OMP_NUM_THREADS or IMGREC_THREADS (torchrun
 and `--nproc` set the former) pins the count and turns this off.
+
+Also here: the CPU's feature flags (`cpu_flags`), which decide bfloat16 autocast and the
+default CIFAR-10 recipe.
 """
 
 from __future__ import annotations
@@ -109,3 +112,16 @@ class ThreadGovernor:
             )
             self.threads = want
         self._mark()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: macOS,
+    Windows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
