@@ -52,7 +52,7 @@ BUILTIN_RECIPES = ("mnist", "fashion-mnist", "cifar10")
 
 #: datasets whose default is their long recipe where bfloat16 runs fast (a GPU, a CPU with
 #: AMX): it still fits the laptop budget there. CIFAR-10 at 50,000 images on 2 cores with
-#: AMX: long 534.8 s (51 s an epoch) against 15 minutes; without AMX, in float32, the short
+#: AMX: long 534.8-566.6 s (51-54 s an epoch) against 15 minutes; without AMX, in float32, the short
 #: recipe alone fits (407.9 s) and long would take over half an hour (benchmarks/cifar10.py)
 LONG_WHERE_FAST = ("cifar10",)
 
