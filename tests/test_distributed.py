@@ -98,6 +98,17 @@ def test_config_argv_rebuilds_the_command():
                                     "--no-tensorboard", "--quiet"]
 
 
+def test_sync_bn_under_torchrun_itself_is_one_line_from_rank_0(tmp_path):
+    """Started by torchrun directly (not --nproc), every rank refuses --sync-bn: rank 0's line
+    comes out, and the other rank, which waits RANK0_FIRST_S, is stopped silently."""
+    r = _run([PY, "-m", "imgrec.training.distributed", "--standalone", "--nproc-per-node=2",
+              "-m", "imgrec", "train", str(make_shapes_dataset(tmp_path / "d", per_class=4)),
+              "--sync-bn", "--epochs", "1", "--out", str(tmp_path / "o")])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("imgrec:")]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and "--sync-bn needs CUDA" in lines[0], r.stderr
+
+
 def test_sync_bn_is_refused_on_the_cpu(tmp_path):
     """One clear line from rank 0, exit 2, and nothing from the other rank."""
     r = _run([PY, "-m", "imgrec", "train", "--nproc", "2", str(make_shapes_dataset(

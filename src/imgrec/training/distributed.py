@@ -118,14 +118,32 @@ def session(plan: Any) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def _init(world: World, device: Any, sync_bn: bool) -> None:
-    import torch
-    import torch.distributed as dist
+#: seconds a rank other than 0 waits before leaving on an error every rank meets (bad
+#: options): rank 0 prints the one line and exits first, so torchrun reports its failure and
+#: stops the others, instead of stopping rank 0 before it has said anything
+RANK0_FIRST_S = 3.0
 
-    if sync_bn and device.type != "cuda":
+
+def check_sync_bn(sync_bn: bool, device_type: str) -> None:
+    """--sync-bn only where SyncBatchNorm runs: CUDA."""
+    if sync_bn and device_type != "cuda":
         raise ImgrecError("--sync-bn needs CUDA: PyTorch's SyncBatchNorm does not run on the "
                           "CPU", "drop --sync-bn (each CPU rank keeps its own BatchNorm "
                           "statistics; rank 0's are saved)")
+
+
+def _init(world: World, device: Any, sync_bn: bool) -> None:
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    try:
+        check_sync_bn(sync_bn, device.type)
+    except ImgrecError:
+        if world.rank:
+            time.sleep(RANK0_FIRST_S)
+        raise
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -343,6 +361,8 @@ def launch(nproc: int, args: list[str]) -> int:
 
     from ..predict import available_cores
 
+    if "--sync-bn" in args:  # the processes would all refuse it: say so before starting them
+        check_sync_bn(True, _device_type(args))
     env = dict(os.environ, **{LAUNCHER_ENV: "1"})
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))
@@ -355,6 +375,16 @@ def launch(nproc: int, args: list[str]) -> int:
         return proc.wait()
     except KeyboardInterrupt:  # the processes got Ctrl-C too; wait for them to leave
         return proc.wait()
+
+
+def _device_type(args: list[str]) -> str:
+    """The device type the ranks of `imgrec train ARGS` will pick (plan.pick_device's rule
+    for --device, else CUDA when present)."""
+    import torch
+
+    if "--device" in args and args.index("--device") + 1 < len(args):
+        return args[args.index("--device") + 1].split(":")[0]
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def torchrun(argv: list[str]) -> int:
