@@ -100,7 +100,7 @@ def test_config_argv_rebuilds_the_command():
 
 def test_sync_bn_under_torchrun_itself_is_one_line_from_rank_0(tmp_path):
     """Started by torchrun directly (not --nproc), every rank refuses --sync-bn: rank 0's line
-    comes out, and the other rank, which waits RANK0_FIRST_S, is stopped silently."""
+    comes out, and the other rank, which waits RANK0_FIRST_S (cli.main), is stopped silently."""
     r = _run([PY, "-m", "imgrec.training.distributed", "--standalone", "--nproc-per-node=2",
               "-m", "imgrec", "train", str(make_shapes_dataset(tmp_path / "d", per_class=4)),
               "--sync-bn", "--epochs", "1", "--out", str(tmp_path / "o")])
@@ -197,8 +197,9 @@ def _rank_pids(root: int) -> dict[int, int]:
     found, todo = {}, [root]
     while todo:
         pid = todo.pop()
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        try:  # every thread's children: a process may start one from another thread
+            children = [c for task in Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
@@ -224,7 +225,7 @@ def test_killed_rank_ends_the_job_and_resume_completes(tmp_path):
         time.sleep(0.2)
     assert (out / "checkpoint.pt").exists(), "no epoch finished"
     pids = _rank_pids(proc.pid)
-    assert set(pids) == {0, 1}
+    assert set(pids) == {0, 1}, f"rank pids under {proc.pid}: {pids}"
     os.kill(pids[1], signal.SIGKILL)
     t0 = time.time()
     _, err = proc.communicate(timeout=60)

@@ -909,6 +909,13 @@ def main(argv: list[str] | None = None) -> int:
     except ImgrecError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says
             print(f"imgrec: error: {e}", file=sys.stderr)
+        elif e.exit_code == 2:  # bad input: rank 0 leaves first, so torchrun stops this
+            # rank, not rank 0 before its line
+            import time
+
+            from .training.distributed import RANK0_FIRST_S
+
+            time.sleep(RANK0_FIRST_S)
         return e.exit_code
     except _USAGE_ERRORS as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `imgrec`: the help, not an error
