@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgrec.augment import PRESETS, Augment
+from imgrec.augment import PRESETS, Augment, affine_grid
 from imgrec.errors import ImgrecError
 
 
@@ -56,6 +56,17 @@ def test_zero_spec_is_identity():
     x = torch.rand(4, 1, 9, 9) * 255
     assert torch.equal(Augment.parse("none")(x), x)
     assert torch.equal(Augment.parse("rotation=0,shift=0")(x), x)
+
+
+@pytest.mark.parametrize("h,w", [(28, 28), (9, 16)])
+def test_affine_grid_is_torchs(h, w):
+    """augment.affine_grid is F.affine_grid (align_corners=False), rounding aside."""
+    torch.manual_seed(0)
+    theta = torch.randn(5, 2, 3)
+    expected = torch.nn.functional.affine_grid(theta, [5, 1, h, w], align_corners=False)
+    got = affine_grid(theta, h, w)
+    assert got.shape == expected.shape == (5, h, w, 2)
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_per_sample_randomness():

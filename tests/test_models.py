@@ -76,6 +76,11 @@ OLD_KEYS: dict[tuple, dict[str, tuple[int, ...]]] = {
         "features.4.weight": (32, 16, 3, 3), **_bn("features.6", 32),
         "features.8.weight": (64, 32, 3, 3), **_bn("features.9", 64),
         "classifier.weight": (10, 576), "classifier.bias": (10,)},
+    ("fast-cnn", 1, 28, (("grid", 3), ("stem", "space-to-depth"), ("stem_width", 32))): {
+        "features.1.weight": (32, 4, 3, 3), **_bn("features.2", 32),
+        "features.4.weight": (32, 32, 3, 3), **_bn("features.6", 32),
+        "features.8.weight": (64, 32, 3, 3), **_bn("features.9", 64),
+        "classifier.weight": (10, 576), "classifier.bias": (10,)},
     ("res-cnn", 3, 32, ()): {
         **_conv_bn("features.0", 3, 64), **_conv_bn("features.1", 64, 128),
         **_res("features.3", 128), **_conv_bn("features.4", 128, 256),
@@ -236,6 +241,27 @@ def test_fast_cnn_grid_pooling_belongs_to_the_head():
     model = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=28, grid=3)
     feats = model.forward_features(torch.zeros(1, 1, 28, 28))
     assert feats.shape == (1, 64, 7, 7) and model.head_hidden_size == 64 * 9
+
+
+@pytest.mark.parametrize("size", [28, 27, 9])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_fast_cnn_space_to_depth_stem_fits_any_side(size, depth):
+    """The space-to-depth stem folds 2x2 pixel blocks into channels (an odd side repeats its
+    last row and column) and gives the same feature-map side as the pooling stem, so the
+    grid head is sized right for every image side and depth."""
+    x = torch.randn(2, 1, size, size)
+    shapes = []
+    for stem in ("pool", "space-to-depth"):
+        model = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=size,
+                            grid=3, depth=depth, stem=stem).eval()
+        with torch.no_grad():
+            assert model(x).shape == (2, 10)
+            shapes.append(model.forward_features(x).shape)
+    folded = -(-size // 2)
+    assert shapes[1][-1] == (folded if depth == 1 else folded // 2 ** (depth - 2))
+    assert shapes[0][-1] == size // 2 ** (depth - 1)
+    with pytest.raises(ValueError, match="stem"):
+        build_model("fast-cnn", in_channels=1, num_classes=10, image_size=28, stem="pixel")
 
 
 def test_transfer_net_exposes_timms_interface():

@@ -56,3 +56,24 @@ def test_training_never_imports_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd"])
+def test_fused_steps_like_the_loop(name):
+    """A recipe's fused_optimizer: one kernel a step, the same update up to rounding."""
+    fused = _train_steps(lambda p: optimizers.optimizer_for(name, p, 1e-2, 1e-3, fused=True))
+    loop = _train_steps(lambda p: optimizers.optimizer_for(name, p, 1e-2, 1e-3))
+    for a, b in zip(fused, loop, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    opt = optimizers.optimizer_for(name, [torch.zeros(2, requires_grad=True)], 0.1, 0.0,
+                                   fused=True)
+    assert opt.defaults["fused"] is True
+
+
+def test_fused_falls_back_where_torch_has_none():
+    """RMSprop has no fused kernel, nor do integer tensors: the loop runs instead."""
+    rms = optimizers.optimizer_for("rmsprop", [torch.zeros(2, requires_grad=True)], 0.1, 0.0,
+                                   fused=True)
+    assert not rms.defaults.get("fused")
+    assert not optimizers._fusable([torch.zeros(2, dtype=torch.long)])
+    assert optimizers._fusable([{"params": [torch.zeros(2)]}])

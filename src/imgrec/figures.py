@@ -29,6 +29,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) 
     buf = io.BytesIO()
     buf.name = str(path)  # where these bytes go (matplotlib and readers of figures see it)
     fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
-    pyplot().close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # a pyplot figure: release it
+        pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())  # a crash never leaves half a PNG
     return path

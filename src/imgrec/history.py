@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 from .bundle import atomic_write_text
-from .figures import pyplot, save_figure
+from .figures import save_figure
 
 
 def write_history(path: Path, history: list[dict]) -> None:
@@ -41,13 +41,16 @@ def _num(v: str):
 
 
 def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
-    """Loss and accuracy per epoch, train vs validation (the workshop figure)."""
+    """Loss and accuracy per epoch, train vs validation (the workshop figure). Drawn on a
+    bare matplotlib Figure, not through pyplot's global state, so any thread may draw it
+    (training draws it in the background)."""
     if not history:
         return
-    plt = pyplot()
+    from matplotlib.figure import Figure
 
     epochs = [int(h["epoch"]) for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         val = [h.get(f"val_{metric}") for h in history]

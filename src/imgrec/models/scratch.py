@@ -152,25 +152,47 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
                 default_size=28, aliases=("fast_cnn",))
 def fast_cnn(
     in_channels: int, num_classes: int, image_size: int, width: int = 16, depth: int = 3,
-    grid: int = 1,
+    grid: int = 1, stem: str = "pool", stem_width: int | None = None,
 ) -> nn.Module:
     """imgrec's fast small-image net (the default recipe for MNIST-sized data): stages of
     conv -> max-pool -> BatchNorm -> ReLU that double the width and halve the resolution, then
     global max pooling and one linear layer. Pooling before BatchNorm and ReLU (as airbench
     does) runs them on a quarter of the pixels, which halves a CPU training step; BatchNorm and
-    the one-cycle schedule let it converge in a few epochs."""
+    the one-cycle schedule let it converge in a few epochs.
+
+    stem "pool": the first stage convolves at full resolution and max-pools, as the others do.
+    stem "space-to-depth": it folds each 2x2 block of pixels into channels first
+    (PixelUnshuffle) and convolves at half resolution (a 6x6 receptive field, stride 2), which
+    skips the full-resolution feature map, the costliest tensor of a step. stem_width: the
+    first stage's width (default `width`)."""
+    if stem not in FAST_CNN_STEMS:
+        raise ValueError(f"fast-cnn stem must be one of {', '.join(FAST_CNN_STEMS)}, not {stem!r}")
     layers: list[nn.Module] = []
     c = in_channels
     for i in range(depth):
-        out = width * 2 ** min(i, 2)
-        layers.append(nn.Conv2d(c, out, 3, padding=1, bias=False))
-        if i < depth - 1:
-            layers.append(nn.MaxPool2d(2))
+        out = stem_width if i == 0 and stem_width else width * 2 ** min(i, 2)
+        if i == 0 and stem == "space-to-depth":
+            if image_size % 2:  # an odd side: repeat the last row and column to fold 2x2 blocks
+                layers.append(nn.ReplicationPad2d((0, 1, 0, 1)))
+            layers += [nn.PixelUnshuffle(2), nn.Conv2d(4 * c, out, 3, padding=1, bias=False)]
+        else:
+            layers.append(nn.Conv2d(c, out, 3, padding=1, bias=False))
+            if i < depth - 1:
+                layers.append(nn.MaxPool2d(2))
         layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         c = out
-    side = image_size // 2 ** (depth - 1)  # the last stage's feature-map side
+    # the last stage's feature-map side: every stage but the last max-pools, except a
+    # space-to-depth first stage, which halves (rounding up) by folding instead
+    folded = stem == "space-to-depth"
+    side = -(-image_size // 2) if folded else image_size
+    for _ in range(depth - 1 - folded):
+        side //= 2
     features = nn.Sequential(*layers, grid_max_pool(side, grid), nn.Flatten())
     return ScratchNet(features, nn.Linear(c * grid * grid, num_classes), len(layers))
+
+
+#: fast-cnn's first stages: full-resolution conv + max-pool, or space-to-depth + conv
+FAST_CNN_STEMS = ("pool", "space-to-depth")
 
 
 def _adaptive_bins(side: int, grid: int) -> list[tuple[int, int]]:

@@ -167,7 +167,7 @@ class EpochLoop:
         if param_groups is None and hasattr(model, "param_groups"):  # e.g. airnet's two rates
             param_groups = model.param_groups(plan.lr, plan.weight_decay)
         self.opt = optimizer_for(plan.optimizer, param_groups or model.parameters(), plan.lr,
-                                 plan.weight_decay)
+                                 plan.weight_decay, fused=plan.fused_optimizer)
         max_lr = [g["lr"] for g in self.opt.param_groups]  # per group: discriminative rates
         self.sched = one_cycle(self.opt, max_lr if len(max_lr) > 1 else plan.lr,
                                plan.epochs * len(self.train_batches))

@@ -53,6 +53,7 @@ class RunPlan:
     backbone: Any = None  # models.pretrained.Backbone in the transfer modes
     module: Any = None  # a network the caller built (the Python API's model=nn.Module)
     lookahead: bool = False  # airbench's lookahead EMA of the weights (engine.Lookahead)
+    fused_optimizer: bool = False  # the recipe's: one fused optimizer kernel a step
     world: World = SINGLE  # torchrun's processes (distributed.py); batch_size is per process
     recipe: str = "short"  # the built-in recipe's variant (recipe_variant)
 
@@ -139,7 +140,7 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
                    device=device, out=out, recipe=variant,
                    val_fraction=pick("val_fraction"), test_fraction=pick("test_fraction"),
                    backbone=backbone, module=module, lookahead=bool(pick("lookahead")),
-                   world=world)
+                   fused_optimizer=bool(recipe.get("fused_optimizer")), world=world)
 
 
 def recipe_variant(cfg: TrainConfig, key: str | None, device: torch.device,

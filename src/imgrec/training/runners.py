@@ -105,6 +105,7 @@ class Runner:
             logs.update(history=loop.history, best_epoch=loop.best_epoch, test=test,
                         stopped_early=loop.stopped_early, interrupted=loop.interrupted)
         finally:
+            self.record.finish()
             self.callbacks.on_train_end(self.state, logs)
         if loop.skipped and self.plan.world.main:  # a warning about the data: even --quiet
             print(skipped_report(loop.skipped), file=sys.stderr, flush=True)
