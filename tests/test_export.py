@@ -130,17 +130,24 @@ def test_grid_max_pool_equals_adaptive_pooling(side, grid):
     assert torch.equal(grid_max_pool(side, grid)(x), torch.nn.AdaptiveMaxPool2d(grid)(x))
 
 
-@pytest.mark.parametrize("size", [28, 30, 32])
-def test_fast_cnn_exports_at_every_grid(tmp_path, size):
-    """The MNIST default (28 px: 7 -> 3, a plain max-pool) and uneven bins (30, 32 px)."""
+@pytest.mark.parametrize("stem", ["pool", "space-to-depth"])
+@pytest.mark.parametrize("size", [28, 30, 32, 27])
+def test_fast_cnn_exports_at_every_grid(tmp_path, size, stem):
+    """The MNIST default (28 px: 7 -> 3, a plain max-pool), uneven bins (30, 32 px) and an
+    odd side (27 px: the space-to-depth stem pads), with either stem, silently."""
+    import warnings
+
     import onnxruntime as ort
     import torch
 
     from imgrec.export import export_onnx
     from imgrec.models.registry import build_model
 
-    net = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=size, grid=3).eval()
-    path = export_onnx(net, tmp_path / "m.onnx", (1, size, size))
+    net = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=size, grid=3,
+                      stem=stem).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the user sees no exporter notes
+        path = export_onnx(net, tmp_path / "m.onnx", (1, size, size))
     x = torch.randn(3, 1, size, size)
     got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
