@@ -233,3 +233,26 @@ def test_transfer_net_is_explained(tmp_path):
     _, maps = ex.feature_maps(pixels)
     names = [n for n, _ in maps]
     assert names[0] == "backbone.conv_stem" and names[-1] == "backbone.conv_head"
+
+
+def test_space_to_depth_kernels_are_shown_over_the_image_pixels():
+    """fast-cnn's MNIST stem (PixelUnshuffle 2, then a 3x3 conv) is a 6x6 convolution of
+    stride 2 on the image: --filters shows those 6x6 kernels, which reproduce the stem."""
+    import torch
+    import torch.nn.functional as F
+
+    from imgrec.explain import Explainer
+    from imgrec.models.registry import build_model
+
+    torch.manual_seed(0)
+    net = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=28, grid=3,
+                      stem="space-to-depth", stem_width=32).eval()
+    explainer = Explainer.__new__(Explainer)
+    explainer.model = net
+    name, w = explainer.first_filters()
+    assert w.shape == (32, 1, 6, 6) and name.startswith("features.1, 3x3 on 2x2-folded")
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        stem = net.features[1](net.features[0](x))
+        direct = F.conv2d(F.pad(x, (2, 2, 2, 2)), torch.from_numpy(w), stride=2)
+    assert torch.allclose(stem, direct, atol=1e-5)

@@ -229,13 +229,33 @@ class Explainer:
         return pixels, [(n, m) for n, m in maps if m.ndim == 3]
 
     def first_filters(self) -> tuple[str, np.ndarray]:
-        """The first Conv2d's weights, out x in x k x k."""
+        """The first Conv2d's weights, out x in x k x k, as kernels over the image's pixels:
+        after a space-to-depth stem (PixelUnshuffle by r, fast-cnn's MNIST stem) its
+        k x k kernel over r x r-folded pixels is the (k*r) x (k*r) kernel it is on the
+        image, and the input channels are the image's again."""
         from torch import nn
 
+        fold = 1
         for name, m in self.model.named_modules():
+            if isinstance(m, nn.PixelUnshuffle):
+                fold = m.downscale_factor
             if isinstance(m, nn.Conv2d):
-                return name, m.weight.detach().float().cpu().numpy()
+                w = m.weight.detach().float().cpu().numpy()
+                if fold > 1 and w.shape[1] % (fold * fold) == 0:
+                    return f"{name}, {w.shape[-1]}x{w.shape[-1]} on {fold}x{fold}-folded " \
+                           "pixels", unfold_kernels(w, fold)
+                return name, w
         raise ModelError("this network has no convolutional layer", "--filters needs a CNN")
+
+
+def unfold_kernels(weights: np.ndarray, fold: int) -> np.ndarray:
+    """Kernels of a convolution that follows PixelUnshuffle(fold), out x C*fold^2 x k x k,
+    as the out x C x (k*fold) x (k*fold) kernels they apply to the unfolded image (channel
+    c*fold^2 + i*fold + j of the folded input holds pixel (i, j) of each fold x fold block)."""
+    out, folded, k, _ = weights.shape
+    c = folded // (fold * fold)
+    w = weights.reshape(out, c, fold, fold, k, k).transpose(0, 1, 4, 2, 5, 3)
+    return np.ascontiguousarray(w.reshape(out, c, k * fold, k * fold))
 
 
 def _cam(feats) -> Any:
