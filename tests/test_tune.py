@@ -132,6 +132,8 @@ def test_a_bad_space_or_storage_is_one_line_and_exit_2(
     digits, tmp_path, capsys, monkeypatch, option, value, expected
 ):
     monkeypatch.setenv("IMGREC_DATA", str(digits))
+    for driver in ("psycopg", "psycopg2"):  # no PostgreSQL driver, whatever is installed
+        monkeypatch.setitem(sys.modules, driver, None)
     start = "space file" if option == "--space" else "--storage"
     if option == "--space":
         (tmp_path / "space.yaml").write_text(value + "\n")
@@ -142,6 +144,30 @@ def test_a_bad_space_or_storage_is_one_line_and_exit_2(
     assert expected in err[0], err[0]
     assert "secret" not in err[0]  # a storage URL's password is never printed
     assert not (tmp_path / "o").exists()  # nothing is left behind
+
+
+def test_a_url_without_a_driver_gets_the_one_installed(monkeypatch):
+    """SQLAlchemy 2.1 takes psycopg 3 (mysqlclient) for postgresql:// (mysql://): a machine
+    with psycopg2 (PyMySQL) alone is given it; a URL naming its driver is left alone."""
+    import importlib.util
+
+    from imgrec.tuning.study import with_driver
+
+    installed = {"psycopg2", "pymysql"}
+    real = importlib.util.find_spec
+    drivers = {"psycopg", "psycopg2", "MySQLdb", "pymysql"}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: real(name, *a) if name not in drivers else
+                        object() if name in installed else None)
+    assert with_driver("postgresql://u:p@h:5433/db") == "postgresql+psycopg2://u:p@h:5433/db"
+    assert with_driver("postgres://h/db") == "postgresql+psycopg2://h/db"
+    assert with_driver("mysql://h/db") == "mysql+pymysql://h/db"
+    assert with_driver("postgresql+psycopg://h/db") == "postgresql+psycopg://h/db"
+    assert with_driver("sqlite:///study.db") == "sqlite:///study.db"
+    installed.add("psycopg")
+    assert with_driver("postgresql://h/db") == "postgresql+psycopg://h/db"
+    installed.clear()
+    assert with_driver("postgresql://h/db") == "postgresql://h/db"  # its error says what to get
 
 
 def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch):

@@ -58,6 +58,31 @@ def shown(url: str) -> str:
         return url
 
 
+#: the drivers a URL without one (postgresql://, mysql://) may use, in SQLAlchemy's order of
+#: preference; SQLAlchemy 2.1 takes only its default (psycopg 3, mysqlclient), so a machine
+#: with psycopg2 or PyMySQL alone would be told the driver is missing
+DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
+DRIVER_NAMES = {"psycopg": "psycopg", "psycopg2": "psycopg2", "MySQLdb": "mysqldb",
+                "pymysql": "pymysql"}
+
+
+def with_driver(url: str) -> str:
+    """A PostgreSQL or MySQL URL that names no driver, given the first one installed here
+    (`postgresql://` -> `postgresql+psycopg2://` where only psycopg2 is); any other URL, or
+    one with no driver installed (its error says what to install), as it is."""
+    from importlib.util import find_spec
+
+    scheme, sep, rest = url.partition("://")
+    base = {"postgres": "postgresql", "mariadb": "mysql"}.get(scheme.lower(), scheme.lower())
+    if not sep or "+" in scheme or base not in DRIVERS:
+        return url
+    dialect = "postgresql" if base == "postgresql" else scheme.lower()  # no postgres:// in 2.x
+    for module in DRIVERS[base]:
+        if find_spec(module) is not None:
+            return f"{dialect}+{DRIVER_NAMES[module]}://{rest}"
+    return url
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme == "sqlite":
@@ -74,11 +99,12 @@ def open_storage(url: str, heartbeat: int) -> Any:
     with quiet_optuna() as optuna:
         where = f"--storage {shown(url)}"
         try:
-            return _rdb_storage(url, heartbeat)
+            return _rdb_storage(with_driver(url), heartbeat)
         except ImportError as e:
             raise ImgrecError(
                 f"{where}: no database driver for it ({_reason(e.__cause__ or e)})",
-                "install it (PostgreSQL: pip install psycopg2-binary; MySQL: pip install pymysql)",
+                "install one (PostgreSQL: pip install 'psycopg[binary]' or psycopg2-binary; "
+                "MySQL: pip install pymysql)",
             ) from None
         except (sa.ArgumentError, sa.NoSuchModuleError):
             raise ImgrecError(
