@@ -170,6 +170,18 @@ def test_a_url_without_a_driver_gets_the_one_installed(monkeypatch):
     assert with_driver("postgresql://h/db") == "postgresql://h/db"  # its error says what to get
 
 
+def test_the_opening_line_hides_the_storage_password():
+    from types import SimpleNamespace
+
+    from imgrec.tuning.api import opening_line
+
+    search = SimpleNamespace(study=SimpleNamespace(study_name="pets"), mode="scratch",
+                             url="postgresql://tuner:secret@db:5432/tune", model="fast-cnn",
+                             space=SimpleNamespace(params=["lr"]))
+    line = opening_line(search, "0 of 8 trials finished")
+    assert "secret" not in line and "postgresql://tuner:***@db:5432/tune" in line
+
+
 def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch):
     """The training loop turns SIGTERM into an interrupted run; the trial fails, the command
     says so in one line and exits 143 (Typer would turn it into a silent 130)."""

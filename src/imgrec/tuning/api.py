@@ -66,13 +66,18 @@ def tune(
     search.open()
     for note in search.notes:
         search.log(f"note    {note}")
-    c = _counts(search)
-    search.log(
-        f"study   {search.study.study_name} ({search.url}): {c}; searching "
-        f"{', '.join(search.space.params)} ({search.mode} mode, {search.model})"
-    )
+    search.log(opening_line(search, _counts(search)))
     search.run()
     return finish(search)
+
+
+def opening_line(search: Search, counts: str) -> str:
+    """What the search is about to do; the storage URL without its password (as everywhere
+    it is printed or recorded)."""
+    from .study import shown
+
+    return (f"study   {search.study.study_name} ({shown(search.url)}): {counts}; searching "
+            f"{', '.join(search.space.params)} ({search.mode} mode, {search.model})")
 
 
 def _counts(search: Search) -> str:
