@@ -217,7 +217,8 @@ def test_features_run_on_real_photos(mini_photos, tmp_path, capsys):
     shutil.copy(sorted((mini_photos / "validation" / "dog").glob("*.jpg"))[0], extra)
     try:
         assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--head", "mlp",
-                     "--out", str(tmp_path / "mlp"), "-q", "--no-tensorboard"]) == 0
+                     "--dropout", "0.3", "--out", str(tmp_path / "mlp"), "-q",
+                     "--no-tensorboard"]) == 0
     finally:
         extra.unlink()
     t2 = read_bundle(tmp_path / "mlp").training
@@ -225,7 +226,8 @@ def test_features_run_on_real_photos(mini_photos, tmp_path, capsys):
     assert t2["features_cached"] == 35
     mlp = read_bundle(tmp_path / "mlp")
     assert mlp.architecture["name"] == "transfer" and mlp.architecture["args"]["head"] == "mlp"
-    load_model(mlp)
+    assert mlp.architecture["args"]["dropout"] == 0.3  # --dropout: the mlp head's rate
+    assert load_model(mlp).head[2].p == 0.3
 
 
 @pytest.mark.slow
@@ -249,12 +251,32 @@ def test_finetune_run_on_real_photos(mini_photos, tmp_path):
 
     out = tmp_path / "ft"
     assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--mode", "finetune",
-                 "--epochs", "1", "--out", str(out), "-q", "--no-tensorboard"]) == 0
+                 "--epochs", "1", "--layer-decay", "0.7", "--out", str(out), "-q",
+                 "--no-tensorboard"]) == 0
     bundle = read_bundle(out)
     t = bundle.training
     assert t["mode"] == "finetune" and t["bn_frozen"] and t["warmup_val_acc"] is not None
+    assert t["layer_decay"] == 0.7
     assert t["epochs_run"] == 1
     load_model(bundle)
     preds = Predictor(bundle).predict(
         [str(sorted((mini_photos / "validation" / "dog").glob("*.jpg"))[0])], top_k=2)
     assert {p.label for p in preds[0]} == {"cat", "dog"}
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.85, 0.5])
+def test_layer_decay_scales_the_lr_down_the_backbone(decay):
+    """--layer-decay: the head and the top block at the full lr, each block below at `decay`
+    times the one above; 1.0 is one lr for every layer."""
+    from imgrec.models.registry import build_model
+    from imgrec.training.transfer import layer_decay_groups
+
+    model = build_model("efficientnet_lite0", in_channels=3, num_classes=2, image_size=64)
+    groups = layer_decay_groups(model, 1e-3, 0.01, decay)
+    lrs = sorted({round(g["lr"], 12) for g in groups})
+    assert lrs[-1] == pytest.approx(1e-3)
+    if decay == 1.0:
+        assert lrs == [pytest.approx(1e-3)]
+    else:
+        assert len(lrs) > 3 and lrs[0] == pytest.approx(1e-3 * decay ** (len(lrs) - 1))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))

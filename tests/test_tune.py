@@ -182,6 +182,30 @@ def test_the_opening_line_hides_the_storage_password():
     assert "secret" not in line and "postgresql://tuner:***@db:5432/tune" in line
 
 
+def test_transfer_spaces_search_the_heads_dropout_and_finetunes_layer_decay():
+    """features: the mlp head's dropout; finetune: the layer-wise lr decay; the recipe's own
+    values (0.5, 0.85) are the first trial's and pass TrainConfig's checks."""
+    from types import SimpleNamespace
+
+    from imgrec.augment import Augment
+    from imgrec.training.config import TrainConfig
+    from imgrec.tuning.space import Space, check_space, default_space, recipe_point
+
+    for mode, name, low, high in (("features", "dropout", 0.0, 0.7),
+                                  ("finetune", "layer_decay", 0.6, 1.0)):
+        plan = SimpleNamespace(lr=1e-3, epochs=10, batch_size=32, mode=mode,
+                               augment=Augment.parse("light"), cfg=TrainConfig(data="x"),
+                               weight_decay=1e-2, label_smoothing=0.1, optimizer="adamw",
+                               patience=2, model_name="efficientnet_lite0", image_size=224,
+                               contract=SimpleNamespace(tta=()))
+        space = default_space(plan)
+        assert (space[name].low, space[name].high) == (low, high)
+        point = recipe_point(plan)
+        assert (point["dropout"], point["layer_decay"]) == (0.5, 0.85)
+        assert space[name].contains(point[name])
+        check_space(Space(space, {}), {"mode": mode, "model": "efficientnet_lite0"})
+
+
 def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch):
     """The training loop turns SIGTERM into an interrupted run; the trial fails, the command
     says so in one line and exits 143 (Typer would turn it into a silent 130)."""

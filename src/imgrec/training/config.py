@@ -57,6 +57,11 @@ class TrainConfig:
                                        "(loaded without pickle)")
     head: str = option("linear", "transfer head: linear, or mlp (dense + dropout)",
                        choices=HEADS)
+    dropout: float | None = option(None, "the mlp head's dropout rate (default 0.5; the "
+                                         "linear head has none)", min=0.0, max=0.95)
+    layer_decay: float | None = option(
+        None, "finetune: each backbone block's lr is this times the one above it, from the "
+              "head down (default 0.85; 1: one lr for every layer)", min=0.05, max=1.0)
     augment_views: int = option(0, "features mode: K augmented views per training image "
                                    "(cached)", min=0, max=64)
     epochs: int | None = option(None, "epochs (default: recipe)", min=1)

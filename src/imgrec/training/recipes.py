@@ -71,6 +71,12 @@ def recipe_for(key: str) -> dict[str, Any]:
     alone for anything else (used before the data is loaded)."""
     return {**GENERIC, **RECIPES.get(key, {})}
 
+#: the mlp head's dropout (the workshops' cats-vs-dogs head: Dense 256, dropout 0.5) and
+#: finetune's layer-wise lr decay (each block's lr this times the one above; the stem of
+#: Lite0 gets ~0.06), where --dropout / --layer-decay are not given
+HEAD_DROPOUT = 0.5
+LAYER_DECAY = 0.85
+
 #: The transfer modes' defaults where the user gave none. features: the head's epochs, lr and
 #: batch on the feature tensor; finetune: the whole network's (after the same head warm-up,
 #: which uses the features defaults).

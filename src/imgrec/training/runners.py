@@ -31,15 +31,16 @@ from .record import RecordWriter
 from .transfer import (
     FEATURE_TENSOR,
     FREEZE_BN_BELOW,
-    LAYER_DECAY,
     FeatureSet,
     HeadSettings,
     compose,
     compose_onnx,
     extract_features,
     frozen_bn_train_mode,
+    head_dropout,
     head_logits,
     head_note,
+    layer_decay,
     layer_decay_groups,
     train_head,
 )
@@ -206,20 +207,22 @@ class FinetuneRunner(ScratchRunner):
                           self.state)
         self.note(head_note(plan, fs, head))
         model, arch = compose(plan.backbone, fs.extractor.model(), head.head, plan.cfg.head,
-                              len(plan.data.classes))
+                              len(plan.data.classes), head_dropout(plan))
         freeze = plan.batch_size < FREEZE_BN_BELOW
-        self.note(f"unfreeze all layers: layer-wise lr decay {LAYER_DECAY}, BatchNorm "
+        decay = layer_decay(plan)
+        self.note(f"unfreeze all layers: layer-wise lr decay {decay:g}, BatchNorm "
                   f"statistics {'frozen' if freeze else 'updated'} (batch {plan.batch_size})")
         model = model.to(plan.device)
         tracker = EarlyStopping(plan.patience, plan.has_validation)
         if head.val_acc is not None:  # the warmed-up network is epoch 0 of restore-best
             tracker.start_from(head.val_acc, head.val_loss, model)
         extra = {**transfer_record(plan, fs), "warmup_best_epoch": head.best_epoch,
-                 "warmup_val_acc": head.val_acc, "layer_decay": LAYER_DECAY,
+                 "warmup_val_acc": head.val_acc, "layer_decay": decay,
                  "bn_frozen": freeze}
         self.state.epochs, self.state.history = plan.epochs, []  # the warm-up's was the head's
         return self.fit(model, arch, t0, tracker, extra,
-                        param_groups=layer_decay_groups(model, plan.lr, plan.weight_decay),
+                        param_groups=layer_decay_groups(model, plan.lr, plan.weight_decay,
+                                                        decay),
                         train_mode=frozen_bn_train_mode if freeze else None)
 
 
@@ -240,7 +243,7 @@ class FeaturesRunner(Runner):
         self.note(head_note(plan, fs, head))
         self.head = head.head
         model, arch = compose(plan.backbone, fs.extractor.model(), head.head, plan.cfg.head,
-                              len(plan.data.classes))
+                              len(plan.data.classes), head_dropout(plan))
         self.state.model = model
         loop = LoopResult(head.history, head.best_epoch, head.stopped_early, False,
                           self.state.skipped)

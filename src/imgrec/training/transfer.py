@@ -32,10 +32,9 @@ from .callbacks import CallbackList, EarlyStopping, RunState
 from .engine import class_weights
 from .features import Extractor
 from .plan import RunPlan
-from .recipes import TRANSFER_DEFAULTS
+from .recipes import HEAD_DROPOUT, LAYER_DECAY, TRANSFER_DEFAULTS
 
-MLP_HIDDEN, MLP_DROPOUT = 256, 0.5  # the workshops' cats-vs-dogs head: Dense 256, dropout
-LAYER_DECAY = 0.85  # lr scale per block going down from the head (stem gets ~0.06 on Lite0)
+MLP_HIDDEN = 256  # the workshops' cats-vs-dogs head: Dense 256, dropout (HEAD_DROPOUT)
 FREEZE_BN_BELOW = 64  # batch sizes under this keep BatchNorm's pretrained statistics
 
 
@@ -194,7 +193,7 @@ class _HeadTrainer:
             self.yv = torch.from_numpy(fs.splits["val"][1]).long()
         self.weights = class_weights(y_tr, len(plan.data.classes), plan.cfg.class_weights, "cpu")
         self.head = make_head(s.kind, self.xt.shape[1], len(plan.data.classes), MLP_HIDDEN,
-                              MLP_DROPOUT)
+                              head_dropout(plan))
         self.opt = optimizers.AdamW(self.head.parameters(), lr=s.lr,
                                      weight_decay=s.weight_decay)
         steps = s.epochs * math.ceil(len(self.xt) / s.batch_size)
@@ -263,7 +262,8 @@ def head_logits(head: nn.Module, feats: np.ndarray) -> np.ndarray:
 
 # -- the bundle's network: backbone + trained head ---------------------------------------
 def compose(backbone: Backbone, backbone_model: nn.Module, head: nn.Module, kind: str,
-            num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+            num_classes: int, dropout: float = HEAD_DROPOUT
+            ) -> tuple[nn.Module, dict[str, Any]]:
     """The full network as a registry architecture, so downstream loads it with no training
     code: a linear head goes into the timm model's own classifier slot; an MLP head makes a
     'transfer' network (backbone + head)."""
@@ -282,7 +282,7 @@ def compose(backbone: Backbone, backbone_model: nn.Module, head: nn.Module, kind
                 clf.load_state_dict(head.state_dict())
                 return model.eval(), {"name": backbone.name, "args": args}
     args = {"backbone": backbone.name, "num_classes": num_classes, "in_channels": 3,
-            "head": kind, "hidden": MLP_HIDDEN, "dropout": MLP_DROPOUT, "image_size": size}
+            "head": kind, "hidden": MLP_HIDDEN, "dropout": dropout, "image_size": size}
     model = build_model("transfer", **args)
     model.backbone.load_state_dict(state)
     model.head.load_state_dict(head.state_dict())
@@ -332,13 +332,24 @@ def _rename(graph, old: str, new: str) -> None:
 
 
 # -- fine-tuning the composed network -----------------------------------------------------
-def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+def head_dropout(plan: RunPlan) -> float:
+    """The mlp head's dropout: --dropout, else HEAD_DROPOUT."""
+    return HEAD_DROPOUT if plan.cfg.dropout is None else plan.cfg.dropout
+
+
+def layer_decay(plan: RunPlan) -> float:
+    """finetune's layer-wise lr decay: --layer-decay, else LAYER_DECAY."""
+    return LAYER_DECAY if plan.cfg.layer_decay is None else plan.cfg.layer_decay
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float,
+                       decay: float = LAYER_DECAY) -> list[dict]:
     """Discriminative learning rates: timm's layer-wise decay over the backbone's blocks
-    (the head at lr, each block below at LAYER_DECAY times the one above)."""
+    (the head at lr, each block below at `decay` times the one above)."""
     from timm.optim import param_groups_layer_decay
 
     body = model.backbone if hasattr(model, "backbone") else model
-    groups = param_groups_layer_decay(body, weight_decay=weight_decay, layer_decay=LAYER_DECAY)
+    groups = param_groups_layer_decay(body, weight_decay=weight_decay, layer_decay=decay)
     if body is not model:
         groups.append({"params": list(model.head.parameters()), "lr_scale": 1.0,
                        "weight_decay": weight_decay})

@@ -25,11 +25,14 @@ from typing import Any, get_type_hints
 
 from ..errors import ImgrecError
 from ..training.config import TrainConfig, validate
+from ..training.recipes import HEAD_DROPOUT, LAYER_DECAY
 
 #: options a search may vary (the rest of TrainConfig may only be fixed)
 SEARCHABLE = (
     "model",
     "head",
+    "dropout",
+    "layer_decay",
     "augment_views",
     "epochs",
     "image_size",
@@ -124,6 +127,7 @@ def default_space(plan: Any) -> dict[str, Param]:
     if plan.mode == "features":  # the head on cached features: epochs cost milliseconds
         return {
             "head": Param("head", "categorical", choices=("linear", "mlp")),
+            "dropout": Param("dropout", "float", 0.0, 0.7),  # the mlp head's
             **common,
             "epochs": Param("epochs", "int", max(1, epochs // 4), 2 * epochs),
             "augment_views": Param("augment_views", "int", 0, 2),
@@ -137,7 +141,8 @@ def default_space(plan: Any) -> dict[str, Param]:
         "augment": Param("augment", "categorical", choices=ladder),
     }
     if plan.mode == "finetune":
-        return {**space, "head": Param("head", "categorical", choices=("linear", "mlp"))}
+        return {**space, "head": Param("head", "categorical", choices=("linear", "mlp")),
+                "layer_decay": Param("layer_decay", "float", 0.6, 1.0)}
     sizes = tuple(sorted({max(1, batch // 2), batch, batch * 2}))
     return {**space, "batch_size": Param("batch_size", "categorical", choices=sizes)}
 
@@ -172,6 +177,8 @@ def recipe_point(plan: Any) -> dict[str, Any]:
         "patience": plan.patience,
         "augment": augment,
         "head": cfg.head,
+        "dropout": HEAD_DROPOUT if cfg.dropout is None else cfg.dropout,
+        "layer_decay": LAYER_DECAY if cfg.layer_decay is None else cfg.layer_decay,
         "augment_views": cfg.augment_views,
         "model": plan.model_name,
         "image_size": plan.image_size,
