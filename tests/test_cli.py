@@ -171,3 +171,36 @@ def test_an_interrupt_inside_a_command_is_one_line_and_its_signal_code(
     assert main(["train", "mnist", "--quiet"]) == code
     err = capsys.readouterr().err
     assert err.strip() == "imgrec: interrupted" and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [
+    ["explain", "{bundle}", "{photo}", "--out", "{blocked}/cam.png"],
+    ["kernels", "{photo}", "--out", "{blocked}/kernels.png"],
+    ["predict", "{photo}", "--model", "{bundle}", "--out", "{blocked}/results.jsonl"],
+    ["doctor", "{folder}", "--json", "{blocked}/doctor.json"],
+])
+def test_an_output_that_cannot_be_written_is_one_line_before_the_work(
+        command, capsys, tmp_path, sample_photo):
+    """An --out / --json under a file (or in a read-only folder) is refused in one line with
+    exit 2 before anything runs; it was an internal error (exit 1) after the work."""
+    from bundles import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    folder = tmp_path / "photos" / "cat"
+    folder.mkdir(parents=True)
+    (folder / "c.jpg").write_bytes(sample_photo("chelsea").read_bytes())
+    args = [a.format(bundle=bundle, photo=sample_photo("chelsea"), blocked=blocked,
+                     folder=folder.parent) for a in command]
+    line = _one_error_line(capsys, main(args))
+    assert "a-file is a file, not a folder" in line
+
+
+def test_atomic_write_into_a_file_is_an_imgrec_error(tmp_path):
+    from imgrec.bundle import atomic_write_bytes
+    from imgrec.errors import ImgrecError
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ImgrecError, match="cannot write .*f/g.bin"):
+        atomic_write_bytes(tmp_path / "f" / "g.bin", b"data")

@@ -114,12 +114,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     one, never a part: a temporary file beside it, flushed and fsynced, renamed over it, and
     the folder fsynced (where the system supports it) so the rename itself is durable."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
         mode = 0o644  # mkstemp's 0600 would hide the file from a server run as another user
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # a read-only folder, a file where a folder should be: one line
+        from .errors import ImgrecError
+
+        raise ImgrecError(f"cannot write {path} ({e.strerror or e})",
+                          "choose a folder you can write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

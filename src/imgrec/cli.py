@@ -376,6 +376,9 @@ def _predict_to_file(inputs, out, model, top_k, json_out, invert, engine, resume
                          "e.g. imgrec predict photos/ --out results.parquet")
     if resume and overwrite:
         raise InputError("--resume continues --out, --overwrite replaces it: give one of them")
+    from .files import check_output_file
+
+    check_output_file(out, "--out")
     if ray is not None:
         from .cluster import run_ray
 
@@ -673,12 +676,13 @@ def explain(
     Example: imgrec explain imagenet cat.jpg --class 'tabby cat' --feature-maps
     """
     from .explain import Explainer, plot_feature_maps, plot_filters, plot_gradcam
+    from .files import check_output_file
 
+    base = check_output_file(out or image.with_name(f"{image.stem}-gradcam.png"), "--out")
     explainer = Explainer(model)
     exp = explainer.gradcam(image, class_name)
     for label, p in exp.top(top_k):
         _echo(f"{p:7.2%}  {label}")
-    base = out or image.with_name(f"{image.stem}-gradcam.png")
     png = plot_gradcam(exp, base, title=f"{explainer.bundle.name}: {image.name}")
     _echo(f"Grad-CAM for '{exp.class_name}' ({exp.probs[exp.class_index]:.1%}): {png}")
     if feature_maps:
@@ -702,12 +706,14 @@ def kernels(
 
     Example: imgrec kernels digit.png --out kernels.png
     """
+    from .files import check_output_file
     from .kernels import plot, run
 
+    target = check_output_file(out or image.with_name(f"{image.stem}-kernels.png"), "--out")
     demo = run(image)
     for name, (h, w) in demo.sizes:
         _echo(f"{name:<40} {h} x {w}")
-    path = plot(demo, out or image.with_name(f"{image.stem}-kernels.png"))
+    path = plot(demo, target)
     _echo(f"figure: {path}")
 
 
@@ -726,10 +732,12 @@ def preview(
 
     Example: imgrec preview data/cats-dogs --augment strong --out preview.png
     """
+    from .files import check_output_file
     from .preview import preview as draw
 
     name = Path(data).name or "data"
-    path = draw(data, out or Path(f"preview-{name}.png"), augment, per_class, image_size, seed,
+    target = check_output_file(out or Path(f"preview-{name}.png"), "--out")
+    path = draw(data, target, augment, per_class, image_size, seed,
                 str(data_dir) if data_dir else None)
     _echo(f"preview: {path}")
 
@@ -795,6 +803,10 @@ def doctor(
         raise click.UsageError("give DATA (a folder), --apply-fixes FILE or --undo MANIFEST")
     if not labels and (model or report or fix_list):
         raise click.UsageError("--model, --report and --fix-list go with --labels")
+    if json_file is not None:
+        from .files import check_output_file
+
+        check_output_file(json_file, "--json")  # before the scan, not after it
     found = doc.scan(data, near_distance=near)
     _echo(found.text())
     findings = found.to_dict()
