@@ -204,3 +204,32 @@ def test_atomic_write_into_a_file_is_an_imgrec_error(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ImgrecError, match="cannot write .*f/g.bin"):
         atomic_write_bytes(tmp_path / "f" / "g.bin", b"data")
+
+
+def test_train_refuses_an_out_folder_of_other_files(capsys, shapes, tmp_path):
+    """--out holding the user's own files (not a bundle) is refused before anything is
+    written: the bundle's config.json and history.csv would have replaced theirs."""
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"precious": true}')
+    (mine / "history.csv").write_text("my notes")
+    line = _one_error_line(capsys, main(["train", str(shapes), "--model", "fast-cnn",
+                                         "--epochs", "1", "--out", str(mine), "-q"]))
+    assert "is not empty and not an imgrec bundle (config.json, history.csv)" in line
+    assert (mine / "config.json").read_text() == '{"precious": true}'
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "history.csv"]
+
+
+def test_train_may_replace_a_bundle_or_fill_an_empty_folder(shapes, tmp_path):
+    from imgrec.files import check_run_folder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_text("")
+    assert check_run_folder(empty) == empty
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "imgrec.json").write_text("{}")
+    (bundle / "notes.txt").write_text("")
+    assert check_run_folder(bundle) == bundle
+    assert check_run_folder(tmp_path / "new") == tmp_path / "new"

@@ -179,8 +179,9 @@ def test_recipes_record_the_fit(tmp_path):
     write_fake_mnist(tmp_path)
     (tmp_path / "fashion-mnist").symlink_to(tmp_path / "mnist")
     for data, fit in (("mnist", "digit"), ("fashion-mnist", "object")):
-        t = plan(data, data_dir=str(tmp_path), quiet=True, out=str(tmp_path / data))
+        t = plan(data, data_dir=str(tmp_path), quiet=True, out=str(tmp_path / f"{data}-out"))
         assert (t.contract.fit, t.contract.invert) == (fit, "auto")
         # an explicit --invert still wins over the recipe
-        t = plan(data, data_dir=str(tmp_path), quiet=True, invert="no", out=str(tmp_path / data))
+        t = plan(data, data_dir=str(tmp_path), quiet=True, invert="no",
+                 out=str(tmp_path / f"{data}-out"))
         assert t.contract.invert == "no"

@@ -236,3 +236,44 @@ def test_doctor_warnings_name_the_photos_they_concern(tmp_path):
     assert len(tiny_found) == 1 and tiny_found[0]["detail"].startswith("6x6 pixels"), found
     assert all(w["path"].split("/")[0] == "a" and w["path"].split("/")[1] in names
                for w in found)
+
+
+def test_a_training_project_keeps_its_classes_and_images(tmp_path, cats_dogs):
+    """While a project trains (its marker file is there), deleting or renaming what the run
+    reads is refused with 409 (the model would name classes the project no longer has);
+    a project with an empty class, or a single class, is refused before a run starts."""
+    from imgrec.studio.store import TRAINING_MARKER
+
+    client = TestClient(create_app(tmp_path))
+    client.post(API, json={"name": "p"})
+    for cls in ("cat", "dog"):
+        client.post(f"{API}/p/classes", json={"name": cls})
+        _upload(client, "p", cls, _photos(cats_dogs, "train", cls, 2))
+    client.post(f"{API}/p/classes", json={"name": "bird"})
+    r = client.post(f"{API}/p/train")
+    assert r.status_code == 400 and "'bird' of project 'p' has no images" in r.json()["error"]["message"]
+    assert client.delete(f"{API}/p/classes/bird").status_code == 204
+    (tmp_path / "p" / TRAINING_MARKER).write_text("{}")  # as the trainer does while it runs
+    name = _photos(cats_dogs, "train", "cat", 1)[0].name
+    for method, url in (("delete", f"{API}/p/classes/dog"),
+                        ("post", f"{API}/p/classes/dog/rename"),
+                        ("delete", f"{API}/p/classes/cat/images/{name}"),
+                        ("post", f"{API}/p/rename"), ("delete", f"{API}/p")):
+        kwargs = {"json": {"name": "q"}} if method == "post" else {}
+        r = getattr(client, method)(url, **kwargs)
+        assert r.status_code == 409 and "is training" in r.json()["error"]["message"], (url, r.text)
+    (tmp_path / "p" / TRAINING_MARKER).unlink()
+    assert client.delete(f"{API}/p/classes/dog").status_code == 204
+    r = client.post(f"{API}/p/train")
+    assert r.status_code == 400 and "needs two or more" in r.json()["error"]["message"]
+
+
+def test_renaming_the_served_project_keeps_it_served(tmp_path):
+    store = Store(tmp_path)
+    store.create_project("pets")
+    (tmp_path / ".served").write_text("pets")
+    store.rename_project("pets", "pets2")
+    assert (tmp_path / ".served").read_text() == "pets2"
+    store.create_project("other")
+    store.rename_project("other", "other2")  # not the served one: left alone
+    assert (tmp_path / ".served").read_text() == "pets2"

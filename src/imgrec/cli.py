@@ -376,9 +376,10 @@ def _predict_to_file(inputs, out, model, top_k, json_out, invert, engine, resume
                          "e.g. imgrec predict photos/ --out results.parquet")
     if resume and overwrite:
         raise InputError("--resume continues --out, --overwrite replaces it: give one of them")
-    from .files import check_output_file
+    from .files import check_output_folder
 
-    check_output_file(out, "--out")
+    if not Path(out).expanduser().exists():  # a file, or a folder of parquet parts, made here
+        check_output_folder(out, "--out")
     if ray is not None:
         from .cluster import run_ray
 
@@ -803,10 +804,7 @@ def doctor(
         raise click.UsageError("give DATA (a folder), --apply-fixes FILE or --undo MANIFEST")
     if not labels and (model or report or fix_list):
         raise click.UsageError("--model, --report and --fix-list go with --labels")
-    if json_file is not None:
-        from .files import check_output_file
-
-        check_output_file(json_file, "--json")  # before the scan, not after it
+    _check_file_option(json_file, "--json")  # before the scan, not after it
     found = doc.scan(data, near_distance=near)
     _echo(found.text())
     findings = found.to_dict()
@@ -823,6 +821,14 @@ def doctor(
         manifest = doc.quarantine(found, quarantine)
         moved = len(json.loads(manifest.read_text())["moved"])
         _echo(f"moved {moved} file(s) to {quarantine}; undo: imgrec doctor --undo {manifest}")
+
+
+def _check_file_option(path: Path | None, option: str) -> None:
+    """An output file option, checked before the work: writable, not under a file."""
+    if path is not None:
+        from .files import check_output_file
+
+        check_output_file(path, option)
 
 
 def _move_back_or_fix(undo: Path | None, apply_fixes: Path | None, data: Path | None) -> None:

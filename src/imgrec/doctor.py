@@ -322,7 +322,7 @@ def scan(data: str | Path, workers: int | None = None,
     issues += _duplicate_issues(files, layout, near_distance)
     classes = _class_counts(files)
     ratio, balance = _balance(classes)
-    issues += balance
+    issues += balance + _empty_classes(root, classes)
     order = {f.rel: i for i, f in enumerate(files)}
     issues.sort(key=lambda i: (order.get(i.path, -1), i.kind))
     return DoctorReport(root, len(files), issues, classes, ratio, layout, time.time() - t0)
@@ -345,6 +345,18 @@ def _duplicate_issues(files: list[FileInfo], layout: str, near_distance: int) ->
         if second not in best or d < best[second][1]:
             best[second] = (first, d)
     return issues + _near_issues([(reps[a], reps[b], d) for b, (a, d) in best.items()], layout)
+
+
+def _empty_classes(root: Path, classes: dict[str, dict[str, int]]) -> list[Issue]:
+    """Class folders with no training image: the loader refuses them (a class no image
+    teaches would still be predicted)."""
+    layout, split_dirs = _layout(root)
+    train = split_dirs["train"] if layout == "split" else root
+    return [Issue(str(d.relative_to(root)), "empty-class",
+                  "no images in this class folder: add some, or remove it")
+            for d in sorted(train.iterdir())
+            if d.is_dir() and not d.name.startswith(".")
+            and not classes.get(d.name, {}).get("train")]
 
 
 def _class_counts(files: list[FileInfo]) -> dict[str, dict[str, int]]:

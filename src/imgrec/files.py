@@ -48,6 +48,28 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
     return path
 
 
+#: files that make a folder a training run's own (a bundle, or an interrupted run's checkpoint)
+RUN_MARKERS = ("imgrec.json", "checkpoint.pt")
+
+
+def check_run_folder(path: str | Path, option: str = "--out") -> Path:
+    """A training run's output folder: new, empty, or a run's own (a bundle to replace, an
+    interrupted run to resume). A folder of other files is refused before anything is
+    written: the bundle's config.json, history.csv... would overwrite the user's."""
+    path = check_output_folder(path, option)
+    if not path.is_dir() or any((path / name).exists() for name in RUN_MARKERS):
+        return path
+    others = sorted(p.name for p in path.iterdir()
+                    if not p.name.startswith((".", "events.out.tfevents")))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3
+                                         else "")
+        raise ImgrecError(f"{option} {path} is not empty and not an imgrec bundle ({shown})",
+                          f"give {option} a new or empty folder: training writes the bundle "
+                          "(imgrec.json, config.json, history.csv...) there")
+    return path
+
+
 def check_output_file(path: str | Path, option: str) -> Path:
     """A file imgrec will write at the end of a command: checked before the work starts."""
     path = Path(path).expanduser()

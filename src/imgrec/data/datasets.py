@@ -134,6 +134,14 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
     else:
         per_split = {"train": _class_files(path)}
     classes = sorted(set().union(*[set(v) for v in per_split.values()]))
+    empty = [c for c in classes if not per_split["train"].get(c)]
+    if empty:  # a class no image teaches: the model would still predict it
+        where = "train/" if "train" in split_dirs else ""
+        raise DataError(
+            f"{path}: class folder(s) {', '.join(repr(where + c) for c in empty)} hold no "
+            "training images",
+            "add images to them, or remove them (imgrec doctor lists them)",
+        )
     if len(classes) < 2:
         raise DataError(
             f"{path}: found {len(classes)} class folder(s); a folder dataset needs at least two",

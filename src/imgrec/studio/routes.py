@@ -29,12 +29,10 @@ from .schemas import (
     TrainRequest,
     TrainState,
 )
-from .store import NotFound, Store
+from .store import SERVED, NotFound, Store
 from .trainer import Trainer, TrainOptions
 
 STATIC = Path(__file__).parent / "static"
-#: DIR/<this file> names the project whose model answers POST /v1/predict
-SERVED = ".served"
 #: the studio's own statuses (serve's ERROR_WHEN has no 404 or 409 of its own)
 STUDIO_ERRORS = {
     404: {"model": ErrorResponse, "description": "`not_found`: no such project, class, image "

@@ -50,6 +50,10 @@ class Added:
 
 
 #: a zip upload: at most this many members, each at most MAX_MEMBER bytes once inflated
+#: in a project's folder while it trains (the trainer writes it, with the run's options)
+TRAINING_MARKER = "training.json"
+#: in the studio's folder: the project whose model POST /v1/predict answers with
+SERVED = ".served"
 MAX_MEMBERS = 5000
 MAX_MEMBER = 50 * 1024 * 1024
 
@@ -105,17 +109,29 @@ class Store:
         (path / "data").mkdir(parents=True)
         return path
 
-    def delete_project(self, name: str) -> None:
+    def idle(self, name: str) -> Path:
+        """The project's folder, when it is not training: deleting or renaming what a run is
+        reading (a class, an image, the project) would give a model whose classes no longer
+        match the project, so it is refused (409) until the run ends."""
         path = self.project(name)
+        if (path / TRAINING_MARKER).exists():
+            raise Conflict(f"project {name!r} is training; wait for it to end (GET its /train)")
+        return path
+
+    def delete_project(self, name: str) -> None:
+        path = self.idle(name)
         trash = self.root / ".trash"
         trash.mkdir(exist_ok=True)
         path.rename(trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
 
     def rename_project(self, name: str, new: str) -> None:
-        path, target = self.project(name), self.project(new, must_exist=False)
+        path, target = self.idle(name), self.project(new, must_exist=False)
         if target.exists():
             raise Conflict(f"project {new!r} exists")
         path.rename(target)
+        served = self.root / SERVED
+        if served.is_file() and served.read_text() == name:  # the served model follows it
+            atomic_write_bytes(served, new.encode())
 
     # -- classes -----------------------------------------------------------------------------
     def class_dir(self, project: str, name: str, must_exist: bool = True) -> Path:
@@ -137,12 +153,14 @@ class Store:
         path.mkdir()
 
     def rename_class(self, project: str, name: str, new: str) -> None:
+        self.idle(project)
         path, target = self.class_dir(project, name), self.class_dir(project, new, False)
         if target.exists():
             raise Conflict(f"class {new!r} exists in project {project!r}")
         path.rename(target)
 
     def delete_class(self, project: str, name: str) -> None:
+        self.idle(project)
         path = self.class_dir(project, name)
         for f in path.iterdir():
             self._to_trash(project, name, f)
@@ -176,6 +194,7 @@ class Store:
         return path
 
     def delete_image(self, project: str, cls: str, filename: str) -> None:
+        self.idle(project)
         self._to_trash(project, cls, self.image(project, cls, filename))
 
     def empty_trash(self, project: str) -> None:

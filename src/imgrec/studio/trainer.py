@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import atomic_write_bytes
-from .store import Conflict, Store
+from ..errors import DataError
+from .store import TRAINING_MARKER, Conflict, Store
 
-MARKER = "training.json"
+MARKER = TRAINING_MARKER
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -133,6 +134,7 @@ class Trainer:
 
     def start(self, project: str, options: TrainOptions) -> TrainStatus:
         path = self.store.project(project)
+        self._check_trainable(project)
         self.get(project)
         with self.lock:
             busy = self.threads.get(project)
@@ -146,6 +148,18 @@ class Trainer:
         thread.start()
         return status
 
+    def _check_trainable(self, project: str) -> None:
+        """Two classes or more, each with an image: refused at once (400), not a run that
+        fails after the request was accepted."""
+        counts = {c: len(files) for c, files in self.store.classes(project).items()}
+        empty = [c for c, n in counts.items() if not n]
+        if empty:
+            raise DataError(f"class {', '.join(repr(c) for c in empty)} of project {project!r} "
+                            "has no images", "add images to it, or delete the class")
+        if len(counts) < 2:
+            raise DataError(f"project {project!r} has {len(counts)} class(es); a classifier "
+                            "needs two or more", "add a class and its images")
+
     def _run(self, path: Path, options: TrainOptions, status: TrainStatus) -> None:
         start = time.perf_counter()
         tmp = path / f".model-{uuid.uuid4().hex[:8]}"
@@ -153,8 +167,9 @@ class Trainer:
             accuracy = train_bundle(path / "data", tmp, options, Progress(status))
             (tmp / "studio.json").write_text(json.dumps({"val_accuracy": accuracy}))
             put_in_place(tmp, path / "model")
-        except Exception as e:  # the page shows why; the last good model stays
-            status.state, status.message = "failed", str(e) or type(e).__name__
+        except Exception as e:  # the page shows why (no server path); the last good model stays
+            why = (str(e) or type(e).__name__).replace(str(path / "data"), "the project")
+            status.state, status.message = "failed", why.replace(str(path), "the project")
             shutil.rmtree(tmp, ignore_errors=True)
             return
         finally:

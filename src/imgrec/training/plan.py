@@ -18,7 +18,7 @@ from ..contract import Preprocess, scratch_contract
 from ..data.arrays import dataset_from_arrays, dataset_from_torch
 from ..data.datasets import Dataset, builtin_key, load_dataset
 from ..errors import ImgrecError
-from ..files import check_output_folder
+from ..files import check_run_folder
 from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, validate
 from .distributed import SINGLE, World, world_from_env
@@ -106,8 +106,8 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     """Settle every choice of a run. `source`: data the caller holds instead of `cfg.data`
     (NumPy arrays `(x, y)` or a torch Dataset); `module`: a network the caller built."""
     validate(cfg)
-    if cfg.out:  # an unwritable --out fails now, not after the data has loaded
-        check_output_folder(cfg.out)
+    if cfg.out:  # an unwritable or foreign --out fails now, not after the data has loaded
+        check_run_folder(cfg.out)
     augment_default = Augment.parse(cfg.augment)  # a bad --augment fails before data loads
     key = builtin_key(cfg.data) if source is None else None
     world = world_from_env()
@@ -136,6 +136,8 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     if world.active and cfg.batch_size is None:  # the recipe's batch is the global one
         hyper["batch_size"] = max(1, math.ceil(hyper["batch_size"] / world.size))
     out = Path(cfg.out or Path("runs") / f"{ds.name}-{name}")
+    if not cfg.out:
+        check_run_folder(out)
     return RunPlan(cfg, ds, mode, name, args, contract, size, **hyper, augment=augment,
                    device=device, out=out, recipe=variant,
                    val_fraction=pick("val_fraction"), test_fraction=pick("test_fraction"),
