@@ -233,3 +233,31 @@ def test_train_may_replace_a_bundle_or_fill_an_empty_folder(shapes, tmp_path):
     (bundle / "notes.txt").write_text("")
     assert check_run_folder(bundle) == bundle
     assert check_run_folder(tmp_path / "new") == tmp_path / "new"
+
+
+def test_benchmark_refuses_a_batch_too_large_to_time(capsys, tmp_path):
+    from bundles import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "b")
+    line = _one_error_line(capsys, main(["benchmark", str(bundle), "--batch-sizes", "1,100000"]))
+    assert "from 1 to 4096" in line
+
+
+def test_evaluate_never_writes_into_a_read_only_data_tree(tmp_path, monkeypatch):
+    """The default figure folder goes beside the data only where its permission bits allow
+    writing: as root os.access says yes even in a read-only tree (a shared dataset)."""
+    from types import SimpleNamespace
+
+    from imgrec.cli import _evaluation_folder
+
+    tree = tmp_path / "shared"
+    (tree / "photos").mkdir(parents=True)
+    bundle = SimpleNamespace(path=tmp_path / "model")
+    assert _evaluation_folder(str(tree / "photos"), bundle, "test").parent == tree
+    tree.chmod(0o555)
+    monkeypatch.chdir(tmp_path)
+    try:
+        assert _evaluation_folder(str(tree / "photos"), bundle, "test") == \
+            tmp_path / "photos-eval-model-test"
+    finally:
+        tree.chmod(0o755)

@@ -139,14 +139,20 @@ def time_engine(engine: Callable, x: np.ndarray, seconds: float,
             float(np.percentile(ms, 50)), float(np.percentile(ms, 99)))
 
 
+#: the largest batch timed: one batch of 224 px colour images this size is ~2.5 GB of input
+#: alone, and the engines' activations are many times that (100,000 ran out of memory)
+MAX_BATCH_SIZE = 4096
+
+
 def run_benchmark(model: str | Path | None, batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
                   seconds: float = 3.0, engines: tuple[str, ...] = ENGINES,
                   threads: int | None = None) -> BenchmarkResult:
     """Time each available engine at each batch size on this machine."""
     from .zoo import open_bundle
 
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > MAX_BATCH_SIZE:
+        raise InputError(f"batch sizes must be whole numbers from 1 to {MAX_BATCH_SIZE}, got "
+                         f"{list(batch_sizes)}", "e.g. --batch-sizes 1,8,32")
     if seconds <= 0:
         raise InputError(f"--seconds must be above 0, got {seconds}")
     bundle = open_bundle(model, need_weights=False)

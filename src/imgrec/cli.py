@@ -253,7 +253,9 @@ def _evaluation_folder(data: str, bundle, split: str) -> Path:
     the current folder for a built-in or an unwritable place), never in the bundle it reads."""
     name = f"{Path(data).name}-eval-{bundle.path.name}-{split}"
     beside = Path(data).expanduser().resolve().parent
-    if Path(data).expanduser().exists() and os.access(beside, os.W_OK):
+    # the permission bits too: root passes os.access everywhere, even in a read-only data tree
+    if (Path(data).expanduser().exists() and os.access(beside, os.W_OK)
+            and beside.stat().st_mode & 0o222):
         return beside / name
     return Path.cwd() / name
 
