@@ -5,6 +5,7 @@ figures.save_figure like every other imgrec figure."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ def draw_plots(study: Any, out: Path, metric: str) -> tuple[list[Path], list[str
 
     plt = pyplot()  # the Agg backend before Optuna touches matplotlib
     written, notes = [], []
-    with quiet_optuna(), plt.rc_context():  # Optuna sets the ggplot style globally
+    with quiet_optuna(), plt.rc_context(), warnings.catch_warnings():  # Optuna sets ggplot
+        # Optuna's and matplotlib's notes while drawing (an importance evaluator's caveat,
+        # "identical low and high ylims" for a parameter all trials shared): not the user's
+        warnings.simplefilter("ignore", UserWarning)
         from optuna.visualization import matplotlib as vis
 
         for name, (function, size) in PLOTS.items():
