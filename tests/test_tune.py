@@ -318,3 +318,14 @@ def test_two_processes_share_a_study_and_a_killed_one_loses_only_its_trial(digit
     assert len(retried) == 1 and retried[0].params == study.trials[number].params  # ...and rerun
     assert _states(out, name)["finished"] == 8 and _states(out, name)["running"] == 0
     assert not (out / "trials").exists()
+
+
+def test_unreadable_files_are_listed_once_not_per_trial(shapes, tmp_path, capfd):
+    """Every trial reads the same files: the list of unreadable ones comes out once, from
+    the final run, not from each trial."""
+    bad = next((shapes).rglob("*.png"), None) or next(shapes.rglob("*.jpg"))
+    (bad.parent / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    imgrec.tune(str(shapes), model="fast-cnn", trials=2, out=tmp_path / "t", quiet=True,
+                space={"epochs": 1, "image_size": 32, "batch_size": 16}, sampler_seed=0)
+    err = capfd.readouterr().err
+    assert err.count("unreadable file(s):") == 1 and "broken.png" in err, err

@@ -75,8 +75,9 @@ class Runner:
 
     title = "training"
 
-    def __init__(self, plan: RunPlan, callbacks: list[Any] = ()):
+    def __init__(self, plan: RunPlan, callbacks: list[Any] = (), report_skipped: bool = True):
         self.plan = plan
+        self.report_skipped = report_skipped
         self.callbacks = CallbackList([*default_callbacks(plan), *callbacks])
         self.state = RunState(plan, epochs=plan.epochs)
         self.record = RecordWriter(plan)
@@ -108,7 +109,7 @@ class Runner:
         finally:
             self.record.finish()
             self.callbacks.on_train_end(self.state, logs)
-        if loop.skipped and self.plan.world.main:  # a warning about the data: even --quiet
+        if loop.skipped and self.plan.world.main and self.report_skipped:  # even --quiet
             print(skipped_report(loop.skipped), file=sys.stderr, flush=True)
         return TrainResult(bundle, loop.history, loop.skipped, test, time.time() - t0,
                            loop.stopped_early, loop.interrupted, loop.terminated)
@@ -307,7 +308,10 @@ def transfer_record(plan: RunPlan, fs: FeatureSet) -> dict[str, Any]:
 RUNNERS = {"scratch": ScratchRunner, "features": FeaturesRunner, "finetune": FinetuneRunner}
 
 
-def run_plan(plan: RunPlan, callbacks: list[Any] = ()) -> TrainResult:
-    """Train what the plan says with the mode's runner (in a process group under torchrun)."""
+def run_plan(plan: RunPlan, callbacks: list[Any] = (), report_skipped: bool = True
+             ) -> TrainResult:
+    """Train what the plan says with the mode's runner (in a process group under torchrun).
+    `report_skipped` False: no list of unreadable files on stderr (a search's trials, which
+    all read the same files: the final run lists them once)."""
     with distributed.session(plan):
-        return RUNNERS[plan.mode](plan, callbacks).run()
+        return RUNNERS[plan.mode](plan, callbacks, report_skipped).run()

@@ -287,7 +287,7 @@ class Search:
         p = replace(p, data=trial_data(p.data, self.s.subset, self.s.seed, test=False))
         reporter = TrialReporter(trial, self.s.metric)
         try:
-            result = run_plan(p, [reporter])
+            result = run_plan(p, [reporter], report_skipped=False)
         finally:
             if not self.s.keep_trials:
                 shutil.rmtree(folder, ignore_errors=True)
