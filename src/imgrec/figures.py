@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,14 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) 
     from .bundle import atomic_write_bytes
 
     path = Path(path)
-    if tight:
-        fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     buf.name = str(path)  # where these bytes go (matplotlib and readers of figures see it)
-    fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
+    with warnings.catch_warnings():  # a CJK file name in a title: boxes, not a warning each
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font",
+                                category=UserWarning)
+        if tight:
+            fig.tight_layout()
+        fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")
     if getattr(fig.canvas, "manager", None) is not None:  # a pyplot figure: release it
         pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())  # a crash never leaves half a PNG
