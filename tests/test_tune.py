@@ -212,7 +212,7 @@ def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, cap
     from imgrec.training import runners
     from imgrec.training.engine import Terminated
 
-    def terminated(plan, callbacks=()):
+    def terminated(plan, callbacks=(), report_skipped=True):
         raise Terminated()
 
     monkeypatch.setenv("IMGREC_DATA", str(digits))
