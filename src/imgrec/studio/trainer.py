@@ -23,7 +23,6 @@ from ..bundle import atomic_write_bytes
 from ..errors import DataError
 from .store import TRAINING_MARKER, Conflict, Store
 
-MARKER = TRAINING_MARKER
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -118,7 +117,7 @@ class Trainer:
                 tmp.rename(path / "model")  # stopped between the two renames
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
-        marker = path / MARKER
+        marker = path / TRAINING_MARKER
         model = (path / "model" / "imgrec.json").is_file()
         if marker.exists():
             marker.unlink()
@@ -141,7 +140,7 @@ class Trainer:
             if self.status[project].state == "running" or (busy and busy.is_alive()):
                 raise Conflict(f"project {project!r} is training already; wait for it to end")
             status = self.status[project] = TrainStatus("running", 0.0, None, "starting")
-            (path / MARKER).write_text(json.dumps(asdict(options)))
+            (path / TRAINING_MARKER).write_text(json.dumps(asdict(options)))
         thread = threading.Thread(target=self._run, args=(path, options, status),
                                   name=f"studio-train-{project}", daemon=True)
         self.threads[project] = thread
@@ -174,7 +173,7 @@ class Trainer:
             return
         finally:
             status.seconds = round(time.perf_counter() - start, 2)
-            (path / MARKER).unlink(missing_ok=True)
+            (path / TRAINING_MARKER).unlink(missing_ok=True)
         status.val_accuracy, status.message = accuracy, "the model is ready"
         status.progress, status.state = 1.0, "done"
         # the model is usable now; the confusion matrix follows (the page polls for it)

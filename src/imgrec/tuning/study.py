@@ -61,9 +61,9 @@ def shown(url: str) -> str:
 #: the drivers a URL without one (postgresql://, mysql://) may use, in SQLAlchemy's order of
 #: preference; SQLAlchemy 2.1 takes only its default (psycopg 3, mysqlclient), so a machine
 #: with psycopg2 or PyMySQL alone would be told the driver is missing
-DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("MySQLdb", "pymysql")}
-DRIVER_NAMES = {"psycopg": "psycopg", "psycopg2": "psycopg2", "MySQLdb": "mysqldb",
-                "pymysql": "pymysql"}
+#: (the module to look for, SQLAlchemy's name for its driver)
+DRIVERS = {"postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2")),
+           "mysql": (("MySQLdb", "mysqldb"), ("pymysql", "pymysql"))}
 
 
 def with_driver(url: str) -> str:
@@ -77,9 +77,9 @@ def with_driver(url: str) -> str:
     if not sep or "+" in scheme or base not in DRIVERS:
         return url
     dialect = "postgresql" if base == "postgresql" else scheme.lower()  # no postgres:// in 2.x
-    for module in DRIVERS[base]:
+    for module, driver in DRIVERS[base]:
         if find_spec(module) is not None:
-            return f"{dialect}+{DRIVER_NAMES[module]}://{rest}"
+            return f"{dialect}+{driver}://{rest}"
     return url
 
 
