@@ -156,3 +156,18 @@ def test_crop_box_resize_matches_resize_then_crop(size):
     assert got.shape == expected.shape == (224, 224, 3)
     diff = np.abs(got - expected)
     assert diff.max() <= 2 and diff.mean() < 0.2
+
+
+def test_a_cropping_contract_takes_the_centre_of_arrays_and_files_alike(tmp_path):
+    """MNIST's recipe trains on the centre 24 x 24 of its 28 x 28 images (resize "shorter",
+    resize_to 28): in-memory arrays are sliced, an image file is cropped the same way."""
+    c = Preprocess(input_size=24, channels=1, resize="shorter", resize_to=28, mean=(0.5,),
+                   std=(0.5,))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+    out = fit_arrays(images, c)
+    assert out.shape == (5, 1, 24, 24) and out.flags.c_contiguous
+    assert np.array_equal(out, images[:, :, 2:26, 2:26])
+    path = tmp_path / "digit.png"
+    Image.fromarray(images[3, 0]).save(path)
+    assert np.array_equal(load_input(path, c), images[3, :, 2:26, 2:26])

@@ -185,3 +185,30 @@ def test_recipes_record_the_fit(tmp_path):
         t = plan(data, data_dir=str(tmp_path), quiet=True, invert="no",
                  out=str(tmp_path / f"{data}-out"))
         assert t.contract.invert == "no"
+
+
+def test_a_cropping_contract_frames_at_28_then_takes_the_centre():
+    """With MNIST's crop (input 24 of 28) a drawing is framed in 28 x 28 as MNIST framed its
+    digits, then cropped as the training images were: the same pixels as the 28 px fit's
+    centre, never a digit squeezed into 24 px."""
+    crop = DIGIT.replace(input_size=24, resize="shorter", resize_to=28)
+    assert crop.frame_size == 28 and DIGIT.frame_size == 28
+    framed, cropped = DIGIT.to_uint8(_seven()), crop.to_uint8(_seven())
+    assert cropped.shape == (1, 24, 24)
+    assert np.array_equal(cropped, framed[:, 2:26, 2:26])
+    # the 20 px box, centred by its mass (as MNIST's are), keeps nearly all its ink
+    assert cropped.sum() > 0.95 * framed.sum()
+
+
+def test_the_mnist_recipe_crops_unless_an_image_size_is_given(tmp_path):
+    from helpers import write_fake_mnist
+
+    from imgrec.training.api import plan
+
+    write_fake_mnist(tmp_path)
+    t = plan("mnist", data_dir=str(tmp_path), quiet=True, out=str(tmp_path / "a"))
+    c = t.contract
+    assert (t.image_size, c.input_size, c.resize, c.resize_to) == (24, 24, "shorter", 28)
+    t = plan("mnist", data_dir=str(tmp_path), quiet=True, out=str(tmp_path / "b"),
+             image_size=28)
+    assert (t.image_size, t.contract.input_size, t.contract.resize) == (28, 28, "squash")

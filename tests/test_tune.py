@@ -62,7 +62,10 @@ def test_pruning_stops_a_third_of_12_trials_and_trials_never_see_test(digits, tm
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
     # the recipe's own options are trial 0; the best is at least as good on validation
-    assert study.trials[0].user_attrs["recipe"] and study.trials[0].params == {"lr": 0.02}
+    from imgrec.training.recipes import RECIPES
+
+    assert study.trials[0].user_attrs["recipe"]
+    assert study.trials[0].params == {"lr": RECIPES["mnist"]["lr"]}
     assert summary.best["value"] <= study.trials[0].value
     # the final bundle is the one run with the test split; trials were scored on validation
     meta = json.loads((out / "best" / "imgrec.json").read_text())

@@ -78,6 +78,10 @@ def train(**options) -> None:
 
     Example: imgrec train mnist --out runs/mnist
     """
+    from .data.builtins import read_ahead
+
+    if not options.get("nproc"):  # MNIST's files decompress while torch is imported
+        read_ahead(str(options.get("data") or "").lower(), options.get("data_dir"))
     from .training.api import train as run
 
     json_out = options.pop("json_out")

@@ -39,7 +39,8 @@ class Preprocess:
     sees it (`imgrec.fitting`). "none" resizes it as `resize` says. "digit" is MNIST's own
     normalisation: the paper's uneven background removed, dark ink inverted (per `invert`),
     cropped to the ink, fitted into 20 x 20 keeping the aspect ratio and centred by its
-    centre of mass in 28 x 28 (sizes scale with input_size). "object" is Fashion-MNIST's:
+    centre of mass in 28 x 28 (sizes scale with frame_size), then centre-cropped like the
+    training images (MNIST's recipe: 24 of 28). "object" is Fashion-MNIST's:
     inverted when on a light background, cropped to the object, its longest edge fitted to
     the frame, centred. In-memory arrays of the training set (`fit_arrays`) are already
     framed and never go through it. Bundles written before the field existed load as "none".
@@ -88,6 +89,23 @@ class Preprocess:
         return Preprocess.from_dict({**self.to_dict(), **changes})
 
     # -- the pipeline --------------------------------------------------------------------
+    @property
+    def frame_size(self) -> int:
+        """The side images are framed at before the centre crop: resize_to when the contract
+        crops ("shorter"), else input_size."""
+        return max(self.input_size, self.resize_to or 0) if self.resize == "shorter" \
+            else self.input_size
+
+    def centre_crop(self, pixels: np.ndarray) -> np.ndarray:
+        """The centre input_size x input_size of an array (... x H x W) framed at frame_size:
+        MNIST's recipe drops the 2-pixel border its digits never reach."""
+        h, w = pixels.shape[-2:]
+        size = self.input_size
+        if (h, w) == (size, size):
+            return pixels
+        top, left = (h - size) // 2, (w - size) // 2
+        return pixels[..., top : top + size, left : left + size]
+
     @property
     def draft_size(self) -> tuple[int, int]:
         """The smallest decode size that keeps full quality for this contract (JPEG draft)."""
@@ -154,8 +172,8 @@ class Preprocess:
         """A decoded image -> uint8 array C x H x W, resized and (if needed) inverted, or
         framed as `fit` (default: the contract's) says."""
         fit = fit or self.fit
-        if fit != "none":
-            framed = fit_image(img, fit, self.input_size, invert or self.invert)
+        if fit != "none":  # framed at the training images' own size, then cropped as they are
+            framed = self.centre_crop(fit_image(img, fit, self.frame_size, invert or self.invert))
             return np.ascontiguousarray(np.repeat(framed[None], self.channels, axis=0))
         img = self.resize_image(img)
         pixels = np.asarray(img, dtype=np.uint8)
@@ -254,6 +272,9 @@ def fit_arrays(images: np.ndarray, contract: Preprocess) -> np.ndarray:
     built-in dataset's, already framed: `fit` never applies to them."""
     if images.shape[-1] == contract.input_size and images.shape[1] == contract.channels:
         return images
+    if (images.shape[-2:] == (contract.frame_size,) * 2 and images.shape[1] == contract.channels
+            and contract.frame_size > contract.input_size):  # a cropping recipe (MNIST's)
+        return np.ascontiguousarray(contract.centre_crop(images))
     out = np.empty((len(images), contract.channels, contract.input_size, contract.input_size),
                    np.uint8)
     for i, img in enumerate(images):

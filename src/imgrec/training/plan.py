@@ -129,6 +129,7 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     hyper = {h: pick(h) for h in HYPER}
     augment = Augment.parse(pick("augment")) if cfg.augment is None else augment_default
     backbone, contract = None, _contract(cfg, ds, name, size, pick, recipe)
+    size = contract.input_size
     if mode != "scratch":
         backbone, contract = _backbone(cfg, name, contract)
         size = contract.input_size
@@ -249,6 +250,11 @@ def _contract(cfg: TrainConfig, ds: Dataset, name: str, size: int, pick,
         contract = contract.replace(tta=("flip",))
     if recipe.get("fit"):
         contract = contract.replace(fit=recipe["fit"])
+    crop = recipe.get("crop") or 0
+    if crop and crop < size and not cfg.image_size and not _pretrained_contract(name):
+        # the recipe's centre crop of the data's own size (MNIST: the 24 x 24 its digits
+        # occupy), recorded in the contract so predict and serve crop as training did
+        contract = contract.replace(resize="shorter", resize_to=size, input_size=crop)
     return contract
 
 

@@ -101,9 +101,10 @@ class Runner:
         self.callbacks.on_train_begin(self.state)
         try:
             bundle, loop = self.train(t0)
-            test = None if loop.interrupted or bundle is None else self.test_metrics(bundle)
-            if not loop.interrupted and bundle is not None and self.plan.cfg.onnx:
-                self.write_onnx(bundle)  # (an interrupted run stops now)
+            done = not loop.interrupted and bundle is not None  # (an interrupted run stops now)
+            if done and self.plan.cfg.onnx:
+                self.write_onnx(bundle)  # first: the test split is scored as it will be served
+            test = self.test_metrics(bundle) if done else None
             logs.update(history=loop.history, best_epoch=loop.best_epoch, test=test,
                         stopped_early=loop.stopped_early, interrupted=loop.interrupted)
         finally:
@@ -132,7 +133,10 @@ class Runner:
         from ..evaluation import evaluate_bundle
         from ..network import TorchEngine
 
-        engine = TorchEngine.from_model(self.state.model, plan.device)
+        # on the CPU the bundle's model.onnx when training wrote one (ONNX Runtime: MNIST's
+        # test split in 0.4 s against 1.3 s eager), else the network in PyTorch
+        onnx = plan.device.type == "cpu" and bundle.onnx_path.exists()
+        engine = "onnx" if onnx else TorchEngine.from_model(self.state.model, plan.device)
         report = evaluate_bundle(bundle, plan.data, "test", engine=engine)
         self.state.skipped.update(report.skipped)  # bad test files are reported too
         self.record.add_test_metrics(bundle, report.headline(), len(self.state.skipped))
