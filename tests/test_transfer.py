@@ -280,3 +280,53 @@ def test_layer_decay_scales_the_lr_down_the_backbone(decay):
     else:
         assert len(lrs) > 3 and lrs[0] == pytest.approx(1e-3 * decay ** (len(lrs) - 1))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_unfreeze_trains_only_the_top_layer_groups():
+    """--unfreeze N: only the backbone's last N layer groups (as layer decay counts them) and
+    the head get gradients and optimizer slots; a step leaves the frozen weights and their
+    BatchNorm statistics exactly as they were."""
+    import torch
+    import torch.nn.functional as F
+
+    from imgrec.models.registry import build_model
+    from imgrec.training.transfer import (
+        backbone_layers,
+        frozen_layers_train_mode,
+        layer_decay_groups,
+        unfreeze_top,
+    )
+
+    torch.manual_seed(0)
+    # a linear head sits in the timm model's own classifier slot: it is the head, not a group
+    model = build_model("efficientnet_lite0", in_channels=3, num_classes=2, image_size=64)
+    layers = backbone_layers(model)
+    assert max(layers.values()) + 1 == 17 and "classifier.weight" not in layers
+    assert layers["conv_head.weight"] == layers["blocks.6.0.conv_pw.weight"] == 16
+    assert unfreeze_top(model, 2) == (2, 17)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in layers if layers[n] >= 15} | {
+        "classifier.weight", "classifier.bias"}
+    groups = layer_decay_groups(model, 1e-3, 0.01, 0.85)
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(groups)
+    frozen_layers_train_mode(model)
+    loss = F.cross_entropy(model(torch.randn(4, 3, 64, 64)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    assert torch.equal(before["conv_stem.weight"], after["conv_stem.weight"])
+    assert torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])  # frozen BN
+    assert not torch.equal(before["conv_head.weight"], after["conv_head.weight"])
+    assert not torch.equal(before["bn2.running_mean"], after["bn2.running_mean"])
+    fresh = build_model("efficientnet_lite0", in_channels=3, num_classes=2, image_size=64)
+    assert unfreeze_top(fresh, None) == unfreeze_top(fresh, 99) == (17, 17)
+    assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_unfreeze_is_checked_and_searchable():
+    from imgrec.tuning.space import SEARCHABLE
+
+    assert "unfreeze" in SEARCHABLE
+    assert main(["train", "mnist", "--mode", "finetune", "--unfreeze", "0"]) == 2

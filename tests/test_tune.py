@@ -207,6 +207,19 @@ def test_transfer_spaces_search_the_heads_dropout_and_finetunes_layer_decay():
         assert (point["dropout"], point["layer_decay"]) == (0.5, 0.85)
         assert space[name].contains(point[name])
         check_space(Space(space, {}), {"mode": mode, "model": "efficientnet_lite0"})
+    # --unfreeze from a space file: an int range; trial 0 keeps "all" (no value) unless the
+    # command line gave one
+    from imgrec.errors import ImgrecError
+    from imgrec.tuning.space import Param, build_space
+
+    unfreeze = build_space({}, {"unfreeze": {"low": 1, "high": 17}}, {}).params["unfreeze"]
+    assert (unfreeze.kind, unfreeze.low, unfreeze.high) == ("int", 1, 17)
+    assert "unfreeze" not in recipe_point(plan)
+    plan.cfg = TrainConfig(data="x", unfreeze=4)
+    assert recipe_point(plan)["unfreeze"] == 4
+    with pytest.raises(ImgrecError):
+        check_space(Space({"unfreeze": Param("unfreeze", "int", 0, 4)}, {}),
+                    {"mode": "finetune", "model": "efficientnet_lite0"})
 
 
 def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch):

@@ -62,6 +62,10 @@ class TrainConfig:
     layer_decay: float | None = option(
         None, "finetune: each backbone block's lr is this times the one above it, from the "
               "head down (default 0.85; 1: one lr for every layer)", min=0.05, max=1.0)
+    unfreeze: int | None = option(
+        None, "finetune: train only the backbone's last N layer groups (the blocks "
+              "--layer-decay counts; Lite0 has 17) and the head, the rest frozen (default: all)",
+        min=1)
     augment_views: int = option(0, "features mode: K augmented views per training image "
                                    "(cached)", min=0, max=64)
     epochs: int | None = option(None, "epochs (default: recipe)", min=1)

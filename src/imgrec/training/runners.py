@@ -37,12 +37,14 @@ from .transfer import (
     compose_onnx,
     extract_features,
     frozen_bn_train_mode,
+    frozen_layers_train_mode,
     head_dropout,
     head_logits,
     head_note,
     layer_decay,
     layer_decay_groups,
     train_head,
+    unfreeze_top,
 )
 
 
@@ -215,7 +217,10 @@ class FinetuneRunner(ScratchRunner):
                               len(plan.data.classes), head_dropout(plan))
         freeze = plan.batch_size < FREEZE_BN_BELOW
         decay = layer_decay(plan)
-        self.note(f"unfreeze all layers: layer-wise lr decay {decay:g}, BatchNorm "
+        trained, groups = unfreeze_top(model, plan.cfg.unfreeze)
+        which = "all layers" if trained == groups else \
+            f"the last {trained} of {groups} layer groups (the rest frozen)"
+        self.note(f"unfreeze {which}: layer-wise lr decay {decay:g}, BatchNorm "
                   f"statistics {'frozen' if freeze else 'updated'} (batch {plan.batch_size})")
         model = model.to(plan.device)
         tracker = EarlyStopping(plan.patience, plan.has_validation)
@@ -223,12 +228,13 @@ class FinetuneRunner(ScratchRunner):
             tracker.start_from(head.val_acc, head.val_loss, model)
         extra = {**transfer_record(plan, fs), "warmup_best_epoch": head.best_epoch,
                  "warmup_val_acc": head.val_acc, "layer_decay": decay,
-                 "bn_frozen": freeze}
+                 "unfreeze": trained, "layer_groups": groups, "bn_frozen": freeze}
         self.state.epochs, self.state.history = plan.epochs, []  # the warm-up's was the head's
         return self.fit(model, arch, t0, tracker, extra,
                         param_groups=layer_decay_groups(model, plan.lr, plan.weight_decay,
                                                         decay),
-                        train_mode=frozen_bn_train_mode if freeze else None)
+                        train_mode=frozen_bn_train_mode if freeze else
+                        frozen_layers_train_mode if trained < groups else None)
 
 
 class FeaturesRunner(Runner):

@@ -342,6 +342,41 @@ def layer_decay(plan: RunPlan) -> float:
     return LAYER_DECAY if plan.cfg.layer_decay is None else plan.cfg.layer_decay
 
 
+def backbone_layers(model: nn.Module) -> dict[str, int]:
+    """Each backbone parameter's layer group, numbered from the input (timm's, as its
+    layer-wise decay groups them: Lite0's stem is 0 and its last block with conv_head 16).
+    The classifier (a linear head in a timm model's own slot) is the head, not a group."""
+    from timm.models import group_parameters
+    from timm.optim._param_groups import auto_group_layers
+
+    body = model.backbone if hasattr(model, "backbone") else model
+    if hasattr(body, "group_matcher"):
+        layers = group_parameters(body, body.group_matcher(coarse=False), reverse=True)
+    else:
+        layers = auto_group_layers(body)
+    head = body.get_classifier() if body is model and hasattr(body, "get_classifier") else None
+    if isinstance(head, nn.Module):
+        ids = {id(p) for p in head.parameters()}
+        layers = {n: i for n, i in layers.items()
+                  if id(body.get_parameter(n)) not in ids}
+    return layers
+
+
+def unfreeze_top(model: nn.Module, n: int | None) -> tuple[int, int]:
+    """Freeze all but the backbone's last `n` layer groups (None: none frozen); the head
+    always trains. Frozen layers get no gradient (their backward is skipped) and keep their
+    BatchNorm statistics (`frozen_bn_train_mode`). Returns (groups training, groups)."""
+    body = model.backbone if hasattr(model, "backbone") else model
+    layers = backbone_layers(model)
+    total = max(layers.values()) + 1 if layers else 1
+    if n is None or n >= total:
+        return total, total
+    for name, param in body.named_parameters():
+        if name in layers and layers[name] < total - n:
+            param.requires_grad_(False)
+    return n, total
+
+
 def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float,
                        decay: float = LAYER_DECAY) -> list[dict]:
     """Discriminative learning rates: timm's layer-wise decay over the backbone's blocks
@@ -364,4 +399,14 @@ def frozen_bn_train_mode(model: nn.Module) -> None:
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def frozen_layers_train_mode(model: nn.Module) -> None:
+    """Train mode, but the BatchNorm layers that are frozen (`unfreeze_top`) keep their
+    pretrained statistics: a frozen layer does not change at all."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in m.parameters()):
             m.eval()
