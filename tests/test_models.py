@@ -277,3 +277,21 @@ def test_transfer_net_exposes_timms_interface():
     assert model.get_classifier() is model.head[-1]
     assert list(model.state_dict())[-4:] == ["head.0.weight", "head.0.bias", "head.3.weight",
                                              "head.3.bias"]
+
+
+def test_a_grid_as_large_as_the_map_flattens_it_without_pooling():
+    """MNIST's recipe (grid 6 on the 24 px crop's 6x6 map): no pooling op at all, and the
+    linear layer sees every position of the last map."""
+    import torch
+    from torch import nn
+
+    from imgrec.models.registry import build_model
+    from imgrec.models.scratch import grid_max_pool
+
+    assert isinstance(grid_max_pool(6, 6), nn.Identity)
+    net = build_model("fast-cnn", in_channels=1, num_classes=10, image_size=24, width=16,
+                      grid=6, stem="space-to-depth", stem_width=16).eval()
+    assert net.get_classifier().in_features == 64 * 6 * 6
+    x = torch.randn(2, 1, 24, 24)
+    assert net.forward_features(x).shape == (2, 64, 6, 6)
+    assert torch.allclose(net(x), net.forward_head(net.forward_features(x)))

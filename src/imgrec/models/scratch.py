@@ -156,7 +156,8 @@ def fast_cnn(
 ) -> nn.Module:
     """imgrec's fast small-image net (the default recipe for MNIST-sized data): stages of
     conv -> max-pool -> BatchNorm -> ReLU that double the width and halve the resolution, then
-    global max pooling and one linear layer. Pooling before BatchNorm and ReLU (as airbench
+    max pooling to a grid x grid map (1: global; the map's own side: none) and one linear
+    layer. Pooling before BatchNorm and ReLU (as airbench
     does) runs them on a quarter of the pixels, which halves a CPU training step; BatchNorm and
     the one-cycle schedule let it converge in a few epochs.
 
@@ -221,6 +222,8 @@ def grid_max_pool(side: int, grid: int) -> nn.Module:
     stride 2: MNIST's fast-cnn), else GridMaxPool."""
     if grid == 1 or side <= 0:
         return nn.AdaptiveMaxPool2d(grid)  # global pooling exports as GlobalMaxPool
+    if grid == side:  # one-pixel bins: the map itself (MNIST's fast-cnn flattens its 6x6)
+        return nn.Identity()
     bins = _adaptive_bins(side, grid)
     kernel = bins[0][1] - bins[0][0]
     stride = bins[1][0] - bins[0][0] if grid > 1 else kernel
