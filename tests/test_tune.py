@@ -53,14 +53,17 @@ def _states(out: Path, name: str) -> dict[str, int]:
 
 def test_pruning_stops_a_third_of_12_trials_and_trials_never_see_test(digits, tmp_path):
     out = tmp_path / "search"
-    search = {"out": out, "data_dir": str(digits), "space": SPACE, "metric": "val_loss"}
+    # 6 epochs: the pruner may stop a trial at epochs 2-5 (never after its last, when there
+    # is nothing left to save)
+    search = {"out": out, "data_dir": str(digits), "space": {**SPACE, "epochs": 6},
+              "metric": "val_loss"}
     summary = imgrec.tune("mnist", trials=12, sampler_seed=0, quiet=True, **search)
     study = _study(out, summary.study)
     states = _states(out, summary.study)
     assert states["finished"] == 12 and states["fail"] == 0
     assert states["pruned"] >= 4, states  # a third of 12, read from the study itself
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
-    assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
+    assert all(t.user_attrs["epochs_run"] < 6 for t in pruned)
     # the recipe's own options are trial 0; the best is at least as good on validation
     from imgrec.training.recipes import RECIPES
 
@@ -345,3 +348,32 @@ def test_unreadable_files_are_listed_once_not_per_trial(shapes, tmp_path, capfd)
                 space={"epochs": 1, "image_size": 32, "batch_size": 16}, sampler_seed=0)
     err = capfd.readouterr().err
     assert err.count("unreadable file(s):") == 1 and "broken.png" in err, err
+
+
+def test_the_last_epoch_is_never_pruned():
+    """A pruner's verdict after the last epoch would only discard a finished run (it made
+    test_pruning_stops_a_third_of_12_trials... fail now and then: a trial 'pruned' at epoch
+    4 of 4). Before the last epoch the run stops; at it, the trial stays complete."""
+    from types import SimpleNamespace
+
+    from imgrec.tuning.search import TrialReporter
+
+    class AlwaysPrune:
+        def __init__(self):
+            self.reports = []
+
+        def report(self, value, step):
+            self.reports.append((step, value))
+
+        def should_prune(self):
+            return True
+
+    stops = []
+    state = SimpleNamespace(stage="train", epochs=4, plan=SimpleNamespace(mode="scratch"),
+                            stop=stops.append)
+    last = TrialReporter(AlwaysPrune(), "val_loss")
+    last.on_epoch_end(state, 4, {"val_loss": 0.5})
+    assert last.pruned_at is None and not stops and last.trial.reports == [(4, 0.5)]
+    early = TrialReporter(AlwaysPrune(), "val_loss")
+    early.on_epoch_end(state, 2, {"val_loss": 0.7})
+    assert early.pruned_at == 2 and stops == ["pruned by the tuner at epoch 2"]

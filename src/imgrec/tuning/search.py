@@ -122,7 +122,9 @@ class TrialReporter:
         if self.trial is None or self.key not in row or self.pruned_at is not None:
             return
         self.trial.report(float(row[self.key]), epoch)
-        if self.trial.should_prune():
+        # after the last epoch there is nothing left to save: a pruned verdict would only
+        # throw away a finished run's score (the trial stays complete, its value counts)
+        if epoch < state.epochs and self.trial.should_prune():
             self.pruned_at = epoch
             state.stop(f"pruned by the tuner at epoch {epoch}")
 
