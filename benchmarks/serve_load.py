@@ -248,6 +248,8 @@ def run_one(name: str, cmd: list[str], path: str, image: bytes, args) -> dict:
 
 
 def main() -> None:
+    from imgrec.serve.config import ServeConfig
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds per server")
@@ -256,7 +258,8 @@ def main() -> None:
     ap.add_argument("--image", type=Path, default=IMAGE)
     ap.add_argument("--model", default="imagenet")
     ap.add_argument("--workers", type=int, default=1, help="imgrec serve --workers")
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=ServeConfig().max_batch,
+                    help="imgrec serve --max-batch (default: its own)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--only", nargs="+", choices=["imgrec", "imgrec_int8", "flask"],
                     help="run these servers only (default: all three)")

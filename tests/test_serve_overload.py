@@ -148,8 +148,11 @@ def test_model_info_shows_the_queue_and_the_timeout(tiny):
     config = ServeConfig(model=str(tiny), max_batch=4, threads=1)
     with TestClient(create_app(config)) as c:
         info = c.get("/v1/model").json()
-    # the batch running, half a batch waiting, an image per decode thread
-    assert info["max_queue"] == 4 + 2 + config.decode_threads and config.decode_threads >= 2
+    # the batch running and half a batch waiting, at least QUEUE_IMAGES; an image per decode
+    # thread
+    assert info["max_queue"] == 24 + config.decode_threads and config.decode_threads >= 2
+    assert ServeConfig(max_batch=32).queue_limit == 32 + 16 + config.decode_threads
+    assert info["max_batch"] == ServeConfig().max_batch == 4
     assert info["timeout_ms"] == 10_000
     assert ServeConfig(max_queue=3).queue_limit == 3
 

@@ -519,7 +519,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="server processes")] = 1,
     max_batch: Annotated[int, typer.Option(min=1, max=256, help="images per inference batch")] =
-    16,
+    4,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="how long a request "
                                                "waits for others to share its batch")] = 5.0,
     max_upload_mb: Annotated[float, typer.Option(min=0.01, help="largest request body")] = 10.0,

@@ -11,12 +11,18 @@ from ..images import MAX_PIXELS
 from ..predict import MAX_LANES, available_cores
 
 CONFIG_ENV = "IMGREC_SERVE_CONFIG"
+#: the fewest images a worker admits besides those decoding (`queue_limit`): what 1.5 batches
+#: of 16 held before the default batch became 4, so 16 clients are never refused
+QUEUE_IMAGES = 24
 @dataclass
 class ServeConfig:
     """Everything `imgrec serve` passes to each worker process (as JSON in the environment)."""
 
     model: str | None = None
-    max_batch: int = 16
+    #: 4: a single-threaded ONNX Runtime lane runs Lite0 at 6.3 ms an image at batch 1-4 and
+    #: 7.8 ms at batch 16 (cache); under 16 clients 176-178 req/s against 164-175 and p99
+    #: 111-115 ms against 162-174 (benchmarks/serve_load.py, session 9)
+    max_batch: int = 4
     max_wait_ms: float = 5.0
     max_upload_mb: float = 10.0
     threads: int | None = None  # ONNX Runtime intra-op threads (default: cores / workers)
@@ -81,10 +87,12 @@ class ServeConfig:
 
     @property
     def queue_limit(self) -> int:
-        """--max-queue, else the batch running, half a batch waiting and an image for each
-        decode thread: the engine never starves for work, and a request admitted under
-        overload waits for about two batches, never for a backlog."""
-        return self.max_queue or self.max_batch + self.max_batch // 2 + self.decode_threads
+        """--max-queue, else the batch running and half a batch waiting (at least
+        QUEUE_IMAGES: small batches need not mean a short queue) and an image for each decode
+        thread: the engine never starves for work, and a request admitted under overload waits
+        for a few batches, never for a backlog."""
+        running = max(QUEUE_IMAGES, self.max_batch + self.max_batch // 2)
+        return self.max_queue or running + self.decode_threads
 
     @property
     def upload_buffer_bytes(self) -> int:
