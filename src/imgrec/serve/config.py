@@ -14,6 +14,8 @@ CONFIG_ENV = "IMGREC_SERVE_CONFIG"
 #: the fewest images a worker admits besides those decoding (`queue_limit`): what 1.5 batches
 #: of 16 held before the default batch became 4, so 16 clients are never refused
 QUEUE_IMAGES = 24
+
+
 @dataclass
 class ServeConfig:
     """Everything `imgrec serve` passes to each worker process (as JSON in the environment)."""

@@ -129,11 +129,10 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     hyper = {h: pick(h) for h in HYPER}
     augment = Augment.parse(pick("augment")) if cfg.augment is None else augment_default
     backbone, contract = None, _contract(cfg, ds, name, size, pick, recipe)
-    size = contract.input_size
     if mode != "scratch":
         backbone, contract = _backbone(cfg, name, contract)
-        size = contract.input_size
         hyper, augment = _transfer_defaults(cfg, mode, hyper, augment)
+    size = contract.input_size  # a recipe's crop, or the backbone's own size
     if world.active and cfg.batch_size is None:  # the recipe's batch is the global one
         hyper["batch_size"] = max(1, math.ceil(hyper["batch_size"] / world.size))
     out = Path(cfg.out or Path("runs") / f"{ds.name}-{name}")

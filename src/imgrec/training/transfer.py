@@ -393,20 +393,17 @@ def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float,
     return groups
 
 
-def frozen_bn_train_mode(model: nn.Module) -> None:
+def frozen_bn_train_mode(model: nn.Module, frozen_only: bool = False) -> None:
     """Train mode, but BatchNorm keeps its pretrained statistics (a batch of 16-32 photos
-    estimates them badly and wrecks the features)."""
+    estimates them badly and wrecks the features); `frozen_only`: only in the layers
+    `unfreeze_top` froze, so a frozen layer does not change at all."""
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not (
+                frozen_only and any(p.requires_grad for p in m.parameters())):
             m.eval()
 
 
 def frozen_layers_train_mode(model: nn.Module) -> None:
-    """Train mode, but the BatchNorm layers that are frozen (`unfreeze_top`) keep their
-    pretrained statistics: a frozen layer does not change at all."""
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in m.parameters()):
-            m.eval()
+    """frozen_bn_train_mode for the frozen layers alone (`--unfreeze`)."""
+    frozen_bn_train_mode(model, frozen_only=True)
