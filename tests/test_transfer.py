@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import write_fake_mnist
 
 from imgrec.cli import main
 from imgrec.contract import Preprocess
@@ -330,3 +331,21 @@ def test_unfreeze_is_checked_and_searchable():
 
     assert "unfreeze" in SEARCHABLE
     assert main(["train", "mnist", "--mode", "finetune", "--unfreeze", "0"]) == 2
+
+
+@pytest.mark.parametrize("flag", [["--unfreeze", "4"], ["--layer-decay", "0.7"]])
+def test_finetune_options_are_refused_outside_finetune(flag, tmp_path, capsys):
+    """--unfreeze and --layer-decay mean nothing to a frozen backbone (features) or a
+    network trained from scratch: said in one line, not silently ignored."""
+    folder = tmp_path / "photos"
+    for label in ("cat", "dog"):
+        (folder / label).mkdir(parents=True)
+    assert main(["train", str(folder), "--model", "efficientnet_lite0", "--mode", "features",
+                 *flag, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mode finetune" in err[0] and "features" in err[0], err
+    write_fake_mnist(tmp_path / "data")  # no --mode: refused once auto has chosen scratch
+    assert main(["train", "mnist", "--data-dir", str(tmp_path / "data"), *flag]) == 2
+    assert "only apply to --mode finetune (this run is scratch: it has no backbone)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

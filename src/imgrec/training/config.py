@@ -184,3 +184,16 @@ def _validate_transfer(cfg: TrainConfig) -> None:
     if cfg.mode in ("features", "finetune") and not cfg.model:
         raise ImgrecError(f"--mode {cfg.mode} needs a pretrained backbone",
                           "add --model efficientnet_lite0 (offline ImageNet weights)")
+    if cfg.mode is not None:
+        refuse_finetune_options(cfg, cfg.mode)
+
+
+def refuse_finetune_options(cfg: TrainConfig, mode: str) -> None:
+    """--unfreeze and --layer-decay shape finetuning only: a run in another mode refuses them
+    in one line instead of ignoring them."""
+    given = [f"--{n.replace('_', '-')}" for n in ("unfreeze", "layer_decay")
+             if getattr(cfg, n) is not None]
+    if given and mode != "finetune":
+        why = "its backbone stays frozen" if mode == "features" else "it has no backbone"
+        raise ImgrecError(f"{' and '.join(given)} only apply to --mode finetune (this run is "
+                          f"{mode}: {why})", "add --mode finetune, or leave them out")

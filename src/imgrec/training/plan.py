@@ -20,7 +20,7 @@ from ..data.datasets import Dataset, builtin_key, load_dataset
 from ..errors import ImgrecError
 from ..files import check_run_folder
 from ..models.registry import MODELS, resolve_model_name
-from .config import TrainConfig, validate
+from .config import TrainConfig, refuse_finetune_options, validate
 from .distributed import SINGLE, World, world_from_env
 from .recipes import BUILTIN_RECIPES, LONG_WHERE_FAST, RECIPES, TRANSFER_DEFAULTS, recipe_for
 from .threads import cpu_flags
@@ -231,6 +231,7 @@ def _mode(cfg: TrainConfig, ds: Dataset, name: str, module: Any) -> str:
     if mode != "scratch" and not files:
         raise ImgrecError(f"--mode {mode} needs colour image files (a folder or a CSV of paths)",
                           "built-in array datasets train with --mode scratch")
+    refuse_finetune_options(cfg, mode)
     return mode
 
 
