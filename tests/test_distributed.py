@@ -126,7 +126,8 @@ def test_two_ranks_train_disjoint_shards_and_rank0_alone_writes(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     out = tmp_path / "bundle"
-    r = _run([*TORCHRUN, str(script), str(tmp_path), str(out)])
+    r = _run([*TORCHRUN, "--log-dir", str(tmp_path / "logs"), str(script), str(tmp_path),
+              str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     a, b = (set(x["seen"]) for x in ranks)
@@ -173,12 +174,15 @@ def test_transfer_modes_on_two_ranks(mode, tiny_backbone, tmp_path):
     data = make_shapes_dataset(tmp_path / "shapes", per_class=12, layout="split",
                                seed=["features", "finetune"].index(mode) + 1)  # fresh photos
     out = tmp_path / mode
-    r = _run([PY, "-m", "imgrec", "train", str(data), "--nproc", "2", "--model",
-              "test_efficientnet", "--weights", str(tiny_backbone), "--mode", mode,
-              "--epochs", "2", "--image-size", "64", "--out", str(out), "--json",
-              "--no-tensorboard", "--workers", "0"],
-             timeout=240)
+    scratch = tmp_path / "tmp"  # the processes' temporary folder
+    scratch.mkdir()
+    r = subprocess.run([PY, "-m", "imgrec", "train", str(data), "--nproc", "2", "--model",
+                        "test_efficientnet", "--weights", str(tiny_backbone), "--mode", mode,
+                        "--epochs", "2", "--image-size", "64", "--out", str(out), "--json",
+                        "--no-tensorboard", "--workers", "0"],
+                       capture_output=True, text=True, timeout=240, env=_env(TMPDIR=str(scratch)))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(scratch.glob("*torch*"))  # torchrun's log folder went with the job
     summary = json.loads(r.stdout[r.stdout.index("{"):])
     from imgrec.bundle import read_bundle
     from imgrec.predict import Predictor

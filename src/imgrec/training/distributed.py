@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -394,11 +395,16 @@ def torchrun(argv: list[str]) -> int:
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
-    try:
-        run(parse_args(argv))
-        return 0
-    except ChildFailedError as e:
-        return report_failure(e.failures)
+    # torchrun's per-run log folder (tempfile's, by default) outlives the run: one empty
+    # /tmp/torchelastic_* folder per `--nproc` run. This one goes when the job ends.
+    with tempfile.TemporaryDirectory(prefix="imgrec-torchrun-") as logs:
+        if not any(a.split("=")[0] in ("--log-dir", "--log_dir") for a in argv):
+            argv = ["--log-dir", logs, *argv]
+        try:
+            run(parse_args(argv))
+            return 0
+        except ChildFailedError as e:
+            return report_failure(e.failures)
 
 
 def report_failure(failures: dict) -> int:
