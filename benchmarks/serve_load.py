@@ -193,10 +193,7 @@ def prepare_bundle(model: str, int8: bool) -> None:
     from imgrec.zoo import open_bundle
 
     bundle = open_bundle(model, need_weights=True)
-    q = bundle.path / ONNX_INT8_FILE
-    fresh_q = q.is_file() and bundle.onnx_path.is_file() and \
-        q.stat().st_mtime >= bundle.onnx_path.stat().st_mtime
-    if not bundle.onnx_path.is_file() or (int8 and not fresh_q):
+    if not bundle.onnx_path.is_file() or (int8 and not bundle.derived_current(ONNX_INT8_FILE)):
         export_bundle(model, int8=int8)
 
 

@@ -63,9 +63,21 @@ def test_int8_export_is_recorded_and_refused_when_stale(tmp_path, capsys):
     assert serving_onnx_path(bundle) == bundle.onnx_path
     assert int8_onnx_path(bundle) == path / ONNX_INT8_FILE
 
-    # A newer model.onnx (re-exported weights) makes the int8 file stale: refused.
+    # Modification times do not matter (a copy or an unzipped download changes them)...
     later = (path / ONNX_INT8_FILE).stat().st_mtime + 10
     os.utime(bundle.onnx_path, (later, later))
+    assert int8_onnx_path(read_bundle(path)) == path / ONNX_INT8_FILE
+    # ...what it was made from does: another model.onnx makes the int8 file stale, refused
+    meta = json.loads((path / "imgrec.json").read_text())
+    made_from = meta["export"]["int8_source_sha256"]
+    assert made_from == meta["files"]["model.onnx"]["sha256"]
+    meta["export"]["int8_source_sha256"] = "0" * 64
+    (path / "imgrec.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="stale"):
+        int8_onnx_path(read_bundle(path))
+    # and so does an int8 file imgrec.json does not name (left over from another model)
+    del meta["export"]["int8"], meta["export"]["int8_source_sha256"]
+    (path / "imgrec.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="stale"):
         int8_onnx_path(read_bundle(path))
 

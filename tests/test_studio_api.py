@@ -7,12 +7,14 @@ import io
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("torch")
 from fastapi.testclient import TestClient  # noqa: E402
 
+import imgrec  # noqa: E402
 from imgrec.cli import main  # noqa: E402
 from imgrec.errors import ImgrecError  # noqa: E402
 from imgrec.predict import Predictor  # noqa: E402
@@ -148,6 +150,25 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     capsys.readouterr()
     assert main(["predict", "--model", str(unzipped), str(held_out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "dog"
+    assert not (unzipped / "model.int8.onnx").exists()
+    # the int8 download: quantized once, on the project's own photos, then kept
+    r = client.get(f"{API}/pets/bundle.zip", params={"int8": "true"})
+    assert r.status_code == 200, r.text
+    assert 'filename="pets-model-int8.zip"' in r.headers["content-disposition"]
+    quantized = tmp_path / "pets" / "model" / "model.int8.onnx"
+    made = quantized.stat().st_mtime_ns
+    unzipped8 = tmp_path / "unzipped-int8"
+    zipfile.ZipFile(io.BytesIO(r.content)).extractall(unzipped8)
+    export = json.loads((unzipped8 / "imgrec.json").read_text())["export"]
+    assert export["int8"] == "model.int8.onnx" and export["int8_held_out"]
+    assert export["int8_top1_agreement"] >= 0.9 and "training images" in export[
+        "int8_calibration"]
+    assert main(["predict", "--model", str(unzipped8), "--int8", str(held_out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] == "dog"
+    assert client.get(f"{API}/pets/bundle.zip?int8=true").status_code == 200
+    assert quantized.stat().st_mtime_ns == made  # not quantized again
+    assert "model.int8.onnx" not in zipfile.ZipFile(io.BytesIO(
+        client.get(f"{API}/pets/bundle.zip").content)).namelist()
     # the evaluation report of the validation photos, and nothing outside its folder
     r = client.get(f"{API}/pets/report/index.html")
     assert r.status_code == 200 and "confusion_matrix.png" in r.text, r.text[:300]
@@ -172,6 +193,33 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     assert again.post(f"{API}/pets/serve").json() == {"project": "pets"}
     r = TestClient(create_app(tmp_path)).post("/v1/predict", content=held_out.read_bytes())
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "dog"
+
+
+def test_quantizing_and_training_exclude_each_other(tmp_path):
+    """The int8 download quantizes the model folder in place: refused while the project
+    trains, and a training (or a second quantization) is refused until it is done."""
+    from imgrec.errors import Conflict
+    from imgrec.studio.trainer import Trainer, TrainStatus
+
+    client = TestClient(create_app(tmp_path))
+    client.post(API, json={"name": "p"})
+    photo = (Path(imgrec.__file__).parent / "samples" / "chelsea.jpg").read_bytes()
+    for cls in ("a", "b"):
+        client.post(f"{API}/p/classes", json={"name": cls})
+        assert client.post(f"{API}/p/classes/{cls}/images",
+                           files=[("files", (f"{cls}.jpg", photo, "image/jpeg"))]).json()[
+            "added"] == 1
+    trainer = Trainer(Store(tmp_path))
+    with trainer.quantizing("p"):
+        with pytest.raises(Conflict, match="being quantized"):
+            trainer.start("p", None)
+        with pytest.raises(Conflict, match="quantized already"), trainer.quantizing("p"):
+            pass
+    trainer.status["p"] = TrainStatus("running")
+    with pytest.raises(Conflict, match="is training"), trainer.quantizing("p"):
+        pass
+    r = client.get(f"{API}/p/bundle.zip?int8=true")
+    assert r.status_code == 404 and "no model yet" in r.json()["error"]["message"]
 
 
 def test_the_command(monkeypatch, tmp_path, capsys):

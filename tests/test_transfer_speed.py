@@ -160,6 +160,10 @@ def test_features_bundle_composes_model_onnx_and_evaluate_reuses_the_cache(
     assert (t["extract_images_per_s"] > 0) if t["features_computed"] else (
         t["extract_images_per_s"] is None and t["extract_lanes"] is None)
     assert (path / "model.onnx").is_file()
+    import onnx
+
+    domains = [o.domain for o in onnx.load(str(path / "model.onnx")).opset_import]
+    assert len(domains) == len(set(domains))  # one import per domain: int8 can quantize it
     reused = evaluate_bundle(str(path), str(photo_splits), "test")
     assert reused.from_feature_cache == reused.n == 8 and reused.engine == "onnx"
     monkeypatch.setenv("IMGREC_CACHE", str(tmp_path / "empty-cache"))

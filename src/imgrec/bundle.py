@@ -93,6 +93,26 @@ class Bundle:
                       if k in _EXPORT_FILE_KEYS and isinstance(v, str) and _plain(v)]
         return list(dict.fromkeys(names))
 
+    def derived_current(self, name: str) -> bool:
+        """Whether the file `name`, made from model.onnx (model.int8.onnx), is there and was
+        made from the model.onnx the bundle has now: imgrec.json's export record names it, and
+        the digest of model.onnx recorded when it was made matches (copies, unzipping and
+        checkouts keep that, not modification times); bundles that predate that digest: no
+        older than model.onnx."""
+        path = self.path / name
+        if not path.is_file():
+            return False
+        export = self.extra.get(EXPORT_KEY)
+        records = self.extra.get(FILES_KEY)
+        if isinstance(export, dict) and name not in export.values():
+            return False  # left over: imgrec.json does not know it
+        source = export.get("int8_source_sha256") if isinstance(export, dict) else None
+        record = records.get(ONNX_FILE) if isinstance(records, dict) else None
+        if isinstance(source, str) and isinstance(record, dict) and record.get("sha256"):
+            return source == record["sha256"]
+        fp32 = self.onnx_path
+        return not fp32.is_file() or path.stat().st_mtime >= fp32.stat().st_mtime
+
     def write_meta(self) -> None:
         """Write imgrec.json atomically (a crash never leaves half a file), recording the size
         and SHA-256 of each model file there."""
@@ -349,13 +369,12 @@ def _read_onnx_output_size(buf: memoryview) -> int | None:
 
 def serving_onnx_path(bundle: Bundle) -> Path:
     """The ONNX file that serving runs: the one `imgrec export` recorded in imgrec.json
-    ("export": {"serve": FILE}) when it is there and not older than model.onnx (a re-export
-    or retraining makes an old int8 file stale), else model.onnx. Torch-free."""
+    ("export": {"serve": FILE}) when it is there and was made from this model.onnx (a
+    re-export or retraining makes an old int8 file stale: `Bundle.derived_current`), else
+    model.onnx. Torch-free."""
     fp32 = Path(bundle.onnx_path)
     name = (bundle.extra.get(EXPORT_KEY) or {}).get("serve")
-    if isinstance(name, str) and _plain(name) and name != fp32.name:
-        chosen = Path(bundle.path) / name
-        if chosen.is_file() and (not fp32.is_file()
-                                 or chosen.stat().st_mtime >= fp32.stat().st_mtime):
-            return chosen
+    if isinstance(name, str) and _plain(name) and name != fp32.name \
+            and bundle.derived_current(name):
+        return Path(bundle.path) / name
     return fp32

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import EXPORT_KEY, serving_onnx_path
+from .bundle import EXPORT_KEY, ONNX_INT8_FILE, file_digest, serving_onnx_path
 from .errors import InputError, ModelError
 
 
@@ -70,7 +70,6 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 
 # -- bundles ------------------------------------------------------------------------------
 
-ONNX_INT8_FILE = "model.int8.onnx"
 #: the largest probability difference between ONNX and PyTorch on real photos that an export
 #: may show (float32 exports measure 1e-7 to 1e-6)
 PARITY_TOLERANCE = 1e-4
@@ -496,7 +495,8 @@ def _export_int8(bundle, result: ExportResult, data: str | None) -> dict[str, An
     result.int8_calibration = cal.source
     result.int8_agreement_images = len(check)
     result.int8_held_out = cal.held_out is not None
-    return {"int8": path.name, "int8_max_abs_diff": result.int8_max_abs_diff,
+    return {"int8": path.name, "int8_source_sha256": file_digest(result.onnx)[1],
+            "int8_max_abs_diff": result.int8_max_abs_diff,
             "int8_top1_agreement": result.int8_top1_agreement,
             "int8_agreement_images": len(check), "int8_held_out": cal.held_out is not None,
             "int8_calibration": cal.source}
@@ -551,6 +551,28 @@ def ensure_onnx(model, warn=None):
             raise
         warn(f"{e}; serving it with PyTorch instead (slower, and it needs torch installed)")
     return open_bundle(model, need_weights=False)
+
+
+def ensure_int8(model) -> Path:
+    """The bundle's model.int8.onnx, quantized from its model.onnx first when it has none or
+    an older one (calibrated on the bundle's own training data, as `imgrec export --int8`
+    does, but without exporting model.onnx again: no PyTorch needed). Its agreement with
+    float32 is recorded in imgrec.json's export table."""
+    from .zoo import open_bundle
+
+    bundle = open_bundle(model, need_weights=False)
+    path = bundle.path / ONNX_INT8_FILE
+    fp32 = Path(bundle.onnx_path)
+    if not fp32.is_file():
+        raise InputError(f"{bundle.path}: no model.onnx to quantize",
+                         f"run `imgrec export {model}` first")
+    if bundle.derived_current(ONNX_INT8_FILE):
+        return path
+    recorded = bundle.extra.get(EXPORT_KEY) or {}
+    info = _export_int8(bundle, ExportResult(bundle, fp32, recorded.get("max_abs_diff")), None)
+    bundle.extra[EXPORT_KEY] = {**recorded, **info}
+    bundle.write_meta()
+    return path
 
 
 def torch_available() -> bool:

@@ -78,10 +78,9 @@ def int8_onnx_path(bundle: Bundle, model: str | Path | None = None) -> Path:
     hint = f"run `imgrec export {model or bundle.path} --int8` first"
     if not path.is_file():
         raise InputError(f"{bundle.path}: no {ONNX_INT8_FILE} (int8 model)", hint)
-    fp32 = Path(bundle.onnx_path)
-    if fp32.is_file() and path.stat().st_mtime < fp32.stat().st_mtime:
-        raise InputError(f"{bundle.path}: {ONNX_INT8_FILE} is older than model.onnx (stale)",
-                         hint)
+    if not bundle.derived_current(ONNX_INT8_FILE):
+        raise InputError(f"{bundle.path}: {ONNX_INT8_FILE} was made from an earlier "
+                         "model.onnx (stale)", hint)
     return path
 
 

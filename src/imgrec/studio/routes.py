@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 
-from ..bundle import atomic_write_bytes
+from ..bundle import ONNX_INT8_FILE, atomic_write_bytes, read_bundle
 from ..contract import load_input
+from ..export import ensure_int8
 from ..predict import Predictor
 from ..serve.schemas import ErrorResponse, Prediction, PredictResponse, error_responses
 from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages
@@ -29,7 +30,7 @@ from .schemas import (
     TrainRequest,
     TrainState,
 )
-from .store import SERVED, NotFound, Store
+from .store import SERVED, Conflict, NotFound, Store
 from .trainer import Trainer, TrainOptions
 
 STATIC = Path(__file__).parent / "static"
@@ -38,7 +39,8 @@ STUDIO_ERRORS = {
     404: {"model": ErrorResponse, "description": "`not_found`: no such project, class, image "
                                                  "or model"},
     409: {"model": ErrorResponse, "description": "`conflict`: the name exists, or the "
-                                                 "project is training already"}}
+                                                 "project is training (or its model is being "
+                                                 "quantized for an int8 download) already"}}
 ERRORS = {**error_responses(400, 422, notes={
     400: "`bad_request`: an invalid project, class or file name (`..`, `/`, NUL, over 100 "
          "characters); `bad_input`: a missing or malformed form"}), 404: STUDIO_ERRORS[404]}
@@ -228,17 +230,32 @@ async def predict_served(image: OneImage, request: Request, store: StoreDep) -> 
 
 
 @api.get("/{project}/bundle.zip", response_class=Response,
-         responses={200: {"content": {"application/zip": {}}}})
-def bundle_zip(project: str, store: StoreDep) -> Response:
+         responses={200: {"content": {"application/zip": {}}}, 409: STUDIO_ERRORS[409]})
+def bundle_zip(project: str, store: StoreDep, trainer: TrainerDep,
+               int8: Annotated[bool, Query(description=(
+                   "add model.int8.onnx, for `imgrec serve --int8` (about 2x the float32 "
+                   "model's speed on a CPU): quantized on the first such download, calibrated "
+                   "on the project's photos, then kept with the model"))] = False) -> Response:
     """The project's last good bundle (imgrec.json, model.onnx, weights...) as a zip."""
     model = _model_dir(store, project)
+    if int8:
+        with trainer.quantizing(project):
+            ensure_int8(model)
+        if not _fresh_int8(model):  # a training put a new model in place meanwhile
+            raise Conflict(f"project {project!r} has a new model since the download began",
+                           "download it again")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         for f in sorted(model.rglob("*")):
-            if f.is_file():
+            if f.is_file() and (int8 or f.name != ONNX_INT8_FILE):
                 z.write(f, f.relative_to(model).as_posix())
+    name = f"{project}-model{'-int8' if int8 else ''}.zip"
     return Response(buffer.getvalue(), media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{project}-model.zip"'})
+        "Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _fresh_int8(model: Path) -> bool:
+    return read_bundle(model, need_weights=False).derived_current(ONNX_INT8_FILE)
 
 
 @api.get("/{project}/warnings")

@@ -15,6 +15,8 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,7 @@ class Trainer:
         self.status: dict[str, TrainStatus] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.lock = threading.Lock()
+        self.quantizing_now: set[str] = set()  # projects whose int8 model is being made
 
     def get(self, project: str) -> TrainStatus:
         path = self.store.project(project)
@@ -139,6 +142,9 @@ class Trainer:
             busy = self.threads.get(project)
             if self.status[project].state == "running" or (busy and busy.is_alive()):
                 raise Conflict(f"project {project!r} is training already; wait for it to end")
+            if project in self.quantizing_now:
+                raise Conflict(f"project {project!r}'s model is being quantized for an int8 "
+                               "download; train again when it is done (under a minute)")
             status = self.status[project] = TrainStatus("running", 0.0, None, "starting")
             (path / TRAINING_MARKER).write_text(json.dumps(asdict(options)))
         thread = threading.Thread(target=self._run, args=(path, options, status),
@@ -146,6 +152,27 @@ class Trainer:
         self.threads[project] = thread
         thread.start()
         return status
+
+    @contextmanager
+    def quantizing(self, project: str) -> Iterator[None]:
+        """Hold the project while its model is quantized (int8 download): refused while it
+        trains, and a training (or a second quantization) is refused until it is done, so
+        the model folder is never swapped under the quantizer."""
+        self.get(project)
+        with self.lock:
+            busy = self.threads.get(project)
+            if self.status[project].state == "running" or (busy and busy.is_alive()):
+                raise Conflict(f"project {project!r} is training; download its int8 model "
+                               "when the training has ended")
+            if project in self.quantizing_now:
+                raise Conflict(f"project {project!r}'s model is being quantized already",
+                               "download it again in a moment")
+            self.quantizing_now.add(project)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.quantizing_now.discard(project)
 
     def _check_trainable(self, project: str) -> None:
         """Two classes or more, each with an image: refused at once (400), not a run that

@@ -317,6 +317,13 @@ def compose_onnx(extractor_onnx: Path, head: nn.Module, dim: int, out: Path) -> 
     top = compose.add_prefix(top, "head/")
     _rename(top.graph, "head/output", "output")
     merged = compose.merge_models(body, top, io_map=[(FEATURE_TENSOR, "head/input")])
+    # merge_models keeps both parts' opset imports: one per domain (ONNX Runtime's quantizer
+    # refuses a model that imports the default domain twice)
+    versions: dict[str, int] = {}
+    for opset in merged.opset_import:
+        versions[opset.domain] = max(opset.version, versions.get(opset.domain, 0))
+    del merged.opset_import[:]
+    merged.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in versions.items())
     onnx.save(merged, str(out))
     return out
 

@@ -77,6 +77,7 @@ async function openProject(name) {
   $("project").hidden = false;
   $("project-title").textContent = name;
   $("download").href = `${here()}/bundle.zip`;
+  $("download-int8").href = `${here()}/bundle.zip?int8=true`;
   $("report").href = `${here()}/report/index.html`;
   await Promise.all([loadProjects(), loadClasses(), pollTraining()]);
 }
@@ -346,7 +347,8 @@ function showCommands(project) {
   $("commands").textContent = project.has_model ?
     `unzip ${project.name}-model.zip -d ${project.name}-model\n` +
     `imgrec serve ${project.name}-model --port 8000\n` +
-    `curl -F file=@photo.jpg http://localhost:8000/v1/predict\n\n` +
+    `curl -F file=@photo.jpg http://localhost:8000/v1/predict\n` +
+    `# with the int8 download: unzip ${project.name}-model-int8.zip, then serve it with --int8\n\n` +
     `# or, from this studio:\ncurl -F file=@photo.jpg ${origin}${here()}/predict` :
     "Train the project first.";
 }
