@@ -176,3 +176,37 @@ def test_modes_tiny_stray_and_imbalance(tmp_path):
     assert set(found) == {"apples/grey.png", "apples/alpha.png", "apples/palette.gif",
                           "apples/cmyk.jpg", "pears/deep.png", "apples/tiny.png", "stray.png",
                           "apples/empty.jpg", "."}
+
+
+def test_a_move_that_fails_is_one_line_and_what_moved_can_be_undone(tmp_path, monkeypatch):
+    """A read-only dataset: shutil.move copies a file, then cannot delete it. The copy is
+    taken back, the files moved before it are in the manifest, and the error is one line."""
+    from imgrec import doctor
+    from imgrec.errors import DataError
+
+    data = tmp_path / "data"
+    moves = []
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (data / "cat").mkdir(parents=True, exist_ok=True)
+        (data / "cat" / name).write_bytes(name.encode())
+        moves.append((data / "cat" / name, tmp_path / "q" / "cat" / name, ["not-image: x"]))
+    real_move = shutil.move
+
+    def move(src, dst):
+        if src.endswith("b.jpg"):
+            shutil.copy(src, dst)  # what shutil.move does before it fails to delete
+            raise PermissionError(13, "Permission denied")
+        return real_move(src, dst)
+
+    monkeypatch.setattr(doctor.shutil, "move", move)
+    manifest = tmp_path / "q" / "manifest.json"
+    with pytest.raises(DataError) as e:
+        doctor.move_files(moves, data, manifest)
+    assert "cannot move" in str(e.value) and "1 file(s) moved" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert [m["from"] for m in json.loads(manifest.read_text())["moved"]] == [
+        str(data / "cat" / "a.jpg")]
+    assert (data / "cat" / "b.jpg").is_file() and not (tmp_path / "q" / "cat" / "b.jpg").exists()
+    assert (data / "cat" / "c.jpg").is_file()
+    monkeypatch.setattr(doctor.shutil, "move", real_move)
+    assert doctor.undo(manifest)[0] == 1 and (data / "cat" / "a.jpg").is_file()

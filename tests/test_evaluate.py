@@ -100,6 +100,27 @@ def test_evaluate_cli(tmp_path_factory, tmp_path, capsys):
     assert sorted(p.name for p in (base / "bundle").rglob("*")) == before
 
 
+def test_a_held_out_folder_is_scored_whole(tmp_path_factory, tmp_path, capsys):
+    """A folder of held-out photos (not the training data, no split folders) is scored in
+    full, not cut like the training folder into a 10% test share."""
+    import shutil
+
+    base = trained_shapes(tmp_path_factory)
+    held = tmp_path / "held-out"
+    for cls in ("disc", "square"):
+        (held / cls).mkdir(parents=True)
+        for f in sorted((base / "shapes" / cls).glob("*.png"))[:6]:
+            shutil.copy(f, held / cls / f.name)
+    rep = evaluate_bundle(base / "bundle", str(held), "test")
+    assert rep.split == "all" and rep.n == 12
+    capsys.readouterr()
+    assert main(["evaluate", str(base / "bundle"), str(held), "--out", str(tmp_path / "e")]) == 0
+    headline = capsys.readouterr().out.splitlines()[0]
+    assert headline.startswith("held-out all: accuracy") and headline.endswith("(n=12)")
+    # the training folder, even as another path to it, keeps its unseen test share
+    assert evaluate_bundle(base / "bundle", str(base / "shapes" / "."), "test").n == 8
+
+
 def test_evaluate_skips_bad_files(tmp_path_factory, tmp_path):
     base = trained_shapes(tmp_path_factory)
     csv_path = tmp_path / "list.csv"

@@ -164,3 +164,90 @@ def test_fast_cnn_exports_at_every_grid(tmp_path, size, stem):
     got = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert np.abs(got - net(x).numpy()).max() < 1e-5
+
+
+def _sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_failed_export_leaves_the_bundle_usable(tmp_path, sample_photo, capsys):
+    """Bad calibration data is refused before anything is written; a damaged model.onnx or
+    model.int8.onnx is what `imgrec export` is told to rebuild, and it does."""
+    path = make_tiny_bundle(tmp_path / "tiny")
+    before, written = _sha(path / "model.onnx"), (path / "model.onnx").stat().st_mtime_ns
+    (tmp_path / "empty").mkdir()
+    assert main(["export", str(path), "--int8", "--calibration", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert (path / "model.onnx").stat().st_mtime_ns == written  # not even rewritten
+    assert not list(path.glob(".*"))
+    photo = str(sample_photo("chelsea"))
+    assert main(["predict", "--model", str(path), photo]) == 0
+    # damaged exports: refused by predict (one line), rebuilt by export
+    with open(path / "model.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00" * 16)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(path), photo]) == 2
+    assert "re-export" in capsys.readouterr().err
+    assert main(["export", str(path), "--int8"]) == 0
+    assert _sha(path / "model.onnx") == before  # a scratch network exports byte for byte
+    (path / ONNX_INT8_FILE).write_bytes(b"damaged")
+    assert main(["export", str(path)]) == 0
+    assert "model.int8.onnx removed" in capsys.readouterr().out
+    assert not (path / ONNX_INT8_FILE).exists()
+    assert main(["predict", "--model", str(path), photo]) == 0
+
+
+def test_export_keeps_an_int8_file_made_from_the_same_model_onnx(tmp_path, capsys):
+    path = make_tiny_bundle(tmp_path / "tiny", int8=True)
+    made = _sha(path / ONNX_INT8_FILE)
+    capsys.readouterr()
+    assert main(["export", str(path)]) == 0
+    assert "model.int8.onnx kept" in capsys.readouterr().out
+    assert _sha(path / ONNX_INT8_FILE) == made
+    from imgrec.predict import int8_onnx_path
+
+    assert int8_onnx_path(read_bundle(path)) == path / ONNX_INT8_FILE
+
+
+def test_serve_int8_needs_no_model_onnx(tmp_path, monkeypatch):
+    """`serve --int8` runs model.int8.onnx alone: a bundle without model.onnx is served as it
+    is, not exported again (which removed the int8 file it then asked for)."""
+    from imgrec.serve import launch
+
+    path = make_tiny_bundle(tmp_path / "tiny", int8=True)
+    (path / "model.onnx").unlink()
+    served = {}
+    monkeypatch.setattr(launch, "run_server", lambda config, *a, **k: served.update(
+        config=config))
+    assert main(["serve", str(path), "--int8", "--port", "0"]) == 0
+    assert served["config"].int8 and not served["config"].torch_fallback
+    assert (path / ONNX_INT8_FILE).is_file() and not (path / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_int8_calibrates_on_the_training_data_from_any_folder(tmp_path, monkeypatch, capsys):
+    """The training data is found again where training read it: a built-in dataset from its
+    --data-dir, a folder given as a relative path from another working folder."""
+    from conftest import make_shapes_dataset
+    from helpers import write_fake_mnist
+
+    write_fake_mnist(tmp_path / "data")
+    monkeypatch.delenv("IMGREC_DATA", raising=False)
+    assert main(["train", "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                 "--out", str(tmp_path / "digits"), "--quiet", "--no-tensorboard"]) == 0
+    make_shapes_dataset(tmp_path / "shapes", per_class=8, size=32)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "shapes", "--epochs", "1", "--out", str(tmp_path / "shapes-run"),
+                 "--quiet", "--no-tensorboard", "--workers", "0"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for run, data in (("digits", "mnist"), ("shapes-run", str(tmp_path / "shapes"))):
+        capsys.readouterr()
+        assert main(["export", str(tmp_path / run), "--int8", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert f" training images of {data}, agreement on " in report["int8_calibration"], \
+            report["int8_calibration"]

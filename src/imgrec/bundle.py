@@ -185,8 +185,10 @@ def file_digest(path: Path) -> tuple[int, str]:
     return _DIGESTS[key]
 
 
-def read_bundle(path: str | Path, need_weights: bool = True) -> Bundle:
-    """Read and validate a bundle's metadata. Torch-free."""
+def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = True) -> Bundle:
+    """Read and validate a bundle's metadata. Torch-free. `exports` False: model.onnx and
+    model.int8.onnx are not checked (`imgrec export` rebuilds them from the weights, damaged
+    or not)."""
     path = Path(path)
     if not path.exists():
         raise BundleError(f"{path}: no such bundle", "give a folder written by `imgrec train`")
@@ -240,7 +242,7 @@ def read_bundle(path: str | Path, need_weights: bool = True) -> Bundle:
         raise BundleError(f"{meta_path}: incomplete bundle description ({e})") from None
     if not classes:
         raise BundleError(f"{meta_path}: the bundle lists no classes")
-    verify_bundle(bundle)
+    verify_bundle(bundle, () if exports else EXPORT_FILES)
     return bundle
 
 
@@ -255,8 +257,13 @@ def _plain(name: str) -> bool:
             and ":" not in name and Path(name).name == name)
 
 
-def verify_bundle(bundle: Bundle) -> None:
-    """The checks `read_bundle` makes (see the module docstring); torch-free."""
+#: the files `imgrec export` makes from the weights
+EXPORT_FILES = (ONNX_FILE, ONNX_INT8_FILE)
+
+
+def verify_bundle(bundle: Bundle, skip: tuple[str, ...] = ()) -> None:
+    """The checks `read_bundle` makes (see the module docstring), except on the files named
+    in `skip`; torch-free."""
     meta_path = bundle.path / META_FILE
     export = bundle.extra.get(EXPORT_KEY) or {}
     records = bundle.extra.get(FILES_KEY) or {}
@@ -269,7 +276,8 @@ def verify_bundle(bundle: Bundle) -> None:
             raise BundleError(f"{meta_path}: {where} names {name!r}, a path outside the bundle",
                               _DAMAGED)
     for name, record in records.items():
-        _verify_file(bundle.path / name, record)
+        if name not in skip:
+            verify_file(bundle.path / name, record)
     n = len(bundle.classes)
     declared = (bundle.architecture.get("args") or {}).get("num_classes")
     if isinstance(declared, int) and declared != n:
@@ -277,14 +285,14 @@ def verify_bundle(bundle: Bundle) -> None:
                           f"the bundle lists {n} classes", _DAMAGED)
     for name in bundle.model_files():
         path = bundle.path / name
-        if name.endswith(".onnx") and path.is_file():
+        if name.endswith(".onnx") and path.is_file() and name not in skip:
             outputs = onnx_output_size(path)
             if outputs is not None and outputs != n:
                 raise BundleError(f"{path}: the network has {outputs} outputs but the bundle "
                                   f"lists {n} classes", _DAMAGED)
 
 
-def _verify_file(path: Path, record: Any) -> None:
+def verify_file(path: Path, record: Any) -> None:
     """A recorded model file, if it is there, has the recorded size and SHA-256."""
     if not isinstance(record, dict) or not path.is_file():
         return

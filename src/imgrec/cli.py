@@ -195,7 +195,7 @@ def evaluate(
         help="folder for the confusion-matrix PNG (default: DATA-eval-MODEL beside a data "
              "folder or CSV, else in the current folder; never inside the bundle)")] = None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
-    engine: Annotated[str, typer.Option(help="auto, onnx or torch")] = "auto",
+    engine: Annotated[str, typer.Option(help="auto, onnx, int8 (model.int8.onnx) or torch")] = "auto",
     mistakes: Annotated[int, typer.Option(min=0, help="how many confident mistakes to list")] =
     10,
     calibrate: Annotated[bool, typer.Option(
@@ -427,6 +427,9 @@ def export(
     calibration: Annotated[str | None, typer.Option(
         help="dataset to calibrate int8 on (default: the bundle's training data, else the "
              "sample photos)")] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        help="root of built-in datasets for calibration (default: where training read them, "
+             "else $IMGREC_DATA)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Write model.onnx into a bundle (a pretrained name: into its cached bundle), checked
@@ -436,7 +439,7 @@ def export(
     """
     from .export import export_bundle
 
-    r = export_bundle(model, fmt, int8=int8, calibration=calibration)
+    r = export_bundle(model, fmt, int8=int8, calibration=calibration, data_dir=data_dir)
     if json_out:
         _echo(json.dumps(r.to_dict(), indent=2))
         return
@@ -447,6 +450,10 @@ def export(
               f"{r.int8_agreement_images} {where} images, max probability difference "
               f"{r.int8_max_abs_diff:.3f})")
         _echo(f"        calibrated on {r.int8_calibration}")
+    elif r.int8_note:
+        _echo(f"int8    model.int8.onnx {r.int8_note}"
+              + ("" if r.int8_note.startswith("kept") else
+                 f" (`imgrec export {model} --int8` makes a new one)"))
     _echo(f"serve   uses {r.serve_file}" + ("; `imgrec serve --int8` the int8 file" if r.int8
                                             else ""))
 
@@ -550,11 +557,14 @@ def serve(
 
     keys = api_keys(api_key, api_key_file)
     launch.check_port(host, port)
-    bundle, fallback = _bundle_to_serve(model)
-    if int8:  # refused here in one line, before the server starts
+    if int8:  # needs model.int8.onnx alone; refused here in one line, before the server starts
         from .predict import int8_onnx_path
+        from .zoo import open_bundle
 
+        bundle, fallback = open_bundle(model, need_weights=False), False
         int8_onnx_path(bundle, model or "imagenet")
+    else:
+        bundle, fallback = _bundle_to_serve(model)
     config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_upload_mb=max_upload_mb, threads=threads, workers=workers, int8=int8,
                          lanes=lanes,

@@ -196,13 +196,10 @@ def evaluated_pixels(item: str, ds: Dataset, split: str, contract: Preprocess) -
 def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str = "test",
                     device: Any = None, data_dir: str | None = None, engine: str = "auto",
                     batch_size: int = 256, seed: int | None = None) -> EvalReport:
+    """The bundle's scores on a split of `data` (a name or path: see `evaluation_data`)."""
     bundle = model if isinstance(model, Bundle) else open_bundle(model)
     if isinstance(data, str):
-        # Re-create the same split the bundle trained with (same seed, same fractions).
-        t = bundle.training
-        ds = load_dataset(data, data_dir, val_fraction=t.get("val_fraction", 0.1),
-                          test_fraction=t.get("test_fraction", 0.1),
-                          seed=t.get("seed", 0) if seed is None else seed)
+        ds, split = evaluation_data(bundle, data, split, data_dir, seed)
     else:
         ds = data
     split_name, s = ds.split(split)
@@ -224,6 +221,40 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
     return EvalReport(list(bundle.classes), y_true, probs, inputs, split_name, ds.name, skipped,
                       time.perf_counter() - t0, getattr(predictor.engine, "name", None),
                       from_cache)
+
+
+def evaluation_data(bundle: Bundle, data: str, split: str, data_dir: str | None = None,
+                    seed: int | None = None) -> tuple[Dataset, str]:
+    """(dataset, split) to evaluate: the data the bundle trained on is split again as it was
+    (same seed, same fractions), so its test share is still unseen; any other folder or CSV
+    without split folders is held-out data as a whole, and split "test" becomes "all"."""
+    t = bundle.training
+    whole = split == "test" and not is_training_data(bundle, data)
+    ds = load_dataset(data, data_dir, val_fraction=0.0 if whole else t.get("val_fraction", 0.1),
+                      test_fraction=0.0 if whole else t.get("test_fraction", 0.1),
+                      seed=t.get("seed", 0) if seed is None else seed)
+    if whole and set(ds.splits) == {"train"}:  # no split folders: every image is held out
+        ds.splits = {"all": ds.splits["train"]}
+        return ds, "all"
+    return ds, split
+
+
+def is_training_data(bundle: Bundle, data: str) -> bool:
+    """Whether `data` names what the bundle trained on: the same name (a built-in dataset,
+    or the path as it was given) or the same folder or CSV (recorded as an absolute path)."""
+    t = bundle.training
+    here = Path(data).expanduser()
+    for recorded in (t.get("data"), t.get("data_path")):
+        if not isinstance(recorded, str) or not recorded:
+            continue
+        if recorded == data:
+            return True
+        try:
+            if here.exists() and Path(recorded).expanduser().resolve() == here.resolve():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 #: images decoded per batch while the engine runs the batch before

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import EXPORT_KEY, ONNX_INT8_FILE, file_digest, serving_onnx_path
+from .bundle import EXPORT_KEY, ONNX_FILE, ONNX_INT8_FILE, file_digest, serving_onnx_path
 from .errors import InputError, ModelError
 
 
@@ -40,6 +40,10 @@ def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                 opset_version=opset, dynamo=False,
             )
+    except OSError as e:  # the folder, not the network: read-only, full, gone
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {tmp} ({e.strerror or first_line(e)})",
+                         "export into a folder you can write to (copy the bundle)") from None
     except Exception as e:
         tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot export this network to ONNX ({type(e).__name__}: "
@@ -87,6 +91,8 @@ class ExportResult:
     int8_agreement_images: int | None = None
     int8_held_out: bool | None = None  # agreement on images not calibrated on
     serve_file: str = "model.onnx"
+    #: without --int8: what became of an earlier model.int8.onnx (kept or removed), if any
+    int8_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"bundle": str(self.bundle.path), "onnx": str(self.onnx),
@@ -95,7 +101,8 @@ class ExportResult:
                 "int8_top1_agreement": self.int8_top1_agreement,
                 "int8_calibration": self.int8_calibration,
                 "int8_agreement_images": self.int8_agreement_images,
-                "int8_held_out": self.int8_held_out, "serve_file": self.serve_file}
+                "int8_held_out": self.int8_held_out, "serve_file": self.serve_file,
+                "int8_note": self.int8_note}
 
 
 def _photo_batch(contract, photos: list[str | Path] | None = None) -> np.ndarray:
@@ -330,7 +337,8 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray,
     return dst
 
 
-def calibration_data(bundle, data: str | None = None, seed: int = 0) -> Calibration:
+def calibration_data(bundle, data: str | None = None, seed: int = 0,
+                     data_dir: str | None = None) -> Calibration:
     """Calibration images from the bundle's own training data (or `data`, a dataset as
     `imgrec train` takes it): up to CALIBRATION_LIMIT from its training split, and up to
     AGREEMENT_LIMIT held out from its validation or test split. When the data is not on this
@@ -339,13 +347,17 @@ def calibration_data(bundle, data: str | None = None, seed: int = 0) -> Calibrat
     measured on."""
     from .errors import ImgrecError
 
-    name = data or bundle.training.get("data")
+    t = bundle.training
+    name = data or t.get("data")
+    if not data and isinstance(t.get("data_path"), str) and not Path(str(name)).exists():
+        name = t["data_path"]  # the folder or CSV it trained on, from another working folder
+    data_dir = data_dir or (t.get("data_dir") if not data else None)
     if isinstance(name, str) and name:
         try:
-            return _dataset_calibration(bundle, name, seed)
+            return _dataset_calibration(bundle, name, seed, data_dir)
         except (ImgrecError, OSError) as e:
             if data:  # the user named it: a wrong path is an error, not a quiet fallback
-                raise InputError(f"--calibration {data!r}: {first_line(e, 160)}",
+                raise InputError(f"--calibration {data!r}: {first_line(e, 400)}",
                                  "give a dataset as `imgrec train` takes it, or leave "
                                  "--calibration out") from None
             why = f"the training data {name!r} is not readable here ({first_line(e, 120)})"
@@ -403,12 +415,13 @@ def photo_views(contract, photos: list, per_photo: int = CALIBRATION_VIEWS,
     return np.ascontiguousarray(np.stack(out))
 
 
-def _dataset_calibration(bundle, data: str, seed: int) -> Calibration:
+def _dataset_calibration(bundle, data: str, seed: int,
+                         data_dir: str | None = None) -> Calibration:
     from .data.datasets import load_dataset
     from .errors import ImgrecError
 
     t = bundle.training
-    ds = load_dataset(data, val_fraction=t.get("val_fraction", 0.1),
+    ds = load_dataset(data, data_dir, val_fraction=t.get("val_fraction", 0.1),
                       test_fraction=t.get("test_fraction", 0.1), seed=t.get("seed", 0))
     rng = np.random.default_rng(seed)
     pixels = _split_pixels(bundle, ds.splits["train"], CALIBRATION_LIMIT, rng)
@@ -441,13 +454,14 @@ def _split_pixels(bundle, split, limit: int, rng) -> np.ndarray | None:
 
 def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
                   photos: list[str | Path] | None = None, network: Any = None,
-                  calibration: str | None = None) -> ExportResult:
+                  calibration: str | None = None, data_dir: str | None = None) -> ExportResult:
     """Write model.onnx (and with `int8` model.int8.onnx) into a bundle, or into the cached
     bundle of a pretrained name, check it against PyTorch on real photos, and record it in
     imgrec.json. Serving runs model.onnx unless asked for int8 (`imgrec serve --int8`).
     `network`: the bundle's network already in memory (one imgrec cannot rebuild: a caller's
     own nn.Module). `calibration`: a dataset to calibrate int8 on instead of the bundle's own
-    training data."""
+    training data; `data_dir`: where built-in datasets are (else as training recorded it, else
+    $IMGREC_DATA)."""
     from .network import load_model
     from .zoo import open_bundle
 
@@ -459,30 +473,72 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
         raise ModelError("exporting needs PyTorch, which is not installed",
                          "pip install 'imgrec[train]', or export on the training machine and "
                          "copy the bundle") from None
-    bundle = open_bundle(model, need_weights=network is None)
+    # damaged exports are rebuilt, not refused: that is what a damaged bundle is told to do
+    bundle = open_bundle(model, need_weights=network is None, exports=False)
     contract = bundle.preprocess
+    # a bad --calibration (or unreadable training data it names) fails before any writing
+    cal = calibration_data(bundle, calibration, data_dir=data_dir) if int8 else None
     net = (network.cpu().eval() if network is not None else load_model(bundle))
     shape = (contract.channels, contract.input_size, contract.input_size)
-    onnx_path = export_onnx(net, bundle.onnx_path, shape, opset)
-
-    _, _, diff = check_parity(bundle, net, onnx_path, photos)
-    result = ExportResult(bundle, onnx_path, diff)
-    info: dict[str, Any] = {"format": "onnx", "opset": opset, "onnx": onnx_path.name,
-                            "max_abs_diff": diff, "serve": onnx_path.name}
-    if int8:
-        info.update(_export_int8(bundle, result, calibration))
-    else:
-        (bundle.path / ONNX_INT8_FILE).unlink(missing_ok=True)  # it would no longer match
-    bundle.extra[EXPORT_KEY] = info
+    # The new file is checked beside the old one and put in place just before imgrec.json
+    # records it: a failure or Ctrl+C leaves the bundle as it was, or whole and new.
+    new = bundle.path / f".{ONNX_FILE}.new"
+    try:
+        export_onnx(net, new, shape, opset)
+        _, _, diff = check_parity(bundle, net, new, photos)
+        os.replace(new, bundle.onnx_path)
+    finally:  # the file, and export_onnx's own temporary one when it was interrupted
+        for leftover in (new, new.with_name(f".{new.name}.tmp")):
+            leftover.unlink(missing_ok=True)
+    info: dict[str, Any] = {"format": "onnx", "opset": opset, "onnx": ONNX_FILE,
+                            "max_abs_diff": diff, "serve": ONNX_FILE}
+    kept, removed = _int8_kept(bundle)
+    bundle.extra[EXPORT_KEY] = {**info, **kept}
     bundle.write_meta()
+    result = ExportResult(bundle, bundle.onnx_path, diff)
+    if not int8:
+        result.int8_note = ("kept: made from this same model.onnx" if kept else
+                            "removed: it was made from an earlier model.onnx" if removed
+                            else None)
+    if int8:
+        info.update(_export_int8(bundle, result, cal))
+        bundle.extra[EXPORT_KEY] = info
+        bundle.write_meta()
     return result
 
 
-def _export_int8(bundle, result: ExportResult, data: str | None) -> dict[str, Any]:
-    """model.int8.onnx, calibrated (`calibration_data`) and compared with model.onnx on
-    images it was not calibrated on where there are any; its record for imgrec.json."""
+def _int8_kept(bundle) -> tuple[dict[str, Any], bool]:
+    """The int8 record to keep after model.onnx was written again: the earlier one when its
+    file is intact and was quantized from a model.onnx identical to the new one (a scratch
+    network exports byte for byte the same), else nothing, and the file is removed (stale);
+    and whether a file was removed."""
+    from .bundle import FILES_KEY, verify_file
+    from .errors import BundleError
+
+    path = bundle.path / ONNX_INT8_FILE
+    before = bundle.extra.get(EXPORT_KEY) or {}
+    records = bundle.extra.get(FILES_KEY) or {}
+    kept = {k: v for k, v in before.items() if k.startswith("int8")} \
+        if isinstance(before, dict) else {}
+    try:
+        verify_file(path, records.get(ONNX_INT8_FILE) if isinstance(records, dict) else None)
+        current = (path.is_file() and kept.get("int8") == ONNX_INT8_FILE
+                   and kept.get("int8_source_sha256") == file_digest(bundle.onnx_path)[1])
+    except BundleError:
+        current = False
+    if current:
+        return kept, False
+    removed = path.is_file()
+    path.unlink(missing_ok=True)
+    return {}, removed
+
+
+def _export_int8(bundle, result: ExportResult, cal: Calibration | None = None) -> dict[str, Any]:
+    """model.int8.onnx, calibrated on `cal` (default: `calibration_data`) and compared with
+    model.onnx on images it was not calibrated on where there are any; its record for
+    imgrec.json."""
     contract = bundle.preprocess
-    cal = calibration_data(bundle, data)
+    cal = cal if cal is not None else calibration_data(bundle)
     path = quantize_int8(result.onnx, bundle.path / ONNX_INT8_FILE,
                          contract.normalize(cal.pixels))
     check = cal.held_out if cal.held_out is not None else cal.pixels
@@ -569,7 +625,7 @@ def ensure_int8(model) -> Path:
     if bundle.derived_current(ONNX_INT8_FILE):
         return path
     recorded = bundle.extra.get(EXPORT_KEY) or {}
-    info = _export_int8(bundle, ExportResult(bundle, fp32, recorded.get("max_abs_diff")), None)
+    info = _export_int8(bundle, ExportResult(bundle, fp32, recorded.get("max_abs_diff")))
     bundle.extra[EXPORT_KEY] = {**recorded, **info}
     bundle.write_meta()
     return path

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, atomic_write_bytes, atomic_write_text
-from .data.datasets import Dataset, load_dataset
+from .data.datasets import Dataset
 from .errors import DataError, ImgrecError
-from .evaluation import EvalReport, evaluate_bundle, evaluated_pixels
+from .evaluation import EvalReport, evaluate_bundle, evaluated_pixels, evaluation_data
 from .figures import pyplot, save_figure
 from .history import plot_curves, read_history
 from .zoo import open_bundle
@@ -131,10 +131,8 @@ class ReportResult:
 
 
 def _dataset_for(bundle: Bundle, data: str, data_dir: str | None) -> Dataset:
-    """The dataset with the split the bundle trained with (as evaluate_bundle re-creates it)."""
-    t = bundle.training
-    return load_dataset(data, data_dir, val_fraction=t.get("val_fraction", 0.1),
-                        test_fraction=t.get("test_fraction", 0.1), seed=t.get("seed", 0))
+    """The dataset with the split the bundle trained with (its validation split)."""
+    return evaluation_data(bundle, data, "val", data_dir)[0]
 
 
 def calibrate_bundle(bundle: Bundle, data: Dataset | str, engine: str = "auto",
@@ -176,7 +174,7 @@ def build_report(model: Bundle | str | Path, data: str, out: str | Path, split: 
     bundle = model if isinstance(model, Bundle) else open_bundle(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = _dataset_for(bundle, data, data_dir)
+    ds, split = evaluation_data(bundle, data, split, data_dir)
     notes: list[str] = []
     t_before = bundle.temperature
     rep, cal, cal_before = _evaluate(bundle, ds, split, engine, calibrate, notes)

@@ -49,12 +49,14 @@ def pretrained_bundle(name: str) -> Bundle:
     return save_bundle(bundle, model)
 
 
-def open_bundle(model: str | Path | None, need_weights: bool = False) -> Bundle:
-    """A bundle folder, or a pretrained model name; a clear error otherwise."""
+def open_bundle(model: str | Path | None, need_weights: bool = False,
+                exports: bool = True) -> Bundle:
+    """A bundle folder, or a pretrained model name; a clear error otherwise. `exports`:
+    see read_bundle."""
     model = str(model or DEFAULT_MODEL)
     path = Path(model).expanduser()
     if path.exists():
-        return read_bundle(path, need_weights=need_weights)
+        return read_bundle(path, need_weights=need_weights, exports=exports)
     if model.lower() in PRETRAINED:
         return pretrained_bundle(model.lower())
     raise BundleError(

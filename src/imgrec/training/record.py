@@ -95,7 +95,8 @@ class RecordWriter:
 
         p, ds = self.plan, self.plan.data
         return {
-            "data": p.cfg.data, "dataset": ds.name, "data_fingerprint": ds.fingerprint(),
+            "data": p.cfg.data, **data_location(p.cfg.data, p.cfg.data_dir),
+            "dataset": ds.name, "data_fingerprint": ds.fingerprint(),
             "splits": {k: len(v) for k, v in ds.splits.items()},
             "val_fraction": p.val_fraction, "test_fraction": p.test_fraction, "mode": p.mode,
             "epochs_run": len(history), "epochs": p.epochs, "best_epoch": best_epoch,
@@ -201,3 +202,17 @@ def _drop_onnx(bundle: Bundle) -> None:
     bundle.onnx_path.unlink(missing_ok=True)
     bundle.extra.pop(EXPORT_KEY, None)
     bundle.write_meta()
+
+
+def data_location(data: str, data_dir: str | None) -> dict[str, str]:
+    """Where the training data is, for a later `imgrec export --int8` (calibration) run from
+    another folder: a folder or CSV's absolute path, and the --data-dir a built-in dataset was
+    read from."""
+    out = {}
+    if data_dir:
+        out["data_dir"] = str(Path(data_dir).expanduser().resolve())
+    local = Path(str(data)).expanduser()
+    if local.exists() and not local.is_absolute():
+        out["data_path"] = str(local.resolve())
+    return out
+
