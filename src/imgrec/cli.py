@@ -195,7 +195,8 @@ def evaluate(
         help="folder for the confusion-matrix PNG (default: DATA-eval-MODEL beside a data "
              "folder or CSV, else in the current folder; never inside the bundle)")] = None,
     data_dir: Annotated[Path | None, typer.Option()] = None,
-    engine: Annotated[str, typer.Option(help="auto, onnx, int8 (model.int8.onnx) or torch")] = "auto",
+    engine: Annotated[str, typer.Option(
+        help="auto, onnx, int8 (model.int8.onnx) or torch")] = "auto",
     mistakes: Annotated[int, typer.Option(min=0, help="how many confident mistakes to list")] =
     10,
     calibrate: Annotated[bool, typer.Option(
@@ -557,14 +558,7 @@ def serve(
 
     keys = api_keys(api_key, api_key_file)
     launch.check_port(host, port)
-    if int8:  # needs model.int8.onnx alone; refused here in one line, before the server starts
-        from .predict import int8_onnx_path
-        from .zoo import open_bundle
-
-        bundle, fallback = open_bundle(model, need_weights=False), False
-        int8_onnx_path(bundle, model or "imagenet")
-    else:
-        bundle, fallback = _bundle_to_serve(model)
+    bundle, fallback = _int8_bundle(model) if int8 else _bundle_to_serve(model)
     config = ServeConfig(model=str(bundle.path), max_batch=max_batch, max_wait_ms=max_wait_ms,
                          max_upload_mb=max_upload_mb, threads=threads, workers=workers, int8=int8,
                          lanes=lanes,
@@ -605,6 +599,18 @@ def studio(
     _echo(f"imgrec: studio on http://{'localhost' if host == '127.0.0.1' else host}:{port}/studio"
           f"  (projects in {dir}; API docs at /docs; Ctrl+C stops)")
     run_studio(dir, host, port)
+
+
+def _int8_bundle(model: str | None):
+    """(bundle, False) for `serve --int8`: it runs model.int8.onnx alone (model.onnx is not
+    needed, nor exported); refused in one line, before the server starts, when it is missing
+    or stale."""
+    from .predict import int8_onnx_path
+    from .zoo import open_bundle
+
+    bundle = open_bundle(model, need_weights=False)
+    int8_onnx_path(bundle, model or "imagenet")
+    return bundle, False
 
 
 def _bundle_to_serve(model: str | None):
