@@ -211,6 +211,13 @@ def test_benchmark_notes_missing_engines_and_refuses_bad_options(tmp_path, capsy
                  "--out", str(tmp_path / "b")]) == 0
     printed = capsys.readouterr().out
     assert "ONNX Runtime int8 skipped" in printed and "--int8" in printed
+    (path / "model.safetensors").unlink()  # a serve-only copy: ONNX Runtime is still timed
+    assert main(["benchmark", str(path), "--seconds", "0.05", "--batch-sizes", "2",
+                 "--out", str(tmp_path / "c")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "model.safetensors is missing" in printed
+    assert {m["engine"] for m in json.loads((tmp_path / "c" / "benchmark.json").read_text())[
+        "measurements"]} == {"onnx"}
     for argv, needle in ((["--out", str(path / "inside")], "inside the bundle"),
                          (["--batch-sizes", "1,x"], "--batch-sizes"),
                          (["--batch-sizes", "0"], "from 1 to 4096")):

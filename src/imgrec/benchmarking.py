@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle
-from .errors import InputError
+from .errors import BundleError, InputError
 
 ENGINES = ("torch", "onnx", "int8")
 ENGINE_LABELS = {"torch": "PyTorch eager", "onnx": "ONNX Runtime fp32",
@@ -106,7 +106,7 @@ def build_engines(bundle: Bundle, engines: tuple[str, ...] = ENGINES,
             built[name] = make_engine(bundle, name, "cpu", threads)
         except ModuleNotFoundError as e:
             notes.append(f"{ENGINE_LABELS[name]} skipped: {e.name} is not installed")
-        except InputError as e:
+        except (InputError, BundleError) as e:  # no int8 file; no weights for PyTorch
             notes.append(f"{ENGINE_LABELS[name]} skipped: {e.message}"
                          + (f" ({e.hint})" if e.hint else ""))
     return built, notes

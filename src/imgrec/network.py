@@ -48,6 +48,9 @@ def load_model(bundle: Bundle):
             "predict, evaluate and serve run its model.onnx; to reload it in PyTorch, register "
             "its builder with imgrec.models.register_model and train with model='NAME'",
         )
+    if not bundle.weights_path.is_file():  # a serve-only copy: model.onnx without weights
+        raise BundleError(f"{bundle.weights_path.name} is missing from {bundle.path}",
+                          "PyTorch needs the weights; the ONNX engines do not")
     model = build_model(bundle.architecture["name"], **bundle.architecture.get("args", {}))
     try:
         state = load_file(str(bundle.weights_path))
