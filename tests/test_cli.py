@@ -81,6 +81,11 @@ def test_predict_non_image_and_truncated(capsys, tmp_path_factory, tmp_path):
     line = _one_error_line(capsys, main(["predict", "--model", str(bundle), str(cut),
                                          str(text)]))
     assert "none of the 2 inputs" in line
+    good = sorted((tmp_path_factory.getbasetemp()).rglob("disc_000.png"))[0]
+    for json_flag in ([], ["--json"]):  # some read: exit 0, and one warning line on stderr
+        assert main(["predict", "--model", str(bundle), str(cut), str(good), *json_flag]) == 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "1 of 2 inputs could not be read" in err[0], err
     line = _one_error_line(capsys, main(["predict", "--model", str(bundle),
                                          str(tmp_path / "missing.png")]))
     assert "missing.png" in line and "no such file" in line

@@ -352,11 +352,16 @@ def predict(
     results = predictor.predict(sources, top_k=top_k, invert=invert_value)
     records = [as_record(src, res) for src, res in zip(sources, results, strict=True)]
     _print_records(records, json_out)
-    if all("error" in r for r in records):  # nothing predicted: one `imgrec: error:` line
+    failed = sum("error" in r for r in records)
+    if failed == len(records):  # nothing predicted: one `imgrec: error:` line
         if len(results) == 1:
             raise results[0]
         raise InputError(f"none of the {len(records)} inputs could be read",
                          "see the error of each above")
+    if failed:  # the others were predicted (exit 0); said on stderr, where --json is not
+        where = 'their "error" entries' if json_out else "their errors above"
+        print(f"imgrec: warning: {failed} of {len(records)} inputs could not be read (see "
+              f"{where}); the others were predicted", file=sys.stderr, flush=True)
 
 
 def _print_records(records: list[dict], json_out: bool) -> None:
