@@ -117,6 +117,8 @@ def test_a_held_out_folder_is_scored_whole(tmp_path_factory, tmp_path, capsys):
     assert main(["evaluate", str(base / "bundle"), str(held), "--out", str(tmp_path / "e")]) == 0
     headline = capsys.readouterr().out.splitlines()[0]
     assert headline.startswith("held-out all: accuracy") and headline.endswith("(n=12)")
+    assert main(["evaluate", str(base / "bundle"), str(held)]) == 0  # the default folder
+    assert (tmp_path / "held-out-eval-bundle-all" / "confusion_matrix.png").is_file()
     # the training folder, even as another path to it, keeps its unseen test share
     assert evaluate_bundle(base / "bundle", str(base / "shapes" / "."), "test").n == 8
 

@@ -213,6 +213,7 @@ def evaluate(
 
     bundle = open_bundle(model, need_weights=engine == "torch")
     root = str(data_dir) if data_dir else None
+    named = out is not None
     out = _evaluation_outputs(json_file, report, out, flagged, data, bundle, split)
     if report is not None:
         from .report import build_report
@@ -228,6 +229,8 @@ def evaluate(
     else:
         rep = _evaluate_plain(bundle, data, split, root, engine, calibrate)
         _print_evaluation(rep, mistakes)
+        if rep.split != split and not named:  # the default folder names the split scored
+            out = _evaluation_folder(data, bundle, rep.split)
         png = rep.plot_confusion(out / "confusion_matrix.png")
         _echo(f"\nconfusion matrix: {png}")
     if rep.skipped:
