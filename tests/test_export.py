@@ -251,3 +251,18 @@ def test_int8_calibrates_on_the_training_data_from_any_folder(tmp_path, monkeypa
         report = json.loads(capsys.readouterr().out)
         assert f" training images of {data}, agreement on " in report["int8_calibration"], \
             report["int8_calibration"]
+
+
+def test_int8_calibrates_on_a_folder_of_unlabelled_photos(tmp_path, sample_photo, capsys):
+    """Calibration needs no labels: a plain folder of photos is enough."""
+    import shutil
+
+    path = make_tiny_bundle(tmp_path / "tiny")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in PHOTOS:
+        shutil.copy(sample_photo(name), photos / f"{name}.png")
+    assert main(["export", str(path), "--int8", "--calibration", str(photos), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["int8_calibration"] == f"4 photos of {photos}"
+    assert (path / ONNX_INT8_FILE).is_file()

@@ -434,8 +434,8 @@ def export(
                                        "quantization calibrated on the training data); "
                                        "`serve --int8` and `predict --int8` run it")] = False,
     calibration: Annotated[str | None, typer.Option(
-        help="dataset to calibrate int8 on (default: the bundle's training data, else the "
-             "sample photos)")] = None,
+        help="dataset to calibrate int8 on, or a folder of photos without labels (default: "
+             "the bundle's training data, else the sample photos)")] = None,
     data_dir: Annotated[str | None, typer.Option(
         help="root of built-in datasets for calibration (default: where training read them, "
              "else $IMGREC_DATA)")] = None,

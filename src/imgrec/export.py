@@ -356,6 +356,8 @@ def calibration_data(bundle, data: str | None = None, seed: int = 0,
         try:
             return _dataset_calibration(bundle, name, seed, data_dir)
         except (ImgrecError, OSError) as e:
+            if data and Path(data).expanduser().is_dir() and "class folder" in str(e):
+                return _photo_folder_calibration(bundle, Path(data).expanduser(), seed)
             if data:  # the user named it: a wrong path is an error, not a quiet fallback
                 raise InputError(f"--calibration {data!r}: {first_line(e, 400)}",
                                  "give a dataset as `imgrec train` takes it, or leave "
@@ -435,6 +437,31 @@ def _dataset_calibration(bundle, data: str, seed: int,
         raise ImgrecError(f"no readable image in the training split of {data}")
     where = f", agreement on {len(held)} {held_name} images" if held is not None else ""
     return Calibration(pixels, held, f"{len(pixels)} training images of {data}{where}")
+
+
+def _photo_folder_calibration(bundle, folder: Path, seed: int) -> Calibration:
+    """A folder of photos without class folders (calibration needs no labels): up to
+    CALIBRATION_LIMIT of them, drawn at random, to calibrate on, and up to AGREEMENT_LIMIT of
+    the rest for the agreement."""
+    from .contract import load_input
+    from .predict import decode_many, walk_images
+
+    files = [str(f) for f in walk_images(folder)]
+    order = np.random.default_rng(seed).permutation(len(files))
+    cal_files = [files[i] for i in order[:CALIBRATION_LIMIT]]
+    rest = [files[i] for i in order[CALIBRATION_LIMIT:CALIBRATION_LIMIT + AGREEMENT_LIMIT]]
+
+    def pixels(paths: list[str]) -> np.ndarray | None:
+        good = [d for d in decode_many(lambda p: load_input(p, bundle.preprocess), paths)
+                if isinstance(d, np.ndarray)]
+        return np.stack(good) if good else None
+
+    cal, held = pixels(cal_files), pixels(rest)
+    if cal is None:
+        raise InputError(f"--calibration {folder}: no readable image in it",
+                         "give a folder of photos like the ones the model will see")
+    where = f", agreement on {len(held)} others of it" if held is not None else ""
+    return Calibration(cal, held, f"{len(cal)} photos of {folder}{where}")
 
 
 def _split_pixels(bundle, split, limit: int, rng) -> np.ndarray | None:
