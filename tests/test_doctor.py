@@ -210,3 +210,12 @@ def test_a_move_that_fails_is_one_line_and_what_moved_can_be_undone(tmp_path, mo
     assert (data / "cat" / "c.jpg").is_file()
     monkeypatch.setattr(doctor.shutil, "move", real_move)
     assert doctor.undo(manifest)[0] == 1 and (data / "cat" / "a.jpg").is_file()
+
+
+def test_a_folder_without_class_folders_says_so(tmp_path):
+    for i in range(2):
+        Image.new("RGB", (40, 30), (i * 90, 20, 20)).save(tmp_path / f"{i}.jpg")
+    report = scan(tmp_path)
+    assert ("classes" in {i.kind for i in report.issues}
+            and "no class folders" in report.text())
+    assert "class counts: none" in report.text()

@@ -106,10 +106,10 @@ class DoctorReport:
         names = sorted(self.classes)
         splits = sorted({s for c in self.classes.values() for s in c if s != "total"},
                         key=lambda s: _SPLIT_ORDER.get(s, 9))
-        lines.append("class counts: " + "; ".join(
+        lines.append("class counts: " + ("none" if not names else "; ".join(
             f"{n} {self.classes[n]['total']}" + (" (" + ", ".join(
                 f"{s} {self.classes[n].get(s, 0)}" for s in splits) + ")" if splits else "")
-            for n in names))
+            for n in names)))
         if self.imbalance_ratio is not None:
             lines.append(f"imbalance ratio (largest / smallest class in train): "
                          f"{self.imbalance_ratio:.2f}")
@@ -376,7 +376,8 @@ def _balance(classes: dict[str, dict[str, int]]) -> tuple[float | None, list[Iss
     issues: fewer than two classes, or a ratio at or over IMBALANCE."""
     train_counts = [v.get("train", 0) for v in classes.values()]
     if not train_counts:
-        return None, []
+        return None, [Issue(".", "classes", "no class folders: a folder dataset is "
+                            "DIR/<class>/*.jpg or DIR/train/<class>/*.jpg")]
     ratio = round(max(train_counts) / max(1, min(train_counts)), 3)
     if len(classes) < 2:
         return ratio, [Issue(".", "classes", f"only {len(classes)} class folder(s); "
