@@ -88,3 +88,16 @@ def test_brightness_range():
     means = out.mean((1, 2, 3))
     assert means.min() >= 80 - 1e-3 and means.max() <= 120 + 1e-3
     assert means.std() > 1  # not one factor for the whole batch
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("zoom=nan", "not a finite number"), ("rotation=inf", "not a finite number"),
+    ("brightness=nan", "not a finite number"), ("rotation=-40", "rotation=-40 is out of range"),
+    ("rotation", "rotation needs a value"), ("rotation=200", "out of range"),
+])
+def test_augment_values_that_would_train_on_garbage_are_refused(spec, needle):
+    """NaN or infinite values were accepted and trained on (every augmented image one flat
+    colour); a negative one was mangled in the message; a bare key meant 1."""
+    with pytest.raises(ImgrecError, match=needle):
+        Augment.parse(spec)
+    assert Augment.parse("width-shift=0.1,flip").describe() == "flip,width_shift=0.1"

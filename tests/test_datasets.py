@@ -128,7 +128,7 @@ def test_sign_language_pixel_csv(tmp_path):
     assert len(ds.classes) == 24 and "J" not in ds.classes and ds.classes[:3] == ["A", "B", "C"]
     assert ds.classes[9] == "K"  # label 10 is K, remapped to index 9
     assert len(ds.splits["test"]) == 24
-    assert len(ds.splits["train"]) + len(ds.splits["val"]) == 72
+    assert len(ds.splits["train"]) == 72 and "val" not in ds.splits  # 3 a class: none held
     x = ds.splits["test"].images
     assert x.shape == (24, 1, 28, 28) and x.dtype == np.uint8
     assert ds.splits["test"].labels.max() == 23
@@ -227,3 +227,20 @@ def test_builtin_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
 
 def _refuse(*args, **kwargs):
     raise OSError("no network in tests")
+
+
+def test_small_classes_keep_a_training_image_and_no_split_is_empty():
+    """Holding out a share of a class never takes its last image (a class no training image
+    teaches is refused), and a share too small to hold any image out makes no split at all,
+    not an empty one (training on 4 photos a class once ran to the end, then failed)."""
+    from imgrec.data.datasets import Split, carve_splits, stratified_split
+
+    labels = np.array([0, 0, 0] + [1] * 12)
+    rest, held = stratified_split(labels, 0.89, 0)
+    assert set(labels[rest]) == {0, 1} and (labels[rest] == 0).sum() == 1
+    splits = {"train": Split(np.array([0] * 4 + [1] * 4))}
+    carve_splits(splits, val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert set(splits) == {"train"} and len(splits["train"]) == 8
+    splits = {"train": Split(np.array([0] * 10 + [1] * 10))}
+    carve_splits(splits, val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 16, "test": 2, "val": 2}

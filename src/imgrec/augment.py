@@ -56,13 +56,14 @@ class Augment:
         'standard,zoom=0.3'. The workshops' rescale=1/255 is the preprocessing contract."""
         values: dict[str, float] = {}
         for raw in (spec or "none").split(","):
-            item = raw.strip().lower().replace("-", "_")
-            if not item:
+            key, eq, val = raw.strip().lower().partition("=")
+            key = key.strip().replace("-", "_")  # width-shift = width_shift; the value as given
+            val = val.strip()
+            if not key and not eq:
                 continue
-            if item in PRESETS:
-                values.update(PRESETS[item])
+            if key in PRESETS and not eq:
+                values.update(PRESETS[key])
                 continue
-            key, _, val = item.partition("=")
             if key in ("horizontal_flip", "hflip"):
                 key = "flip"
             if key not in KEYS:
@@ -71,10 +72,18 @@ class Augment:
                     f"use a preset ({', '.join(PRESETS)}) or key=value with key in "
                     f"{', '.join(KEYS)}",
                 )
+            if not val and key != "flip":
+                raise ImgrecError(f"augmentation {key} needs a value", f"e.g. {key}="
+                                  + {"rotation": "15", "crop": "2"}.get(key, "0.1"))
             try:
                 values[key] = float(val) if val else 1.0
             except ValueError:
                 raise ImgrecError(f"augmentation {key} needs a number, not {val!r}") from None
+            if not math.isfinite(values[key]):
+                raise ImgrecError(f"augmentation {key}={val} is not a finite number")
+            if key == "rotation" and not 0 <= values[key] <= 180:
+                raise ImgrecError(f"augmentation rotation={val} is out of range",
+                                  "rotation is the largest turn either way, 0 to 180 degrees")
             if key == "crop" and values[key] != int(values[key]):
                 raise ImgrecError(f"augmentation crop={val} must be a whole number of pixels")
             if values[key] < 0 or (key in ("shift", "width_shift", "height_shift", "zoom",

@@ -98,7 +98,8 @@ def stratified_split(
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        n = math.floor(len(idx) * fraction + 0.5) if len(idx) > 1 else 0
+        # at least one image of each class stays: a class no training image teaches is refused
+        n = min(math.floor(len(idx) * fraction + 0.5), len(idx) - 1)
         held.append(idx[:n])
         rest.append(idx[n:])
     return np.sort(np.concatenate(rest)), np.sort(np.concatenate(held))
@@ -110,12 +111,13 @@ def carve_splits(splits: dict[str, Split], val_fraction: float, test_fraction: f
     test images alone has no train split to carve from, and needs none to be evaluated)."""
     if "train" not in splits:
         return
-    if "test" not in splits and test_fraction > 0:
-        rest, held = stratified_split(splits["train"].labels, test_fraction, seed)
-        splits["test"], splits["train"] = splits["train"].subset(held), splits["train"].subset(rest)
-    if "val" not in splits and val_fraction > 0:
-        rest, held = stratified_split(splits["train"].labels, val_fraction, seed + 1)
-        splits["val"], splits["train"] = splits["train"].subset(held), splits["train"].subset(rest)
+    for name, fraction, salt in (("test", test_fraction, 0), ("val", val_fraction, 1)):
+        if name in splits or fraction <= 0:
+            continue
+        rest, held = stratified_split(splits["train"].labels, fraction, seed + salt)
+        if len(held):  # too few images to hold any out: no such split (not an empty one)
+            splits[name], splits["train"] = (splits["train"].subset(held),
+                                             splits["train"].subset(rest))
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:

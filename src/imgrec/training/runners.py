@@ -130,8 +130,9 @@ class Runner:
     def test_metrics(self, bundle: Bundle) -> dict[str, Any] | None:
         """Accuracy on the test split, scored by the trained network as predict scores it."""
         plan = self.plan
-        if "test" not in plan.data.splits:
+        if "test" not in plan.data.splits or not len(plan.data.splits["test"]):
             return None
+        from ..errors import DataError
         from ..evaluation import evaluate_bundle
         from ..network import TorchEngine
 
@@ -139,7 +140,11 @@ class Runner:
         # test split in 0.4 s against 1.3 s eager), else the network in PyTorch
         onnx = plan.device.type == "cpu" and bundle.onnx_path.exists()
         engine = "onnx" if onnx else TorchEngine.from_model(self.state.model, plan.device)
-        report = evaluate_bundle(bundle, plan.data, "test", engine=engine)
+        try:
+            report = evaluate_bundle(bundle, plan.data, "test", engine=engine)
+        except DataError as e:  # no readable test image: the trained bundle is kept all the same
+            self.note(f"test    not scored: {e.message}")
+            return None
         self.state.skipped.update(report.skipped)  # bad test files are reported too
         self.record.add_test_metrics(bundle, report.headline(), len(self.state.skipped))
         self.note(f"test    accuracy {report.accuracy:.4f} on {report.n} images")
