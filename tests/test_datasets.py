@@ -244,3 +244,24 @@ def test_small_classes_keep_a_training_image_and_no_split_is_empty():
     splits = {"train": Split(np.array([0] * 10 + [1] * 10))}
     carve_splits(splits, val_fraction=0.1, test_fraction=0.1, seed=0)
     assert {k: len(v) for k, v in splits.items()} == {"train": 16, "test": 2, "val": 2}
+
+
+def test_csv_headers_blank_lines_and_bad_rows(tmp_path):
+    """Any header (a byte-order mark too) is a header, not a class; blank lines are skipped;
+    a row without a label, or with a split that is not train/val/test, is refused by line."""
+    from imgrec.errors import DataError
+
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            Image.new("RGB", (20, 20), (90 * i, 0, 0)).save(tmp_path / f"{cls}{i}.png")
+    rows = "".join(f"{c}{i}.png,{c}\n" for c in ("cat", "dog") for i in range(3))
+    for header in ("image,class\n", "\ufeffpath,label\n", ""):
+        (tmp_path / "d.csv").write_text(header + rows + "\n\n", encoding="utf-8")
+        ds = load_dataset(str(tmp_path / "d.csv"), val_fraction=0.0, test_fraction=0.0)
+        assert ds.classes == ["cat", "dog"] and len(ds.splits["train"]) == 6, header
+    for bad, needle in (("cat0.png,\n", "line 9: every row needs a path and a label"),
+                        (",dog\n", "line 9: every row needs"),
+                        ("cat0.png,cat,tset\n", "line 9: unknown split 'tset'")):
+        (tmp_path / "d.csv").write_text("path,label\n" + rows + "\n" + bad)
+        with pytest.raises(DataError, match=needle):
+            load_dataset(str(tmp_path / "d.csv"))

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from imgrec.cli import main
+from imgrec.errors import ImgrecError
 
 FLIP_SHARE = 0.05
 SEED = 0
@@ -309,6 +310,13 @@ def test_train_exclude_leaves_listed_files_out(tmp_path):
     text.write_text("# one path per line\ntest/disc/disc_000.png\n")
     plan = make_plan(TrainConfig(data=str(data), model="fast-cnn", quiet=True, exclude=str(text)))
     assert len(plan.data.splits["test"]) == len(full.data.splits["test"]) - 1
+    # a list that takes every training image of a class is refused, as an empty class is
+    every_disc = tmp_path / "discs.txt"
+    every_disc.write_text("".join(f"{p}\n" for p in full.data.splits["train"].paths
+                                  if "/disc/" in p))
+    with pytest.raises(ImgrecError, match="leaves class.*'disc' without a training image"):
+        make_plan(TrainConfig(data=str(data), model="fast-cnn", quiet=True,
+                              exclude=str(every_disc)))
 
 
 def _one_line_exit_2(argv: list[str], capsys) -> str:

@@ -221,6 +221,12 @@ def exclude_files(ds: Any, list_file: str | Path, quiet: bool = False) -> Any:
         ds.splits[name] = split.subset(np.array(keep, dtype=np.int64))
         if not keep and name != "train":
             del ds.splits[name]
+    taught = set(ds.splits["train"].labels.tolist()) if "train" in ds.splits else set()
+    empty = [c for i, c in enumerate(ds.classes) if i not in taught]
+    if empty:  # as a class folder with no training image is refused
+        raise DataError(f"--exclude {list_file} leaves class(es) "
+                        f"{', '.join(repr(c) for c in empty)} without a training image",
+                        "exclude fewer files, or remove the class from the data")
     note = f"excluded {removed} file(s) listed in {list_file} ({len(listed)} listed)"
     ds.notes.append(note)
     if not quiet:

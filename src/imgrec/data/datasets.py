@@ -164,33 +164,66 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
 
 def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's byte-order mark
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: unreadable CSV ({e})") from None
-    if not rows:
+    numbered = [(n, r) for n, r in enumerate(rows, 1) if any(c.strip() for c in r)]  # no blanks
+    if not numbered:
         raise DataError(f"{path}: empty CSV", "write one `path,label` row per image")
-    header = [h.strip().lower() for h in rows[0]]
+    header = [h.strip().lower() for h in numbered[0][1]]
     if header and header[0] == "label" and len(header) > 1 and header[1].startswith("pixel"):
         return _pixel_csv(path, rows, val_fraction, test_fraction, seed)
-    if header[:2] == ["path", "label"] or header[:2] == ["filename", "label"]:
-        rows = rows[1:]
-    if any(len(r) < 2 for r in rows):
-        raise DataError(f"{path}: every row needs a path and a label", "write `path,label` rows")
-    classes = sorted({r[1].strip() for r in rows})
+    if _is_header(header, path.parent):
+        numbered = numbered[1:]
+    by_split = _csv_rows(path, numbered)
+    classes = sorted({label for v in by_split.values() for _, label in v})
     index = {c: i for i, c in enumerate(classes)}
-    by_split: dict[str, list[tuple[str, int]]] = {}
-    for r in rows:
-        p = Path(r[0].strip())
-        p = p if p.is_absolute() else path.parent / p
-        split = SPLIT_ALIASES.get(r[2].strip().lower(), "train") if len(r) > 2 else "train"
-        by_split.setdefault(split, []).append((str(p), index[r[1].strip()]))
     splits = {
-        s: Split(np.array([y for _, y in v], np.int64), paths=[p for p, _ in v])
+        s: Split(np.array([index[y] for _, y in v], np.int64), paths=[p for p, _ in v])
         for s, v in by_split.items()
     }
     carve_splits(splits, val_fraction, test_fraction, seed)
     return Dataset(path.stem, classes, 3, splits, in_memory=False, source=str(path))
+
+
+#: a CSV's first row is a header when its first two cells are such names (or any words
+#: that are not an image file's path)
+_HEADER_NAMES = {"path", "filename", "file", "image", "img", "filepath", "image_path"}
+
+
+def _is_header(cells: list[str], root: Path) -> bool:
+    if len(cells) < 2:
+        return False
+    if cells[0] in _HEADER_NAMES:
+        return True
+    first = Path(cells[0])
+    return not is_image_path(first) and not (first if first.is_absolute() else root / first
+                                             ).is_file()
+
+
+def _csv_rows(path: Path, numbered: list[tuple[int, list[str]]]
+              ) -> dict[str, list[tuple[str, str]]]:
+    """{split: [(image path, label)]} from `path,label[,split]` rows; a row without a path
+    or a label, or with a split that is not train/val/test, is refused by its line number."""
+    by_split: dict[str, list[tuple[str, str]]] = {}
+    for n, r in numbered:
+        cells = [c.strip() for c in r]
+        if len(cells) < 2 or not cells[0] or not cells[1]:
+            raise DataError(f"{path}, line {n}: every row needs a path and a label",
+                            "write `path,label[,split]` rows")
+        split = "train"
+        if len(cells) > 2 and cells[2]:
+            split = SPLIT_ALIASES.get(cells[2].lower(), "")
+            if not split:
+                raise DataError(f"{path}, line {n}: unknown split {cells[2]!r}",
+                                "use train, val (validation) or test")
+        p = Path(cells[0])
+        by_split.setdefault(split, []).append((str(p if p.is_absolute() else path.parent / p),
+                                               cells[1]))
+    if "train" not in by_split and not by_split:
+        raise DataError(f"{path}: no image rows", "write one `path,label` row per image")
+    return by_split
 
 
 def _read_pixel_csv(path: Path, rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
