@@ -188,3 +188,12 @@ def test_the_page_and_docs_ask_for_the_key_once(tiny):
             assert len(asked) == 1
         finally:
             browser.close()
+
+
+def test_an_empty_api_key_is_refused_not_taken_as_none(capsys):
+    """`--api-key "$KEY"` with KEY unset would otherwise serve with no authentication."""
+    from imgrec.cli import main
+
+    assert main(["serve", "--api-key", "", "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--api-key is empty" in err

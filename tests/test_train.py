@@ -201,3 +201,14 @@ def test_public_train_function_survives_importing_the_training_package():
     import imgrec.training.api  # noqa: F401
 
     assert callable(imgrec.train) and callable(imgrec.evaluate)
+
+
+def test_an_image_size_a_network_cannot_take_is_one_line(shapes, tmp_path, capsys):
+    """small-cnn pools 16 px to nothing: one line and exit 2, not an internal error."""
+    from imgrec.cli import main
+
+    assert main(["train", str(shapes), "--model", "small-cnn", "--image-size", "16",
+                 "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--image-size 16 is too small for small-cnn" in err
+    assert not (tmp_path / "run").exists()

@@ -346,6 +346,6 @@ def test_finetune_options_are_refused_outside_finetune(flag, tmp_path, capsys):
     assert len(err) == 1 and "--mode finetune" in err[0] and "features" in err[0], err
     write_fake_mnist(tmp_path / "data")  # no --mode: refused once auto has chosen scratch
     assert main(["train", "mnist", "--data-dir", str(tmp_path / "data"), *flag]) == 2
-    assert "only apply to --mode finetune (this run is scratch: it has no backbone)" in \
+    assert "only applies to --mode finetune (this run is scratch: it has no backbone)" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()

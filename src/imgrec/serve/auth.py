@@ -34,8 +34,11 @@ def read_key_file(path: Path) -> list[str]:
 def api_keys(key: str | None, key_file: Path | None) -> list[str]:
     """--api-key (or $IMGREC_API_KEY) and the keys of --api-key-file, checked: a key is one
     word of visible ASCII (it travels in a header)."""
-    keys = ([key.strip()] if key and key.strip() else []) + (
-        read_key_file(key_file) if key_file else [])
+    if key is not None and not key.strip():  # `--api-key "$UNSET"` must not mean no key
+        raise InputError("--api-key is empty (or $IMGREC_API_KEY is set but empty): the server "
+                         "would run without authentication",
+                         "give the key, or leave --api-key out to run without one")
+    keys = ([key.strip()] if key else []) + (read_key_file(key_file) if key_file else [])
     for k in keys:
         if not k.isascii() or not k.isprintable() or " " in k:
             raise InputError("an API key must be one word of visible ASCII characters",

@@ -195,5 +195,6 @@ def refuse_finetune_options(cfg: TrainConfig, mode: str) -> None:
              if getattr(cfg, n) is not None]
     if given and mode != "finetune":
         why = "its backbone stays frozen" if mode == "features" else "it has no backbone"
-        raise ImgrecError(f"{' and '.join(given)} only apply to --mode finetune (this run is "
+        verb = "apply" if len(given) > 1 else "applies"
+        raise ImgrecError(f"{' and '.join(given)} only {verb} to --mode finetune (this run is "
                           f"{mode}: {why})", "add --mode finetune, or leave them out")

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..bundle import Bundle, file_digest
-from ..errors import skipped_report
+from ..errors import ImgrecError, skipped_report
 from ..files import output_folder
 from ..network import CUSTOM_ARCHITECTURE as CUSTOM
 from . import distributed
@@ -151,6 +152,20 @@ class Runner:
         return report.headline()
 
 
+@contextmanager
+def input_size_checked(name: str, size: int) -> Iterator[None]:
+    """Around building a network and passing it one image: a size its pooling cannot take is
+    one line before training (PyTorch's error was an internal error)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "size" not in str(e).lower():
+            raise
+        raise ImgrecError(f"--image-size {size} is too small for {name} (its pooling layers "
+                          "shrink the image to nothing)",
+                          "give a larger --image-size, or a smaller network") from None
+
+
 def _fast_kind(plan: RunPlan) -> str:
     """Where bfloat16 runs fast, in words (why a default recipe went long)."""
     return "a GPU" if plan.device.type == "cuda" else "a CPU with AMX"
@@ -189,7 +204,13 @@ class ScratchRunner(Runner):
 
         args = {"in_channels": plan.data.channels, "num_classes": len(plan.data.classes),
                 "image_size": plan.image_size, **plan.model_args}
-        return build_model(plan.model_name, **args), {"name": plan.model_name, "args": args}
+        with input_size_checked(plan.model_name, plan.image_size):
+            model = build_model(plan.model_name, **args)  # some measure their head this way
+            with torch.no_grad():
+                model.eval()(torch.zeros(1, plan.data.channels, plan.image_size,
+                                         plan.image_size))
+            model.train()
+        return model, {"name": plan.model_name, "args": args}
 
     def fit(self, model: torch.nn.Module, arch: dict[str, Any], t0: float,
             tracker: EarlyStopping, extra: dict[str, Any] | None = None,
