@@ -204,6 +204,10 @@ def test_walk_is_sorted_like_rglob(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "a")  # a symlinked folder is not followed
     rglob = sorted(p for p in tmp_path.rglob("*") if p.is_file() and is_image_path(p))
     assert list(walk_images(tmp_path)) == rglob
+    for hidden in (".git/objects/photo.jpg", "a/._z.png"):  # hidden names are left out
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / hidden).write_bytes(b"x")
+    assert list(walk_images(tmp_path)) == rglob
 
 
 def test_in_lanes_reads_chunks_lazily():

@@ -212,3 +212,21 @@ def test_an_image_size_a_network_cannot_take_is_one_line(shapes, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--image-size 16 is too small for small-cnn" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_too_short_for_a_cycle_keeps_its_peak_lr():
+    """A few batches in all (a tiny folder, 1-3 epochs): one-cycle's warm-up and annealing
+    left it at 4e-5 then 4e-9; under SHORT_RUN steps the lr stays at its peak."""
+    from imgrec.training.engine import SHORT_RUN, one_cycle
+
+    for steps, flat in ((2, True), (SHORT_RUN - 1, True), (SHORT_RUN * 4, False)):
+        p = [torch.nn.Parameter(torch.zeros(1))]
+        opt = torch.optim.SGD(p, lr=1e-3)
+        sched = one_cycle(opt, 1e-3, steps)
+        lrs = []
+        for _ in range(steps):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert (max(lrs) - min(lrs) < 1e-12) == flat, (steps, lrs)
+        assert max(lrs) == pytest.approx(1e-3)

@@ -286,11 +286,14 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[str]:
 def walk_images(folder: Path) -> Iterator[Path]:
     """Image files under `folder` in sorted path order (what sorted(folder.rglob("*")) gives:
     each directory's names sorted, depth first), holding one directory's names at a time.
-    Like rglob, symlinked folders are not followed and unreadable subfolders are skipped."""
+    Like rglob, symlinked folders are not followed and unreadable subfolders are skipped;
+    hidden names (.git/, ._photo.jpg from macOS) are left out, as doctor and the studio do."""
     names, dirs = [], set()
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
+                if entry.name.startswith("."):
+                    continue
                 names.append(entry.name)
                 if entry.is_dir(follow_symlinks=False):
                     dirs.add(entry.name)

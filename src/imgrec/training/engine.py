@@ -46,10 +46,17 @@ class LoopResult:
 
 def one_cycle(opt, lr: float | list[float], steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """One-cycle over `steps` optimizer steps. Warm-up is a quarter of the run but at least
-    1.5 steps: OneCycleLR divides by zero when its warm-up phase ends on step 0 (<= 4 steps)."""
+    1.5 steps: OneCycleLR divides by zero when its warm-up phase ends on step 0 (<= 4 steps).
+    A run of fewer than SHORT_RUN steps has no room for a cycle (2 steps went 4e-5 then
+    4e-9 and barely trained): it keeps the peak lr throughout."""
     total = max(2, steps)
+    flat = {"div_factor": 1.0, "final_div_factor": 1.0} if total < SHORT_RUN else {}
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
-                                               pct_start=max(0.25, 1.5 / total))
+                                               pct_start=max(0.25, 1.5 / total), **flat)
+
+
+#: optimizer steps below which one_cycle keeps a constant lr
+SHORT_RUN = 10
 
 
 def class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor | None:
