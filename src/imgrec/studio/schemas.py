@@ -62,7 +62,8 @@ class TrainState(_Body):
     seconds: float | None = Field(None, description="how long the last run took")
     validation: dict[str, Any] | None = Field(
         None, description="after a training: `labels`, `confusion_matrix` (rows: true class) "
-                          "and `per_class_accuracy` on the validation photos")
+                          "and `per_class_accuracy` on the validation photos (null for a "
+                          "class without one)")
 
 
 class Served(_Body):

@@ -246,7 +246,9 @@ def validation_figures(bundle: Path, data: Path) -> dict[str, Any] | None:
         return None
     per_class = report.per_class()
     return {"labels": report.labels, "confusion_matrix": report.confusion().tolist(),
-            "per_class_accuracy": {k: round(v["recall"], 4) for k, v in per_class.items()}}
+            # null for a class with no validation photo (0.0 would read as all wrong)
+            "per_class_accuracy": {k: round(v["recall"], 4) if v["support"] else None
+                                   for k, v in per_class.items()}}
 
 
 def put_in_place(new: Path, model: Path) -> None:

@@ -293,7 +293,8 @@ function showValidation(v) {
       cell.textContent = n;
       if (i === j) cell.className = "diagonal";
     });
-    row.insertCell().textContent = `${(100 * v.per_class_accuracy[l]).toFixed(1)}%`;
+    const acc = v.per_class_accuracy[l];
+    row.insertCell().textContent = acc === null ? "no photo" : `${(100 * acc).toFixed(1)}%`;
   });
   const caption = table.createCaption();
   caption.textContent = "Validation photos: rows are the true class";
