@@ -152,6 +152,17 @@ def test_a_bad_space_or_storage_is_one_line_and_exit_2(
     assert not (tmp_path / "o").exists()  # nothing is left behind
 
 
+def test_out_a_folder_of_other_files_is_refused(digits, tmp_path, capsys, monkeypatch):
+    """As `imgrec train --out` refuses it: the search would write among the user's files."""
+    monkeypatch.setenv("IMGREC_DATA", str(digits))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert main(["tune", "mnist", "--trials", "2", "--out", str(tmp_path / "mine")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not empty and holds no search (notes.txt)" in err[0], err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
 def test_a_url_without_a_driver_gets_the_one_installed(monkeypatch):
     """SQLAlchemy 2.1 takes psycopg 3 (mysqlclient) for postgresql:// (mysql://): a machine
     with psycopg2 (PyMySQL) alone is given it; a URL naming its driver is left alone."""

@@ -176,6 +176,7 @@ class Search:
         from .space import check_names, fixed_values
 
         check_output_folder(self.out, "--out")
+        _check_tune_folder(self.out)
         named = isinstance(self.s.space, str | Path)
         self.where = f"space file {self.s.space}" if named else "search space"
         check_names(self.raw, self.where)
@@ -315,6 +316,22 @@ class Search:
         params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
         secs = trial.duration.total_seconds() if trial.duration else 0.0
         self.log(f"trial {trial.number:<3} {how:<19} {shown}  {params}  ({secs:.1f}s)")
+
+
+#: what makes a folder a search's own (a later run tops it up)
+TUNE_MARKERS = ("study.db", "tune.json", "trials", "best")
+
+
+def _check_tune_folder(out: Path) -> None:
+    """--out: new, empty, or a search's own; a folder of other files is refused before
+    anything is written (as `imgrec train --out` refuses one)."""
+    if not out.is_dir() or any((out / name).exists() for name in TUNE_MARKERS):
+        return
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if others:
+        raise ImgrecError(f"--out {out} is not empty and holds no search ({', '.join(others[:3])}"
+                          f"{' ...' if len(others) > 3 else ''})",
+                          "give --out a new or empty folder, or the folder of an earlier search")
 
 
 def _record(trial: Any, result: Any, reporter: TrialReporter) -> None:
