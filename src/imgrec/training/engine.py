@@ -400,7 +400,13 @@ class EpochLoop:
         """Load the checkpoint in --out; the epoch to continue from."""
         saved = _shared_checkpoint(self.checkpoint_path, self.plan)
         self.model.load_state_dict(saved["model"])
+        # the schedule's bounds in the optimizer's groups are this run's (another --epochs
+        # may turn a flat short run into a cycle), not the checkpoint's
+        keys = ("initial_lr", "max_lr", "min_lr")
+        bounds = [{k: g[k] for k in keys if k in g} for g in self.opt.param_groups]
         self.opt.load_state_dict(saved["optimizer"])
+        for group, own in zip(self.opt.param_groups, bounds, strict=True):
+            group.update(own)
         _restore_schedule(self.sched, saved["scheduler"])
         torch.set_rng_state(saved["rng"].cpu())
         if self.lookahead is not None and saved.get("lookahead"):
