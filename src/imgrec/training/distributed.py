@@ -112,6 +112,10 @@ def session(plan: Any) -> Iterator[None]:
     try:
         with peers_guard(world):
             yield
+            # every rank leaves together: one that tore its process group down while rank 0
+            # still wrote the bundle aborted once in CI ("terminate called without an active
+            # exception", SIGABRT), and torchrun then stopped rank 0 mid-write
+            dist.barrier()
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
