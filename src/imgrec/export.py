@@ -345,7 +345,7 @@ def calibration_data(bundle, data: str | None = None, seed: int = 0,
     machine (or the bundle names none: a pretrained model), `photo_views` of the photos every
     exporting machine has (`offline_photos`), which then are the images the agreement is
     measured on."""
-    from .errors import ImgrecError
+    from .errors import DataError, ImgrecError
 
     t = bundle.training
     name = data or t.get("data")
@@ -356,7 +356,8 @@ def calibration_data(bundle, data: str | None = None, seed: int = 0,
         try:
             return _dataset_calibration(bundle, name, seed, data_dir)
         except (ImgrecError, OSError) as e:
-            if data and Path(data).expanduser().is_dir() and "class folder" in str(e):
+            if data and isinstance(e, DataError) and Path(data).expanduser().is_dir():
+                # not a labelled dataset: calibration needs no labels, its photos will do
                 return _photo_folder_calibration(bundle, Path(data).expanduser(), seed)
             if data:  # the user named it: a wrong path is an error, not a quiet fallback
                 raise InputError(f"--calibration {data!r}: {first_line(e, 400)}",
@@ -443,20 +444,13 @@ def _photo_folder_calibration(bundle, folder: Path, seed: int) -> Calibration:
     """A folder of photos without class folders (calibration needs no labels): up to
     CALIBRATION_LIMIT of them, drawn at random, to calibrate on, and up to AGREEMENT_LIMIT of
     the rest for the agreement."""
-    from .contract import load_input
-    from .predict import decode_many, walk_images
+    from .predict import walk_images
 
     files = [str(f) for f in walk_images(folder)]
     order = np.random.default_rng(seed).permutation(len(files))
-    cal_files = [files[i] for i in order[:CALIBRATION_LIMIT]]
-    rest = [files[i] for i in order[CALIBRATION_LIMIT:CALIBRATION_LIMIT + AGREEMENT_LIMIT]]
-
-    def pixels(paths: list[str]) -> np.ndarray | None:
-        good = [d for d in decode_many(lambda p: load_input(p, bundle.preprocess), paths)
-                if isinstance(d, np.ndarray)]
-        return np.stack(good) if good else None
-
-    cal, held = pixels(cal_files), pixels(rest)
+    cal = _decoded(bundle, [files[i] for i in order[:CALIBRATION_LIMIT]])
+    held = _decoded(bundle, [files[i] for i in
+                             order[CALIBRATION_LIMIT:CALIBRATION_LIMIT + AGREEMENT_LIMIT]])
     if cal is None:
         raise InputError(f"--calibration {folder}: no readable image in it",
                          "give a folder of photos like the ones the model will see")
@@ -467,14 +461,20 @@ def _photo_folder_calibration(bundle, folder: Path, seed: int) -> Calibration:
 def _split_pixels(bundle, split, limit: int, rng) -> np.ndarray | None:
     """Up to `limit` images of a split, drawn at random, through the contract (unreadable
     files are left out)."""
-    from .contract import fit_arrays, load_input
-    from .predict import decode_many
+    from .contract import fit_arrays
 
     idx = np.sort(rng.choice(len(split), size=min(limit, len(split)), replace=False))
     if split.images is not None:
         return fit_arrays(split.images[idx], bundle.preprocess)
-    decoded = decode_many(lambda p: load_input(p, bundle.preprocess),
-                          [split.paths[i] for i in idx])
+    return _decoded(bundle, [split.paths[i] for i in idx])
+
+
+def _decoded(bundle, paths: list[str]) -> np.ndarray | None:
+    """The files through the bundle's contract (unreadable ones left out); None if none."""
+    from .contract import load_input
+    from .predict import decode_many
+
+    decoded = decode_many(lambda p: load_input(p, bundle.preprocess), paths)
     good = [d for d in decoded if isinstance(d, np.ndarray)]
     return np.stack(good) if good else None
 
@@ -527,7 +527,7 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
         result.int8_note = ("kept: made from this same model.onnx" if kept else
                             "removed: it was made from an earlier model.onnx" if removed
                             else None)
-    if int8:
+    else:
         info.update(_export_int8(bundle, result, cal))
         bundle.extra[EXPORT_KEY] = info
         bundle.write_meta()
