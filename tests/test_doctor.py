@@ -66,7 +66,7 @@ def test_clean_copy_reports_only_what_is_there(data_copy):
     assert diff < 8  # mean absolute pixel difference: truly the same picture
 
 
-def test_finds_each_injected_problem(data_copy, tmp_path):
+def test_finds_each_injected_problem(data_copy, tmp_path, capsys):
     train_cat = data_copy / "train" / "cat"
     val_cat = data_copy / "validation" / "cat"
     photo = train_cat / "cat.1.jpg"
@@ -106,7 +106,12 @@ def test_finds_each_injected_problem(data_copy, tmp_path):
     assert set(found) == expected
     assert report.files_scanned == 606
 
-    # CLI: JSON schema, then quarantine and undo
+    # CLI: problems left -> exit 1, and the last line says which (notes do not count)
+    assert main(["doctor", str(data_copy)]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("4 problem(s) to fix before training") and "exit status 1" in last
+    assert "bomb 1" in last and "leak 1" in last and "exif" not in last
+    # JSON schema, then quarantine (nothing left: exit 0) and undo
     out = tmp_path / "doctor.json"
     qdir = tmp_path / "quarantine"
     assert main(["doctor", str(data_copy), "--json", str(out), "--quarantine", str(qdir)]) == 0
@@ -173,6 +178,7 @@ def test_modes_tiny_stray_and_imbalance(tmp_path):
     assert report.classes["apples"]["total"] == 14 and report.classes["pears"]["total"] == 4
     assert report.imbalance_ratio == pytest.approx(3.5)
     assert found["."] == {"imbalance"}
+    assert report.problems() == {"empty": 1}  # the rest are notes
     assert set(found) == {"apples/grey.png", "apples/alpha.png", "apples/palette.gif",
                           "apples/cmyk.jpg", "pears/deep.png", "apples/tiny.png", "stray.png",
                           "apples/empty.jpg", "."}
@@ -219,3 +225,35 @@ def test_a_folder_without_class_folders_says_so(tmp_path):
     assert ("classes" in {i.kind for i in report.issues}
             and "no class folders" in report.text())
     assert "class counts: none" in report.text()
+
+
+def test_a_split_class_without_training_images_is_empty_not_imbalanced(tmp_path, capsys):
+    """DIR/{train,validation}: `owls` has validation photos but no train/owls folder, and
+    `bats` has an empty train folder. Both are empty classes (the loader refuses them), and the
+    imbalance ratio is over the classes that have training images."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def photos(folder: Path, n: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png")
+
+    photos(tmp_path / "train" / "cats", 4)
+    photos(tmp_path / "train" / "dogs", 4)
+    (tmp_path / "train" / "bats").mkdir()
+    photos(tmp_path / "validation" / "owls", 2)
+    photos(tmp_path / "validation" / "cats", 1)
+    report = scan(tmp_path)
+    empty = {i.path: i.detail for i in report.issues if i.kind == "empty-class"}
+    assert set(empty) == {"train/bats", "train/owls"}
+    assert "no training images (val 2)" in empty["train/owls"]
+    assert report.imbalance_ratio == 1.0
+    assert "imbalance" not in report.kinds()
+    assert main(["doctor", str(tmp_path)]) == 1
+    assert "empty-class 2" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "validation" / "owls")
+    (tmp_path / "train" / "bats").rmdir()
+    assert main(["doctor", str(tmp_path)]) == 0

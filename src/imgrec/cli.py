@@ -825,6 +825,10 @@ def doctor(
     --undo fixes.applied.json)
 
     Undo a quarantine: imgrec doctor --undo data/quarantine/manifest.json
+
+    Exit status: 0 when nothing stops the data from training honestly; 1 while an unreadable
+    file, a duplicate, a leak across splits or an empty class is left (the other findings are
+    notes); 2 for a wrong command.
     """
     from . import doctor as doc
 
@@ -851,6 +855,11 @@ def doctor(
         manifest = doc.quarantine(found, quarantine)
         moved = len(json.loads(manifest.read_text())["moved"])
         _echo(f"moved {moved} file(s) to {quarantine}; undo: imgrec doctor --undo {manifest}")
+    left = found.problems(doc.QUARANTINE_KINDS if quarantine else ())
+    if left:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(left.items()))
+        _echo(f"{sum(left.values())} problem(s) to fix before training ({kinds}): exit status 1")
+        raise typer.Exit(1)
 
 
 def _check_file_option(path: Path | None, option: str) -> None:

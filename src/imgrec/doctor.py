@@ -41,6 +41,10 @@ NEAR_DISTANCE = 5
 IMBALANCE = 3.0
 #: Kinds `--quarantine` moves out (the others are worth knowing but harmless to train on).
 QUARANTINE_KINDS = ("empty", "not-image", "unreadable", "truncated", "bomb", "duplicate", "leak")
+#: Kinds that make a dataset wrong to train or evaluate on (files the loader skips, copies
+#: that inflate the test score, classes nothing teaches): `imgrec doctor` exits 1 while any
+#: is left. The other kinds are notes: worth knowing, harmless to train on.
+PROBLEM_KINDS = QUARANTINE_KINDS + ("empty-class", "classes")
 MANIFEST = "manifest.json"
 
 _EXT_FORMAT = {".jpg": "JPEG", ".jpeg": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".gif": "GIF",
@@ -91,6 +95,11 @@ class DoctorReport:
 
     def kinds(self) -> Counter:
         return Counter(i.kind for i in self.issues)
+
+    def problems(self, moved: tuple[str, ...] = ()) -> Counter:
+        """The problems left, by kind, once the files of the `moved` kinds are gone."""
+        return Counter(i.kind for i in self.issues
+                       if i.kind in PROBLEM_KINDS and i.kind not in moved)
 
     def flagged(self, kinds: tuple[str, ...] = QUARANTINE_KINDS) -> list[str]:
         """Relative paths of files with an issue of one of `kinds` (each once, in order)."""
@@ -348,15 +357,24 @@ def _duplicate_issues(files: list[FileInfo], layout: str, near_distance: int) ->
 
 
 def _empty_classes(root: Path, classes: dict[str, dict[str, int]]) -> list[Issue]:
-    """Class folders with no training image: the loader refuses them (a class no image
-    teaches would still be predicted)."""
+    """Classes with no training image: the loader refuses them (a class no image teaches
+    would still be predicted). A class folder under train/ with nothing in it, and, in the
+    split layout, a class that has validation or test images but no train/ folder at all."""
     layout, split_dirs = _layout(root)
     train = split_dirs["train"] if layout == "split" else root
-    return [Issue(str(d.relative_to(root)), "empty-class",
-                  "no images in this class folder: add some, or remove it")
-            for d in sorted(train.iterdir())
-            if d.is_dir() and not d.name.startswith(".")
-            and not classes.get(d.name, {}).get("train")]
+    issues = [Issue(str(d.relative_to(root)), "empty-class",
+                    "no images in this class folder: add some, or remove it")
+              for d in sorted(train.iterdir())
+              if d.is_dir() and not d.name.startswith(".")
+              and not classes.get(d.name, {}).get("train")]
+    named = {i.path for i in issues}
+    for label, counts in classes.items():
+        where = str((train / label).relative_to(root))
+        if not counts.get("train") and where not in named:
+            elsewhere = ", ".join(f"{s} {n}" for s, n in counts.items() if s != "total")
+            issues.append(Issue(where, "empty-class", f"no training images ({elsewhere}): "
+                                f"add some under {where}/, or remove the class"))
+    return issues
 
 
 def _class_counts(files: list[FileInfo]) -> dict[str, dict[str, int]]:
@@ -373,22 +391,27 @@ def _class_counts(files: list[FileInfo]) -> dict[str, dict[str, int]]:
 
 def _balance(classes: dict[str, dict[str, int]]) -> tuple[float | None, list[Issue]]:
     """The train split's imbalance ratio (largest / smallest class), and the dataset-wide
-    issues: fewer than two classes, or a ratio at or over IMBALANCE."""
-    train_counts = [v.get("train", 0) for v in classes.values()]
-    if not train_counts:
+    issues: fewer than two classes, or a ratio at or over IMBALANCE. A class with no training
+    image is not in the ratio: it is an empty class (`_empty_classes`), not an imbalance."""
+    if not classes:
         return None, [Issue(".", "classes", "no class folders: a folder dataset is "
                             "DIR/<class>/*.jpg or DIR/train/<class>/*.jpg")]
-    ratio = round(max(train_counts) / max(1, min(train_counts)), 3)
     if len(classes) < 2:
-        return ratio, [Issue(".", "classes", f"only {len(classes)} class folder(s); "
-                             "a classifier needs at least two")]
-    if ratio < IMBALANCE:
+        return _ratio(classes), [Issue(".", "classes", f"only {len(classes)} class "
+                                       "folder(s); a classifier needs at least two")]
+    taught = {c: v["train"] for c, v in classes.items() if v.get("train")}
+    ratio = _ratio(classes)
+    if ratio is None or ratio < IMBALANCE:
         return ratio, []
-    small = min(classes, key=lambda c: classes[c].get("train", 0))
-    big = max(classes, key=lambda c: classes[c].get("train", 0))
-    return ratio, [Issue(".", "imbalance", f"train has {classes[big].get('train', 0)} {big} "
-                         f"but {classes[small].get('train', 0)} {small} (ratio {ratio:.1f}); "
-                         "imgrec train weighs the loss by class")]
+    small, big = min(taught, key=taught.get), max(taught, key=taught.get)
+    return ratio, [Issue(".", "imbalance", f"train has {taught[big]} {big} but {taught[small]} "
+                         f"{small} (ratio {ratio:.1f}); imgrec train weighs the loss by class")]
+
+
+def _ratio(classes: dict[str, dict[str, int]]) -> float | None:
+    """Largest / smallest training count over the classes that have training images."""
+    counts = [v["train"] for v in classes.values() if v.get("train")]
+    return round(max(counts) / min(counts), 3) if counts else None
 
 
 # -- quarantine and undo -------------------------------------------------------------------
