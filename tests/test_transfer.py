@@ -295,6 +295,7 @@ def test_unfreeze_trains_only_the_top_layer_groups():
         backbone_layers,
         frozen_layers_train_mode,
         layer_decay_groups,
+        unfreeze_note,
         unfreeze_top,
     )
 
@@ -323,6 +324,11 @@ def test_unfreeze_trains_only_the_top_layer_groups():
     assert not torch.equal(before["bn2.running_mean"], after["bn2.running_mean"])
     fresh = build_model("efficientnet_lite0", in_channels=3, num_classes=2, image_size=64)
     assert unfreeze_top(fresh, None) == unfreeze_top(fresh, 99) == (17, 17)
+    assert unfreeze_note(2, 17, 2, "efficientnet_lite0") == \
+        "unfreeze the last 2 of 17 layer groups (the rest frozen)"
+    assert unfreeze_note(17, 17, None, "efficientnet_lite0") == "unfreeze all 17 layer groups"
+    assert unfreeze_note(17, 17, 99, "efficientnet_lite0") == (
+        "unfreeze all 17 layer groups (--unfreeze 99 is more than efficientnet_lite0 has)")
     assert all(p.requires_grad for p in fresh.parameters())
 
 

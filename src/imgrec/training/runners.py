@@ -45,6 +45,7 @@ from .transfer import (
     layer_decay,
     layer_decay_groups,
     train_head,
+    unfreeze_note,
     unfreeze_top,
 )
 
@@ -244,9 +245,8 @@ class FinetuneRunner(ScratchRunner):
         freeze = plan.batch_size < FREEZE_BN_BELOW
         decay = layer_decay(plan)
         trained, groups = unfreeze_top(model, plan.cfg.unfreeze)
-        which = "all layers" if trained == groups else \
-            f"the last {trained} of {groups} layer groups (the rest frozen)"
-        self.note(f"unfreeze {which}: layer-wise lr decay {decay:g}, BatchNorm "
+        which = unfreeze_note(trained, groups, plan.cfg.unfreeze, plan.model_name)
+        self.note(f"{which}: layer-wise lr decay {decay:g}, BatchNorm "
                   f"statistics {'frozen' if freeze else 'updated'} (batch {plan.batch_size})")
         model = model.to(plan.device)
         tracker = EarlyStopping(plan.patience, plan.has_validation)

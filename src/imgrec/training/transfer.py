@@ -384,6 +384,15 @@ def unfreeze_top(model: nn.Module, n: int | None) -> tuple[int, int]:
     return n, total
 
 
+def unfreeze_note(trained: int, groups: int, asked: int | None, model_name: str) -> str:
+    """What finetuning trains, in words; an --unfreeze over the backbone's groups says so."""
+    if trained < groups:
+        return f"unfreeze the last {trained} of {groups} layer groups (the rest frozen)"
+    over = f" (--unfreeze {asked} is more than {model_name} has)" if asked and asked > groups \
+        else ""
+    return f"unfreeze all {groups} layer groups{over}"
+
+
 def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float,
                        decay: float = LAYER_DECAY) -> list[dict]:
     """Discriminative learning rates: timm's layer-wise decay over the backbone's blocks
