@@ -97,12 +97,27 @@ def test_resume_after_interrupt_continues(shapes, tmp_path, monkeypatch):
 def test_resume_with_more_epochs_extends(shapes, tmp_path):
     out = tmp_path / "run"
     one = train(str(shapes), epochs=1, out=str(out), **FAST)
+    first_events = set(out.glob("events.out.tfevents.*"))
     more = train(str(shapes), epochs=3, out=str(out), resume=True, **FAST)
+    # a resumed run continues its curves: the first part's events stay beside the new ones
+    assert first_events < set(out.glob("events.out.tfevents.*"))
     assert [r["epoch"] for r in more.history] == [1, 2, 3]
     assert _strip(more.history[:1]) == _strip(one.history)
     assert more.bundle.training["epochs_run"] == 3
     # The extended one-cycle schedule ends annealed, as a fresh 3-epoch run would.
     assert more.history[-1]["lr"] < 1e-5 < more.history[1]["lr"]
+
+
+def test_a_new_run_into_a_bundle_replaces_its_curves(shapes, tmp_path):
+    """Training again into a bundle's folder (no --resume) replaces the bundle, and with it
+    the old run's TensorBoard events: one run's curves, not two drawn over the same steps."""
+    out = tmp_path / "run"
+    train(str(shapes), epochs=1, out=str(out), **FAST)
+    old = set(out.glob("events.out.tfevents.*"))
+    assert len(old) == 1
+    train(str(shapes), epochs=1, out=str(out), **FAST)
+    new = set(out.glob("events.out.tfevents.*"))
+    assert len(new) == 1 and not new & old
 
 
 def test_resume_refuses_other_settings(shapes, tmp_path):

@@ -172,13 +172,22 @@ class TensorBoardLogger(Callback):
     """Scalars per epoch, one training batch as the model sees it (augmented) and the
     validation confusion matrix, in the bundle folder (training/record.py's writer)."""
 
+    #: the names TensorBoard gives its event files
+    EVENTS = "events.out.tfevents.*"
+
     def __init__(self, log_dir: Path):
         self.log_dir, self.tb = Path(log_dir), None
+        self.replaced: list[Path] = []
 
     def on_train_begin(self, state: RunState) -> None:
         from .record import TensorBoard
 
+        # A new run into a bundle's folder replaces that bundle: its old curves go when the
+        # new bundle is written (TensorBoard would draw both runs over the same steps). A
+        # resumed run continues its own curves.
+        self.replaced = [] if state.plan.cfg.resume else sorted(self.log_dir.glob(self.EVENTS))
         self.tb = TensorBoard(self.log_dir)
+
 
     def on_batch_end(self, state: RunState, batch: int, logs: dict[str, Any]) -> None:
         if self.tb is None or self.tb.has_batch or "x" not in logs:
@@ -199,6 +208,10 @@ class TensorBoardLogger(Callback):
             self.tb.confusion(state.val_confusion, state.plan.data.classes, epoch)
 
     def on_train_end(self, state: RunState, logs: dict[str, Any]) -> None:
+        if logs.get("history"):  # an epoch ran, so this run's bundle replaced the old one
+            for old in self.replaced:
+                old.unlink(missing_ok=True)
+        self.replaced = []
         if self.tb is not None:
             self.tb.close()
             self.tb = None
