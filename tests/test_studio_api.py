@@ -326,3 +326,21 @@ def test_renaming_the_served_project_keeps_it_served(tmp_path):
     store.create_project("other")
     store.rename_project("other", "other2")  # not the served one: left alone
     assert (tmp_path / ".served").read_text() == "pets2"
+
+
+def test_deleting_the_served_project_serves_nothing_and_same_name_renames_are_no_ops(tmp_path):
+    client = TestClient(create_app(tmp_path))
+    store = Store(tmp_path)
+    store.create_project("pets")
+    store.create_class("pets", "cat")
+    assert client.post(f"{API}/pets/rename", json={"name": "pets"}).status_code == 200
+    r = client.post(f"{API}/pets/classes/cat/rename", json={"name": "cat"})
+    assert r.status_code == 200 and "cat" in r.text
+    (tmp_path / ".served").write_text("pets")
+    store.create_project("other")
+    store.delete_project("other")  # not the served one: left alone
+    assert (tmp_path / ".served").read_text() == "pets"
+    assert client.delete(f"{API}/pets").status_code == 204
+    assert not (tmp_path / ".served").exists()
+    r = client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n")
+    assert r.status_code == 404 and "no project is served yet" in r.json()["error"]["message"]

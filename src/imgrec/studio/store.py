@@ -123,15 +123,22 @@ class Store:
         trash = self.root / ".trash"
         trash.mkdir(exist_ok=True)
         path.rename(trash / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6}")
+        if self._serves(name):  # nothing is served any more
+            (self.root / SERVED).unlink(missing_ok=True)
 
     def rename_project(self, name: str, new: str) -> None:
         path, target = self.idle(name), self.project(new, must_exist=False)
+        if new == name:  # nothing to do (not a clash with itself)
+            return
         if target.exists():
             raise Conflict(f"project {new!r} exists")
         path.rename(target)
+        if self._serves(name):  # the served model follows it
+            atomic_write_bytes(self.root / SERVED, new.encode())
+
+    def _serves(self, name: str) -> bool:
         served = self.root / SERVED
-        if served.is_file() and served.read_text() == name:  # the served model follows it
-            atomic_write_bytes(served, new.encode())
+        return served.is_file() and served.read_text() == name
 
     # -- classes -----------------------------------------------------------------------------
     def class_dir(self, project: str, name: str, must_exist: bool = True) -> Path:
@@ -155,6 +162,8 @@ class Store:
     def rename_class(self, project: str, name: str, new: str) -> None:
         self.idle(project)
         path, target = self.class_dir(project, name), self.class_dir(project, new, False)
+        if new == name:  # nothing to do (not a clash with itself)
+            return
         if target.exists():
             raise Conflict(f"class {new!r} exists in project {project!r}")
         path.rename(target)
