@@ -262,6 +262,32 @@ def test_progress_says_about_how_long_is_left():
     assert status.message == "epoch 2/4: val_acc 0.900, about 6 s left"
 
 
+def test_progress_moves_while_the_features_are_extracted():
+    """Extraction (most of a studio run) fills the first half of the bar, the epochs the
+    rest; it never goes back."""
+    from imgrec.studio import trainer
+
+    status = trainer.TrainStatus()
+    progress = trainer.Progress(status)
+    progress.on_extract(None, 0, 40)
+    assert status.progress == 0.0 and status.message == "features: 0/40 photos"
+    progress.on_extract(None, 20, 40)
+    assert status.progress == 0.25
+    progress.on_extract(None, 40, 40)
+    assert status.progress == 0.5
+    progress.on_note(None, "cache   0 feature vectors reused, 40 computed (9.1s)")
+    assert status.progress == 0.5
+
+    class State:
+        epochs = 10
+
+    progress.on_epoch_begin(State(), 1)
+    progress.on_epoch_end(State(), 1, {"val_acc": 0.5})
+    assert status.progress == 0.545
+    progress.on_epoch_end(State(), 10, {"val_acc": 0.9})
+    assert status.progress == 0.95
+
+
 def test_doctor_warnings_name_the_photos_they_concern(tmp_path):
     """A photo doctor would flag (here: tiny) is listed with its class/file path, which the
     page marks beside its thumbnail; an empty project has none."""

@@ -232,6 +232,30 @@ def test_features_run_on_real_photos(mini_photos, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_extraction_progress_reaches_callbacks_before_the_epochs(mini_photos, tmp_path):
+    """on_extract(done, total) counts the run's images (every split), cached or computed,
+    up to all of them, before the first epoch begins (the studio's bar moves meanwhile)."""
+    from imgrec.training.api import train
+
+    events = []
+
+    class Recorder:
+        def on_extract(self, state, done, total):
+            events.append((done, total))
+
+        def on_epoch_begin(self, state, epoch):
+            events.append("epoch")
+
+    train(str(mini_photos), model="efficientnet_lite0", mode="features", epochs=2, quiet=True,
+          tensorboard=False, out=str(tmp_path / "b"), callbacks=[Recorder()])
+    extraction = events[: events.index("epoch")]
+    assert extraction and extraction[-1] == (34, 34)  # 2 x (12 + 5) photos
+    assert all(total == 34 for _, total in extraction)
+    assert [d for d, _ in extraction] == sorted(d for d, _ in extraction)
+    assert not any(isinstance(e, tuple) for e in events[events.index("epoch"):])
+
+
+@pytest.mark.slow
 def test_augmented_views_are_cached(mini_photos, tmp_path):
     from imgrec.bundle import read_bundle
 

@@ -55,10 +55,21 @@ class Progress:
         self.status = status
         self.clock = time.monotonic
         self.epochs_began: float | None = None  # the clock at the first epoch's start
+        self.epochs_from = 0.1  # the bar's place when the epochs began
+
+    #: the share of the bar for the backbone's features (most of a studio run's time: the
+    #: head's epochs on cached features are quick)
+    EXTRACTION = 0.5
 
     def on_epoch_begin(self, state: Any, epoch: int) -> None:
         if self.epochs_began is None:
             self.epochs_began = self.clock()
+            self.epochs_from = max(0.1, self.status.progress)
+
+    def on_extract(self, state: Any, done: int, total: int) -> None:
+        share = done / max(1, total)
+        self.status.progress = round(max(self.status.progress, self.EXTRACTION * share), 3)
+        self.status.message = f"features: {done}/{total} photos"
 
     def on_note(self, state: Any, message: str) -> None:
         self.status.message = " ".join(message.split())
@@ -69,7 +80,8 @@ class Progress:
 
     def on_epoch_end(self, state: Any, epoch: int, logs: dict[str, Any]) -> None:
         total = max(1, state.epochs or 1)
-        self.status.progress = round(min(0.95, 0.1 + 0.85 * epoch / total), 3)
+        start = self.epochs_from
+        self.status.progress = round(min(0.95, start + (0.95 - start) * epoch / total), 3)
         self.status.message = (f"epoch {epoch}/{total}: val_acc {logs.get('val_acc') or 0:.3f}"
                                + time_left(self.epochs_began, epoch, total, self.clock()))
 

@@ -58,6 +58,10 @@ class Callback:
 
     def on_train_end(self, state: RunState, logs: dict[str, Any]) -> None: ...
 
+    def on_extract(self, state: RunState, done: int, total: int) -> None:
+        """Transfer modes, before the epochs: `done` of the run's `total` images have their
+        backbone features (from the cache, or computed); a long wait a page can show."""
+
     def on_note(self, state: RunState, message: str) -> None:
         """A line about the run (data, model, cache, early stop...): ProgressPrinter prints it."""
 

@@ -129,9 +129,11 @@ class Extractor:
 
     # -- extraction ----------------------------------------------------------------------
     def features(self, paths: list[str], views: int = 0, augment: str = "none", seed: int = 0,
-                 desc: str = "features") -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+                 desc: str = "features", progress: Callable[[int, int], None] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
         """Features of each path's original and `views` augmented views:
-        (float32 N x (1 + views) x D, bool mask of readable files, {path: reason} skipped)."""
+        (float32 N x (1 + views) x D, bool mask of readable files, {path: reason} skipped).
+        `progress(done, len(paths))` hears how many images are done (cached ones at once)."""
         n, v_total = len(paths), 1 + views
         out = np.zeros((n, v_total, self.dim), np.float32)
         good = np.ones(n, bool)
@@ -151,9 +153,13 @@ class Extractor:
                     out[i, v], have[i, v] = vec, True
         self.stats["cached"] += int(have.sum())
         todo = [i for i in range(n) if good[i] and not have[i].all()]
+        ready = n - len(todo)
+        if progress is not None:
+            progress(ready, n)
         if todo:
             self._compute(todo, paths, keys, out, have, good, skipped,
-                          _augmenter(augment) if views else None, desc)
+                          _augmenter(augment) if views else None, desc,
+                          None if progress is None else lambda k: progress(ready + k, n))
         self.stats["corrupted"] = self.cache.corrupted
         return out, good, skipped
 
@@ -168,9 +174,11 @@ class Extractor:
             self._lanes = [OnnxEngine(path=engine.path, threads=1) for _ in range(lanes)]
         return self._lanes
 
-    def _compute(self, todo, paths, keys, out, have, good, skipped, aug, desc) -> None:
+    def _compute(self, todo, paths, keys, out, have, good, skipped, aug, desc,
+                 done: Callable[[int], None] | None = None) -> None:
         """The missing views of `todo`, a batch per lane at a time (each lane decodes its
-        batch, then runs it); results are stored in order by this thread."""
+        batch, then runs it); results are stored in order by this thread, which tells
+        `done(images so far)` after each batch."""
         import time
 
         from tqdm import tqdm
@@ -182,7 +190,7 @@ class Extractor:
         bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False,
                    disable=self.quiet or None, dynamic_ncols=True)
         chunks = [todo[s : s + BATCH] for s in range(0, len(todo), BATCH)]
-        results = in_lanes(self.lanes(), embed, chunks)
+        results, finished = in_lanes(self.lanes(), embed, chunks), 0
         for chunk, (bad, rows, feats) in zip(chunks, results, strict=True):
             for i, message in bad:
                 good[i] = False
@@ -192,6 +200,9 @@ class Extractor:
                 self.cache.put(keys[i][v], vec)
             self.stats["computed"] += len(rows)
             bar.update(len(chunk))
+            finished += len(chunk)
+            if done is not None:
+                done(finished)
         bar.close()
         self.timing["images"] += len(todo)
         self.timing["seconds"] += time.perf_counter() - t0

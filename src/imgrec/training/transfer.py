@@ -69,10 +69,17 @@ def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) ->
     t0 = time.time()
     totals = _extract_shards(ex, plan) if plan.world.active else None
     splits, skipped = {}, {}
+    total, before = sum(len(s.paths) for s in plan.data.splits.values()), 0
     for name, split in plan.data.splits.items():
         views = plan.cfg.augment_views if name == "train" else 0
+
+        def progress(done: int, _: int, before: int = before) -> None:
+            callbacks.on_extract(state, before + done, total)
+
         x, good, bad = ex.features(split.paths, views=views, augment=plan.augment.describe(),
-                                   seed=plan.cfg.seed, desc=f"features {name}")
+                                   seed=plan.cfg.seed, desc=f"features {name}",
+                                   progress=progress)
+        before += len(split.paths)
         skipped.update(bad)
         splits[name] = (x[good], split.labels[good], np.array(split.paths, dtype=object)[good])
     fs = FeatureSet(ex, splits, skipped, time.time() - t0)
