@@ -251,6 +251,17 @@ def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 143 and len(err) == 1 and err[0].startswith("imgrec: interrupted"), err
     assert _states(tmp_path / "o", "mnist-fast-cnn-scratch")["fail"] == 1
+    # its point, the recipe's, is queued again: the same command resumed runs it first
+    study = _study(tmp_path / "o", "mnist-fast-cnn-scratch")
+    failed, waiting = study.trials
+    assert failed.state.name == "FAIL" and waiting.state.name == "WAITING"
+    assert waiting.system_attrs["fixed_params"] == failed.params
+    assert waiting.user_attrs.get("recipe") is True
+    monkeypatch.undo()
+    monkeypatch.setenv("IMGREC_DATA", str(digits))
+    assert main(["tune", "mnist", "--out", str(tmp_path / "o"), "-q", "--trials", "1"]) == 0
+    ran = _study(tmp_path / "o", "mnist-fast-cnn-scratch").trials[1]
+    assert ran.state.name == "COMPLETE" and ran.params == failed.params
 
 
 @pytest.mark.slow

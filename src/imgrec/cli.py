@@ -164,7 +164,7 @@ def tune(
                       keep_trials=keep_trials, quiet=quiet or json_out)
     except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM in a trial (Typer would hide it)
         print("imgrec: interrupted: the running trial is recorded as failed; the same command "
-              "continues the study", file=sys.stderr)
+              "continues the study, that trial's point first", file=sys.stderr)
         raise typer.Exit(143 if type(e).__name__ == "Terminated" else 130) from None
     if json_out:
         _echo(json.dumps(summary.to_dict(), indent=2, default=str))

@@ -291,11 +291,15 @@ class Search:
         reporter = TrialReporter(trial, self.s.metric)
         try:
             result = run_plan(p, [reporter], report_skipped=False)
+        except (KeyboardInterrupt, Terminated):
+            requeue(trial)
+            raise
         finally:
             if not self.s.keep_trials:
                 shutil.rmtree(folder, ignore_errors=True)
         self.ran += 1
         if result.interrupted:  # Ctrl-C / SIGTERM: the trial fails and the search ends
+            requeue(trial)
             raise Terminated() if result.terminated else KeyboardInterrupt()
         _record(trial, result, reporter)
         if reporter.pruned_at is not None:
@@ -320,6 +324,14 @@ class Search:
 
 #: what makes a folder a search's own (a later run tops it up)
 TUNE_MARKERS = ("study.db", "tune.json", "trials", "best")
+
+
+def requeue(trial: Any) -> None:
+    """An interrupted trial fails (it has no score), and its point is queued again, so the
+    search resumed with the same command runs it first: the recipe's own point, the first
+    trial of every search, is never lost to a Ctrl-C."""
+    with st.quiet_optuna():
+        trial.study.enqueue_trial(trial.params, user_attrs=dict(trial.user_attrs))
 
 
 def _check_tune_folder(out: Path) -> None:
