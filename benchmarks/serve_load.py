@@ -5,7 +5,9 @@ N concurrent clients (default 16) post a ~450 px JPEG (the bundled chelsea.jpg) 
 field `file` to each server in turn, all running the efficientnet_lite0 ImageNet model; we
 report requests/s, p50, p99 and errors, each imgrec server's ready time (process start to the
 first `GET /healthz` 200), write benchmarks/results/serve_load.json and print the ratios.
-Targets: imgrec float32 >= 4x Flask's requests/s with p99 no worse and no errors; ready <= 4 s.
+Flask runs once per --flask-torch-threads (PyTorch's own thread count, then 1): the baseline
+is the faster of them. Targets: imgrec float32 >= 4x the baseline's requests/s with p99 no
+worse and no errors; ready <= 4 s.
 
 The load generator shares the machine's cores with the server, so it is lean and identical for
 every server: one asyncio process, one socket per client, each request's bytes built once, the
@@ -203,16 +205,29 @@ def servers(args) -> dict[str, tuple[list[str], str]]:
               "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
               "--log-level", "warning"]
     flask = [py, str(ROOT / "benchmarks" / "flask_baseline.py"), "--model", args.model]
-    if args.flask_torch_threads:
-        flask += ["--torch-threads", str(args.flask_torch_threads)]
-    return {"imgrec": (imgrec, "/v1/predict"), "imgrec_int8": (imgrec + ["--int8"], "/v1/predict"),
-            "flask": (flask, "/predict")}
+    table = {"imgrec": (imgrec, "/v1/predict"),
+             "imgrec_int8": (imgrec + ["--int8"], "/v1/predict")}
+    for threads in args.flask_torch_threads:
+        table[flask_name(threads)] = (flask + (["--torch-threads", str(threads)] if threads
+                                               else []), "/predict")
+    return table
+
+
+def flask_name(threads: int) -> str:
+    """flask (PyTorch's own thread count), flask_1thread, flask_2threads..."""
+    return "flask" if not threads else f"flask_{threads}thread" + ("s" if threads > 1 else "")
 
 
 def summarise(runs: dict[str, dict]) -> dict:
-    """Ratios to Flask and whether the targets are met."""
+    """Ratios to the baseline and whether the targets are met. The baseline is the Flask run
+    with the most requests/s: which thread count serves Flask best depends on the machine's
+    moment (two PyTorch threads won on a quiet machine, one on a busy one)."""
     out: dict = {}
-    flask = runs.get("flask")
+    flasks = {n: r for n, r in runs.items() if n.startswith("flask")}
+    best = max(flasks, key=lambda n: flasks[n]["requests_per_s"], default=None)
+    flask = flasks.get(best)
+    if best:
+        out["baseline"] = best
     for name in ("imgrec", "imgrec_int8"):
         r = runs.get(name)
         if not (r and flask and flask["requests_per_s"]):
@@ -259,9 +274,11 @@ def main() -> None:
                     help="imgrec serve --max-batch (default: its own)")
     ap.add_argument("--max-wait-ms", type=float, default=5.0)
     ap.add_argument("--only", nargs="+", choices=["imgrec", "imgrec_int8", "flask"],
-                    help="run these servers only (default: all three)")
-    ap.add_argument("--flask-torch-threads", type=int,
-                    help="the Flask baseline's PyTorch threads (default: PyTorch's own)")
+                    help="run these servers only (default: all; flask: one run per "
+                         "--flask-torch-threads)")
+    ap.add_argument("--flask-torch-threads", type=int, nargs="+", default=[0, 1],
+                    help="the Flask baseline's PyTorch threads, one run each (0: PyTorch's "
+                         "own); the ratios are to the fastest (default: 0 1)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -272,7 +289,8 @@ def main() -> None:
 
     size = Image.open(args.image).size
     table = servers(args)
-    runs = {name: run_one(name, *table[name], image, args) for name in names}
+    runs = {name: run_one(name, *table[name], image, args) for name in table
+            if name in names or (name.startswith("flask") and "flask" in names)}
     result: dict = {
         "clients": args.clients, "duration_s": args.duration, "image": str(args.image.name),
         "image_size": list(size), "model": args.model, "imgrec_workers": args.workers,
@@ -286,7 +304,8 @@ def main() -> None:
     for name in ("imgrec", "imgrec_int8"):
         if f"{name}_ratio" in result:
             met = "met" if result[f"{name}_target_met"] else "NOT met"
-            print(f"{name} / flask requests/s: {result[f'{name}_ratio']}x  (target >= "
+            print(f"{name} / {result['baseline']} requests/s: {result[f'{name}_ratio']}x  "
+                  f"(target >= "
                   f"{TARGET_RATIO:g}x, p99 no worse, no errors: {met})")
     if "ready_target_met" in result:
         met = "met" if result["ready_target_met"] else "NOT met"
