@@ -156,19 +156,40 @@ def test_early_stopping_restores_best(shapes, tmp_path, monkeypatch):
     assert not all(torch.equal(saved[k].cpu(), states[3][k].cpu()) for k in saved)
 
 
+def test_class_weights_weigh_images_not_the_smoothing():
+    """Each image's smoothed loss is weighted by its own class: a batch of one class scores
+    the same whatever the other classes weigh. F.cross_entropy(weight=...) weighs the
+    smoothing term's classes too, which pulled every image towards a rare class (a class of
+    one photo made a cats-vs-dogs model worse than chance)."""
+    from imgrec.training.engine import balanced_cross_entropy
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 3), torch.zeros(8, dtype=torch.long)
+    rare = torch.tensor([0.4, 1.0, 40.0])
+    plain = F.cross_entropy(logits, y, label_smoothing=0.1)
+    assert torch.allclose(balanced_cross_entropy(logits, y, rare, 0.1), plain)
+    assert not torch.allclose(F.cross_entropy(logits, y, weight=rare, label_smoothing=0.1),
+                              plain, atol=0.1)  # PyTorch's way: the rare class pulls
+    mixed = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])  # without smoothing: PyTorch's weighted mean
+    assert torch.allclose(balanced_cross_entropy(logits, mixed, rare),
+                          F.cross_entropy(logits, mixed, weight=rare))
+
+
 def test_class_weights_for_imbalanced_folder(tmp_path, monkeypatch):
     data = make_shapes_dataset(tmp_path / "imb", per_class=40)
     for p in sorted((data / "square").glob("*.png"))[12:]:
         p.unlink()  # 40 discs vs 12 squares
+    from imgrec.training import engine
+
     weights_seen = []
-    real = F.cross_entropy
+    real = engine.balanced_cross_entropy
 
-    def spy(*a, weight=None, **k):
-        if weight is not None:
-            weights_seen.append(weight.detach().cpu())
-        return real(*a, weight=weight, **k)
+    def spy(logits, y, weights, smoothing=0.0):
+        if weights is not None:
+            weights_seen.append(weights.detach().cpu())
+        return real(logits, y, weights, smoothing)
 
-    monkeypatch.setattr(F, "cross_entropy", spy)
+    monkeypatch.setattr(engine, "balanced_cross_entropy", spy)
     train(str(data), epochs=1, out=str(tmp_path / "run"), tensorboard=False, **FAST)
     assert weights_seen, "no class weights reached the loss"
     w = weights_seen[0]

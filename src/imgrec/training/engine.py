@@ -70,6 +70,24 @@ def class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
+WEIGHTS_NOTE = "classes are imbalanced: the loss weighs them inversely to their counts " \
+               "(--class-weights none: plain)"
+
+
+def balanced_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
+                           smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with label smoothing, each image weighted by its class's weight (the mean
+    over the batch's weights). Not F.cross_entropy(weight=...): PyTorch weighs the smoothing
+    term's classes too, so a rare class of weight ~40 pulled every image towards it (a class
+    of one image made a cats-vs-dogs model worse than chance). Without smoothing the two
+    agree."""
+    if weights is None:
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
+    per_image = F.cross_entropy(logits, y, label_smoothing=smoothing, reduction="none")
+    w = weights[y]
+    return (per_image * w).sum() / w.sum()
+
+
 #: how many training images set a whitening layer (airbench uses 5,000)
 WHITEN_IMAGES = 5000
 
@@ -193,8 +211,7 @@ class EpochLoop:
         plan = self.plan
         state.optimizer, state.scheduler, state.epochs = self.opt, self.sched, plan.epochs
         if self.weights is not None:
-            self.callbacks.on_note(state, "classes are imbalanced: the loss weighs them "
-                                          "inversely to their counts")
+            self.callbacks.on_note(state, WEIGHTS_NOTE)
         self._notes(state)
         start = self._resume(state) if plan.cfg.resume else self._init_from_data(state)
         interrupted = False
@@ -327,8 +344,8 @@ class EpochLoop:
         x = self._prep(x, True)
         with torch.autocast(self.plan.device.type, dtype=self.amp_dtype, enabled=self.amp):
             logits = self.step_model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=self.weights,
-                                   label_smoothing=self.plan.label_smoothing)
+            loss = balanced_cross_entropy(logits.float(), y, self.weights,
+                                          self.plan.label_smoothing)
         if not torch.isfinite(loss):
             raise ImgrecError(f"the loss became {loss.item()} at epoch {epoch}",
                               "lower --lr (the run diverged)")

@@ -29,7 +29,7 @@ from ..errors import ImgrecError
 from ..models.pretrained import Backbone, make_head
 from . import distributed, optimizers
 from .callbacks import CallbackList, EarlyStopping, RunState
-from .engine import class_weights
+from .engine import WEIGHTS_NOTE, balanced_cross_entropy, class_weights
 from .features import Extractor
 from .plan import RunPlan
 from .recipes import HEAD_DROPOUT, LAYER_DECAY, TRANSFER_DEFAULTS
@@ -177,7 +177,10 @@ def train_head(fs: FeatureSet, plan: RunPlan, settings: HeadSettings, callbacks:
     torch.set_num_threads(1)
     state.stage, state.epochs, state.history = "head", settings.epochs, []
     try:
-        return _HeadTrainer(fs, plan, settings).run(callbacks, state)
+        trainer = _HeadTrainer(fs, plan, settings)
+        if trainer.weights is not None and plan.mode == "features":  # finetune says it later
+            callbacks.on_note(state, WEIGHTS_NOTE)
+        return trainer.run(callbacks, state)
     finally:
         torch.set_num_threads(threads)
         state.stage, state.stop_training, state.stop_reason = "train", False, None
@@ -235,8 +238,8 @@ class _HeadTrainer:
         for s in range(0, len(self.xt), self.s.batch_size):
             idx = order[s : s + self.s.batch_size]
             logits = self.head(self.xt[idx])
-            loss = F.cross_entropy(logits, self.yt[idx], weight=self.weights,
-                                   label_smoothing=self.s.label_smoothing)
+            loss = balanced_cross_entropy(logits, self.yt[idx], self.weights,
+                                          self.s.label_smoothing)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
