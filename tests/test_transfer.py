@@ -276,10 +276,16 @@ def test_finetune_run_on_real_photos(mini_photos, tmp_path):
 
     out = tmp_path / "ft"
     assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--mode", "finetune",
-                 "--epochs", "1", "--layer-decay", "0.7", "--out", str(out), "-q",
-                 "--no-tensorboard"]) == 0
+                 "--epochs", "1", "--layer-decay", "0.7", "--out", str(out), "-q"]) == 0
     bundle = read_bundle(out)
     t = bundle.training
+    # TensorBoard: the head warm-up's epochs under warmup/, the finetuning's on the plain tags
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in ea.Scalars("acc/val")] == [1]
+    warm = [e.step for e in ea.Scalars("warmup/acc/val")]
+    assert len(warm) >= 2 and warm == list(range(1, len(warm) + 1))
     assert t["mode"] == "finetune" and t["bn_frozen"] and t["warmup_val_acc"] is not None
     assert t["layer_decay"] == 0.7
     assert t["epochs_run"] == 1

@@ -207,7 +207,10 @@ class TensorBoardLogger(Callback):
     def on_epoch_end(self, state: RunState, epoch: int, logs: dict[str, Any]) -> None:
         if self.tb is None:
             return
-        self.tb.epoch(logs)
+        # finetune's head warm-up has its own curves: its epochs 1..N would otherwise be drawn
+        # over the finetuning's own 1..M on the same tags
+        warmup = state.stage == "head" and getattr(state.plan, "mode", None) == "finetune"
+        self.tb.epoch(logs, prefix="warmup/" if warmup else "")
         if state.val_confusion is not None and state.stage == "train":
             self.tb.confusion(state.val_confusion, state.plan.data.classes, epoch)
 

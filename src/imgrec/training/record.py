@@ -63,13 +63,15 @@ class TensorBoard:
         fig.tight_layout()
         self.writer.add_figure("val/confusion_matrix", fig, step, close=True)
 
-    def epoch(self, row: dict) -> None:
+    def epoch(self, row: dict, prefix: str = "") -> None:
+        """A history row's figures as scalars (val_acc -> acc/val), their tags behind
+        `prefix` (finetune's warm-up: "warmup/")."""
         step = int(row["epoch"])
         for key, value in row.items():
             if key != "epoch" and isinstance(value, int | float):
                 group, _, name = key.partition("_")
                 tag = f"{name or group}/{group}" if name else key
-                self.writer.add_scalar(tag, value, step)
+                self.writer.add_scalar(prefix + tag, value, step)
         self.writer.flush()
 
     def close(self) -> None:
