@@ -265,3 +265,22 @@ def test_csv_headers_blank_lines_and_bad_rows(tmp_path):
         (tmp_path / "d.csv").write_text("path,label\n" + rows + "\n" + bad)
         with pytest.raises(DataError, match=needle):
             load_dataset(str(tmp_path / "d.csv"))
+
+
+def test_a_class_without_training_images_is_refused_by_the_folders_it_has(tmp_path):
+    """train/{cat,dog} and validation/{cat,bird}: the message names validation/bird (where
+    the class is), not a train/bird that does not exist; a flat empty class folder by name."""
+    from PIL import Image
+
+    from imgrec.errors import DataError
+
+    for folder in ("train/cat", "train/dog", "validation/cat", "validation/bird", "flat/a"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "x.png")
+    (tmp_path / "flat" / "b").mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset(str(tmp_path))
+    assert "'bird' (validation/bird) have no training images" in str(e.value)
+    assert "train/bird" not in str(e.value)
+    with pytest.raises(DataError, match=r"class folder\(s\) 'b' hold no images"):
+        load_dataset(str(tmp_path / "flat"))

@@ -128,6 +128,23 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
+def _no_training_images(path: Path, split_dirs: dict[str, Path], empty: list[str]) -> DataError:
+    """The refusal of classes no training image teaches, naming the folders that exist:
+    an empty class folder, or (split layout) the other splits' folders of a class that has
+    no train/ folder at all."""
+    if "train" not in split_dirs:
+        names = ", ".join(repr(c) for c in empty)
+        return DataError(f"{path}: class folder(s) {names} hold no images",
+                         "add images to them, or remove them (imgrec doctor lists them)")
+    where = []
+    for c in empty:
+        here = [f"{d.name}/{c}" for _, d in sorted(split_dirs.items()) if (d / c).is_dir()]
+        where.append(f"{c!r} ({', '.join(here)})")
+    return DataError(f"{path}: class(es) {', '.join(where)} have no training images",
+                     "add images under train/<class>/, or remove the class from every split "
+                     "(imgrec doctor lists them)")
+
+
 def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
     subdirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
     split_dirs = {SPLIT_ALIASES[k]: v for k, v in subdirs.items() if k in SPLIT_ALIASES}
@@ -138,12 +155,7 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
     classes = sorted(set().union(*[set(v) for v in per_split.values()]))
     empty = [c for c in classes if not per_split["train"].get(c)]
     if empty:  # a class no image teaches: the model would still predict it
-        where = "train/" if "train" in split_dirs else ""
-        raise DataError(
-            f"{path}: class folder(s) {', '.join(repr(where + c) for c in empty)} hold no "
-            "training images",
-            "add images to them, or remove them (imgrec doctor lists them)",
-        )
+        raise _no_training_images(path, split_dirs, empty)
     if len(classes) < 2:
         raise DataError(
             f"{path}: found {len(classes)} class folder(s); a folder dataset needs at least two",
