@@ -131,3 +131,20 @@ def test_cli_progress_is_a_callback(shapes, tmp_path, monkeypatch, capsys):
                  "--epochs", "1", "-q", "--no-tensorboard", "--workers", "0",
                  "--out", str(tmp_path / "quiet")]) == 0
     assert seen == []  # --quiet: no progress callback at all
+
+
+def test_a_note_mid_epoch_is_a_line_of_its_own():
+    """An interrupt's note comes while the epoch's bar is drawn: the bar is closed first, so
+    the note starts its own line instead of trailing the bar's text."""
+    import io
+    from types import SimpleNamespace
+
+    stream = io.StringIO()
+    printer = ProgressPrinter(stream)
+    state = SimpleNamespace(stage="train", epochs=3, plan=SimpleNamespace(steps_per_epoch=10))
+    printer.on_epoch_begin(state, 1)
+    printer.bar.update(3)
+    printer.on_note(state, "interrupted before the first epoch finished: nothing saved")
+    assert printer.bar is None
+    lines = stream.getvalue().replace("\r", "\n").splitlines()
+    assert "interrupted before the first epoch finished: nothing saved" in lines

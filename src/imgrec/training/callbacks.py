@@ -134,6 +134,9 @@ class ProgressPrinter(Callback):
         print(msg, file=self.stream, flush=True)
 
     def on_note(self, state: RunState, message: str) -> None:
+        if self.bar is not None:  # a note mid-epoch (an interrupt): on its own line, not
+            self.bar.close()      # glued to the bar's
+            self.bar = None
         self._print(message)
 
     def on_epoch_begin(self, state: RunState, epoch: int) -> None:
