@@ -104,6 +104,30 @@ def test_preview_cli(shapes, tmp_path, monkeypatch):
     assert main(["preview", str(shapes), "--augment", "wobble=1"]) == 2
 
 
+def test_preview_leaves_the_slots_of_a_small_class_blank(tmp_path, monkeypatch):
+    """A class of 2 images among classes of 5, 4 per class: its last 2 slots (original and
+    augmented) are blank, not black tiles that look like black photos."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    rng = np.random.default_rng(0)
+    for name, n in (("big", 5), ("small", 2)):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "d" / name / f"{i}.png")
+    figures = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figures.append(fig),
+                                                                original(fig, *a, **k))[1])
+    assert main(["preview", str(tmp_path / "d"), "--out", str(tmp_path / "p.png"),
+                 "--per-class", "4", "--augment", "flip"]) == 0
+    (fig,) = figures
+    shown = [[ax.axison for ax in fig.axes[r * 8 : (r + 1) * 8]] for r in range(2)]
+    assert shown[0] == [True] * 8  # big: 4 originals, 4 augmented
+    assert shown[1] == [True, True, False, False] * 2  # small: 2 of each, then blank
+
+
 def test_every_command_has_an_example():
     import typer
 

@@ -17,14 +17,16 @@ from .figures import pyplot, save_figure
 
 def sample(data: str, per_class: int = 6, image_size: int | None = None, seed: int = 0,
            data_dir: str | None = None, max_classes: int = 12):
-    """(classes shown, uint8 images K x N x C x H x W, dataset) from the training split."""
+    """(classes shown, uint8 images K x N x C x H x W, images per row, dataset) from the
+    training split; a class with fewer than N images is padded with black slots that its
+    count leaves out (the figure draws them blank)."""
     ds = load_dataset(data, data_dir, seed=seed)
     split = ds.splits["train"]
     size = image_size or ds.native_size or 128
     contract = Preprocess(input_size=size, channels=ds.channels, mean=(0.5,) * ds.channels,
                           std=(0.5,) * ds.channels)
     rng = np.random.default_rng(seed)
-    shown, rows = [], []
+    shown, rows, counts = [], [], []
     for c, name in enumerate(ds.classes[:max_classes]):
         idx = np.flatnonzero(split.labels == c)
         rng.shuffle(idx)
@@ -40,13 +42,14 @@ def sample(data: str, per_class: int = 6, image_size: int | None = None, seed: i
             except ImgrecError:
                 continue  # `imgrec doctor` reports unreadable files
         if imgs:
+            counts.append(len(imgs))
             while len(imgs) < per_class:
                 imgs.append(np.zeros_like(imgs[0]))
             shown.append(name)
             rows.append(np.stack(imgs))
     if not rows:
         raise DataError(f"{data}: no readable training image to preview")
-    return shown, np.stack(rows), ds
+    return shown, np.stack(rows), counts, ds
 
 
 def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
@@ -59,7 +62,8 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
     plt = pyplot()
 
     aug = Augment.parse(augment)
-    classes, imgs, ds = sample(data, per_class, image_size, seed, data_dir)
+    classes, imgs, counts, ds = sample(data, per_class, image_size, seed, data_dir)
+    imgs = imgs[:, : max(counts)]  # every class has fewer: no column that is all blanks
     k, n, c, h, w = imgs.shape
     torch.manual_seed(seed)
     flat = torch.from_numpy(imgs.reshape(k * n, c, h, w)).float()
@@ -68,6 +72,9 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
     for r in range(k):
         for j in range(2 * n):
             ax = axes[r, j]
+            if j % n >= counts[r]:  # the class has no more training images
+                ax.axis("off")
+                continue
             src = imgs if j < n else augmented
             img = src[r, j % n].transpose(1, 2, 0)
             ax.imshow(img[:, :, 0] if c == 1 else img, cmap="gray" if c == 1 else None,
@@ -79,7 +86,8 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
             ax.set_ylabel(classes[r] if j in (0, n) else f"y ({h} px)",
                           fontsize=8 if j in (0, n) else 5)
     more = f" (first {k} of {len(ds.classes)} classes)" if len(ds.classes) > k else ""
-    fig.suptitle(f"{ds.name}: {n} training images per class{more}; left as loaded, right "
+    fewer = "" if min(counts) == n else " (fewer where a class has fewer)"
+    fig.suptitle(f"{ds.name}: {n} training images per class{fewer}{more}; left as loaded, right "
                  f"after augmentation '{aug.describe()}'", fontsize=10)
     save_figure(fig, out, dpi=100)
     return out
