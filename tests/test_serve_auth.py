@@ -197,3 +197,19 @@ def test_an_empty_api_key_is_refused_not_taken_as_none(capsys):
     assert main(["serve", "--api-key", "", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--api-key is empty" in err
+
+
+def test_an_empty_api_key_variable_is_refused_too(capsys, monkeypatch, tmp_path):
+    """IMGREC_API_KEY= (a secret that came out empty): click reads it as unset, so the server
+    ran open; it is refused like --api-key "". A key file that is not text is one line."""
+    from imgrec.cli import main
+
+    monkeypatch.setenv("IMGREC_API_KEY", "")
+    assert main(["serve", "--port", "0"]) == 2
+    assert "$IMGREC_API_KEY is set but empty" in capsys.readouterr().err
+    monkeypatch.delenv("IMGREC_API_KEY")
+    binary = tmp_path / "keys.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    assert main(["serve", "--port", "0", "--api-key-file", str(binary)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "is not text" in err

@@ -4,6 +4,7 @@ and declared in /openapi.json as a Bearer security scheme on the routes that nee
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import Request, Security
@@ -22,9 +23,12 @@ bearer = HTTPBearer(
 def read_key_file(path: Path) -> list[str]:
     """The keys in a file, one a line; blank lines and `#` comments are skipped."""
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise InputError(f"cannot read the API key file {path} ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"the API key file {path} is not text (UTF-8)",
+                         "write one key a line, in plain text") from None
     keys = [x.strip() for x in lines if x.strip() and not x.strip().startswith("#")]
     if not keys:
         raise InputError(f"the API key file {path} holds no key", "write one key a line")
@@ -34,6 +38,8 @@ def read_key_file(path: Path) -> list[str]:
 def api_keys(key: str | None, key_file: Path | None) -> list[str]:
     """--api-key (or $IMGREC_API_KEY) and the keys of --api-key-file, checked: a key is one
     word of visible ASCII (it travels in a header)."""
+    if key is None and API_KEY_ENV in os.environ:  # click reads an empty variable as unset
+        key = os.environ[API_KEY_ENV]
     if key is not None and not key.strip():  # `--api-key "$UNSET"` must not mean no key
         raise InputError("--api-key is empty (or $IMGREC_API_KEY is set but empty): the server "
                          "would run without authentication",
