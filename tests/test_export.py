@@ -227,6 +227,27 @@ def test_serve_int8_needs_no_model_onnx(tmp_path, monkeypatch):
     assert (path / ONNX_INT8_FILE).is_file() and not (path / "model.onnx").exists()
 
 
+def test_a_copy_of_imgrec_json_and_the_int8_file_alone_serves_and_predicts(
+        tmp_path, monkeypatch, capsys, sample_photo):
+    """The deployment copy docs/deploy.md describes: imgrec.json + model.int8.onnx, no
+    weights, no model.onnx. `serve --int8` and `predict --int8` take it; predict without
+    --int8 says to add it."""
+    from imgrec.serve import launch
+
+    path = make_tiny_bundle(tmp_path / "tiny", int8=True)
+    (path / "model.onnx").unlink()
+    (path / "model.safetensors").unlink()
+    served = {}
+    monkeypatch.setattr(launch, "run_server", lambda config, *a, **k: served.update(
+        config=config))
+    assert main(["serve", str(path), "--int8", "--port", "0"]) == 0 and served["config"].int8
+    photo = str(sample_photo("chelsea"))
+    assert main(["predict", "--model", str(path), "--int8", photo, "--top-k", "1"]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--model", str(path), photo]) == 2
+    assert "add --int8" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_int8_calibrates_on_the_training_data_from_any_folder(tmp_path, monkeypatch, capsys):
     """The training data is found again where training read it: a built-in dataset from its

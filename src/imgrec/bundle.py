@@ -218,8 +218,8 @@ def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = Tru
     has_onnx = (path / ONNX_FILE).is_file()
     if need_weights and not has_weights:
         raise BundleError(f"{path}: {WEIGHTS_FILE} is missing", "retrain or restore the bundle")
-    if not has_weights and not has_onnx:
-        raise BundleError(f"{path}: neither {WEIGHTS_FILE} nor {ONNX_FILE} is there")
+    if not (has_weights or has_onnx or (path / ONNX_INT8_FILE).is_file()):  # int8 alone:
+        raise BundleError(f"{path}: neither {WEIGHTS_FILE} nor {ONNX_FILE} is there")  # --int8
     try:
         classes = [str(c) for c in meta["classes"]]
         bundle = Bundle(

@@ -49,7 +49,9 @@ def load_model(bundle: Bundle):
             "its builder with imgrec.models.register_model and train with model='NAME'",
         )
     if not bundle.weights_path.is_file():  # a serve-only copy: model.onnx without weights
+        only_int8 = not bundle.onnx_path.is_file()
         raise BundleError(f"{bundle.weights_path.name} is missing from {bundle.path}",
+                          "it holds model.int8.onnx alone: add --int8" if only_int8 else
                           "PyTorch needs the weights; the ONNX engines do not")
     model = build_model(bundle.architecture["name"], **bundle.architecture.get("args", {}))
     try:
