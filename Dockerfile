@@ -2,6 +2,7 @@
 #
 #   docker build -t imgrec-serve .                                  # the ImageNet model
 #   docker build -t my-classifier --build-arg MODEL=runs/mnist .    # a bundle in this folder
+#   docker build -t imgrec-serve-int8 --build-arg INT8=1 .          # serve the int8 export
 #   docker run --rm -p 8000:8000 imgrec-serve                       # http://localhost:8000/
 #
 # Stage 1 exports the model to ONNX (that needs PyTorch); stage 2 installs only imgrec[serve]
@@ -23,8 +24,10 @@ shutil.copytree(b.path, '/bundle', ignore=shutil.ignore_patterns( \
     'model.safetensors', 'events.*', 'checkpoint*', 'evaluation', '.*'))" "$MODEL"
 
 FROM python:3.11-slim
+# INT8=1: the image serves the int8 export stage 1 made (imgrec serve --int8)
+ARG INT8=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
-    PORT=8000 WORKERS=1 IMGREC_MODELS=/tmp/imgrec-models
+    PORT=8000 WORKERS=1 IMGREC_MODELS=/tmp/imgrec-models INT8=$INT8
 WORKDIR /src
 COPY . .
 RUN pip install -c constraints.txt '.[serve]' \
@@ -37,4 +40,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ['PORT'], timeout=4)"
 # exec: uvicorn gets SIGTERM itself and finishes in-flight requests before it exits.
-CMD ["sh", "-c", "exec imgrec serve /bundle --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\""]
+CMD ["sh", "-c", "exec imgrec serve /bundle --host 0.0.0.0 --port \"$PORT\" --workers \"$WORKERS\" ${INT8:+--int8}"]

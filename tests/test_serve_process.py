@@ -220,3 +220,27 @@ def test_a_pretrained_model_not_yet_cached_is_exported_in_the_child(tmp_path, mo
     (cached / "imgrec.json").write_text("{}")
     (cached / "model.safetensors").write_bytes(b"")
     assert cli._needs_export("imagenet")  # weights but no ONNX file yet
+
+
+@pytest.mark.parametrize("int8", ["", "1"])
+def test_the_docker_image_serves_int8_when_built_with_int8(tmp_path, int8):
+    """The Dockerfile's run stage: its CMD, run by sh as Docker runs it, passes --int8
+    exactly when the image was built with --build-arg INT8=1 (an ARG stage 1 alone saw, so
+    the image served float32)."""
+    import json
+    import re
+    import subprocess
+
+    text = (Path(__file__).parents[1] / "Dockerfile").read_text()
+    run_stage = text.split("\nFROM ")[-1]
+    assert re.search(r"^ARG INT8=", run_stage, re.M) and "INT8=$INT8" in run_stage
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", run_stage, re.M).group(1))
+    fake = tmp_path / "bin" / "imgrec"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "PORT": "8000", "WORKERS": "1",
+           "INT8": int8}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["serve", "/bundle", "--host", "0.0.0.0", "--port", "8000",
+                           "--workers", "1"] + (["--int8"] if int8 else [])
