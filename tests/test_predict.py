@@ -90,6 +90,49 @@ def test_folders_are_recursive(tmp_path_factory, tmp_path, capsys):
         list(expand_inputs([str(empty)]))
 
 
+def test_a_url_is_cut_off_at_its_deadline_and_a_redirect_loop_is_one_line():
+    """urlopen's timeout bounds each read: a server sending a byte every 0.2 s was waited on
+    for ever. The download has one deadline. A redirect loop's message (three lines from
+    urllib) is one line."""
+    import time
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/loop":
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InputError, match="took over 1 s"):
+            fetch_url(f"{base}/drip", timeout=1.0)
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(InputError) as e:
+            fetch_url(f"{base}/loop")
+        assert "\n" not in str(e.value) and "cannot fetch" in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def http_folder(tmp_path):
     """A local HTTP server on 127.0.0.1 serving tmp_path/www (no network needed)."""
@@ -120,6 +163,7 @@ def test_url_input(tmp_path_factory, http_folder, capsys):
     assert isinstance(missing, InputError) and "404" in str(missing)
     with pytest.raises(InputError, match="cap"):
         fetch_url(f"{url}/disc.png", max_bytes=10)
+    assert str(html).startswith(f"{url}/page.html: not an image")  # named by its URL
     code = main(["predict", "--model", str(base / "bundle"), f"{url}/disc.png", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)[0]["input"] == f"{url}/disc.png"

@@ -256,13 +256,16 @@ def timm_contract(data_config: dict[str, Any], image_size: int | None = None) ->
 
 
 def load_input(
-    source, contract: Preprocess, invert: str | None = None, max_pixels: int | None = None
+    source, contract: Preprocess, invert: str | None = None, max_pixels: int | None = None,
+    name: str | None = None,
 ):
-    """Decode a file or bytes and apply the contract: uint8 C x H x W. The one path from an
-    image on disk or on the wire to model pixels (train, evaluate, predict, serve)."""
+    """Decode a file or bytes (called `name` in messages) and apply the contract: uint8
+    C x H x W. The one path from an image on disk or on the wire to model pixels (train,
+    evaluate, predict, serve)."""
     from .images import MAX_PIXELS, decode_image
 
-    img = decode_image(source, contract.channels, max_pixels or MAX_PIXELS, contract.draft_size)
+    img = decode_image(source, contract.channels, max_pixels or MAX_PIXELS, contract.draft_size,
+                       name)
     return contract.to_uint8(img, invert)
 
 

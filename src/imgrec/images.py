@@ -483,8 +483,10 @@ def decode_image(
     channels: int = 3,
     max_pixels: int = MAX_PIXELS,
     draft_size: tuple[int, int] | None = None,
+    name: str | None = None,
 ) -> Image.Image:
-    """Decode a file or bytes into an 8-bit L (channels=1) or RGB (channels=3) image.
+    """Decode a file or bytes into an 8-bit L (channels=1) or RGB (channels=3) image; its
+    messages call it `name` (default: the path, or "upload" for bytes).
 
     `draft_size` is the smallest size the caller needs: a larger JPEG is decoded at reduced
     scale; an image too big to convert whole (see _plan) is reduced by an integer factor as it
@@ -492,7 +494,8 @@ def decode_image(
     subclass) with a message that names the problem; every limit is checked from the header,
     before decoding.
     """
-    data, name = _read(source)
+    data, read_as = _read(source)
+    name = name or read_as
     if not data:
         raise NotAnImage(f"{name}: empty file", _FORMATS_HINT)
     fmt = sniff_format(data[:16])

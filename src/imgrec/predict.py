@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -141,7 +142,7 @@ class Predictor:
     def prepare(self, source: str | Path | bytes, invert: str | None = None) -> np.ndarray:
         """Decode + contract for one input (file path, URL or bytes)."""
         if isinstance(source, str) and source.startswith(("http://", "https://")):
-            source = fetch_url(source)
+            return load_input(fetch_url(source), self.contract, invert, name=source)
         return load_input(source, self.contract, invert)
 
     def predict(self, sources: list, top_k: int = 5, invert: str | None = None,
@@ -246,18 +247,31 @@ def as_record(source: str, result: Any) -> dict[str, Any]:
 
 
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
-    """Download an image with a timeout and a size cap."""
+    """Download an image within `timeout` seconds in all (a server that trickles bytes is
+    cut off, not waited on for ever: urlopen's timeout bounds each read only) and a size cap."""
     req = urllib.request.Request(url, headers={"User-Agent": "imgrec"})
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             length = r.headers.get("Content-Length")
             if length and int(length) > max_bytes:
                 raise InputError(f"{url}: {int(length):,} bytes is over the {max_bytes:,} cap")
-            data = r.read(max_bytes + 1)
+            chunks, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise InputError(f"{url}: the download took over {timeout:g} s",
+                                     "check the address, or download the file first")
+                chunk = r.read1(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"{url}: cannot fetch ({e})",
+        why = " ".join(str(e).split())  # urllib's redirect-loop message spans lines
+        raise InputError(f"{url}: cannot fetch ({why})",
                          "check the address and the network") from None
     if len(data) > max_bytes:
         raise InputError(f"{url}: larger than the {max_bytes:,}-byte cap")
