@@ -111,6 +111,35 @@ def test_incomplete_json(saved):
         read_bundle(bundle.path)
 
 
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("input_size", 0, "input_size must be a whole number"),
+    ("input_size", 2.5, "input_size must be a whole number"),
+    ("resize_to", 10**9, "resize_to must be a whole number"),
+    ("std", 0.0, "std positive"),
+    ("mean", float("nan"), "mean must be finite"),
+    ("resize", "stretch", "resize must be squash or shorter"),
+    ("invert", "maybe", "invert must be auto, yes or no"),
+    ("temperature", -1.0, "temperature must be a positive number"),
+])
+def test_an_out_of_range_description_is_refused_when_read(saved, key, value, says):
+    """A hand-edited imgrec.json fails when the bundle is read, in one line naming the file
+    and the value; before, every request after answered 500 or null probabilities."""
+    bundle, _ = saved
+    meta = json.loads((bundle.path / "imgrec.json").read_text())
+    if key == "temperature":
+        meta[key] = value
+    elif key in ("mean", "std"):
+        meta["preprocess"][key] = [value] * meta["preprocess"]["channels"]
+    else:
+        meta["preprocess"][key] = value
+        if key == "resize_to":
+            meta["preprocess"]["resize"] = "shorter"
+    (bundle.path / "imgrec.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=says) as e:
+        read_bundle(bundle.path)
+    assert str(bundle.path / "imgrec.json") in str(e.value) and "\n" not in str(e.value)
+
+
 def test_not_a_folder_and_nonexistent(tmp_path):
     with pytest.raises(BundleError, match="no such bundle"):
         read_bundle(tmp_path / "nothing")

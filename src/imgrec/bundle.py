@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -240,6 +241,12 @@ def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = Tru
         )
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{meta_path}: incomplete bundle description ({e})") from None
+    except BundleError as e:  # a value out of range (preprocess)
+        raise BundleError(f"{meta_path}: {e.message}", "restore the bundle, or retrain it") \
+            from None
+    if not (math.isfinite(bundle.temperature) and bundle.temperature > 0):
+        raise BundleError(f"{meta_path}: temperature must be a positive number, not "
+                          f"{bundle.temperature}", "restore the bundle, or recalibrate it")
     if not classes:
         raise BundleError(f"{meta_path}: the bundle lists no classes")
     verify_bundle(bundle, () if exports else EXPORT_FILES)

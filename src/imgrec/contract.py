@@ -27,6 +27,10 @@ _RESAMPLE = {
 }
 
 
+#: the largest side a contract may ask for (resize_to of a big pretrained model is ~600)
+MAX_SIDE = 4096
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """What a model expects. Stored in the bundle's `imgrec.json` under "preprocess".
@@ -60,10 +64,29 @@ class Preprocess:
     fit: Literal["none", "digit", "object"] = "none"
 
     def __post_init__(self) -> None:
+        """Every value checked where a bundle is read: a hand-edited or damaged imgrec.json
+        fails when the model loads, in one line, not in every request after (input_size 0
+        divided by zero, std 0 gave null probabilities, a huge resize_to ran out of memory)."""
         if self.channels not in (1, 3):
             raise BundleError(f"preprocess.channels must be 1 or 3, not {self.channels}")
+        for name in ("input_size", "resize_to"):
+            side = getattr(self, name)
+            if side is None and name == "resize_to":
+                continue
+            if not isinstance(side, int) or isinstance(side, bool) or not 1 <= side <= MAX_SIDE:
+                raise BundleError(f"preprocess.{name} must be a whole number of pixels from 1 "
+                                  f"to {MAX_SIDE}, not {side!r}")
+        if self.resize not in ("squash", "shorter"):
+            raise BundleError(f"preprocess.resize must be squash or shorter, not {self.resize!r}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise BundleError("preprocess mean/std must have one value per channel")
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in self.mean) or \
+                not all(isinstance(v, int | float) and math.isfinite(v) and v > 0
+                        for v in self.std):
+            raise BundleError("preprocess mean must be finite numbers and std positive ones, "
+                              f"not {list(self.mean)} / {list(self.std)}")
+        if self.invert not in ("auto", "yes", "no"):
+            raise BundleError(f"preprocess.invert must be auto, yes or no, not {self.invert!r}")
         if self.interpolation not in _RESAMPLE:
             raise BundleError(f"unknown interpolation {self.interpolation!r}")
         if set(self.tta) - {"flip"}:
