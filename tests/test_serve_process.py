@@ -244,3 +244,15 @@ def test_the_docker_image_serves_int8_when_built_with_int8(tmp_path, int8):
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["serve", "/bundle", "--host", "0.0.0.0", "--port", "8000",
                            "--workers", "1"] + (["--int8"] if int8 else [])
+
+
+@pytest.mark.parametrize("option", ["--max-upload-mb", "--upload-buffer-mb", "--timeout-ms",
+                                    "--body-timeout"])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_infinite_limits_are_refused_before_the_banner(option, value, capsys):
+    """--max-upload-mb inf printed the 'serving' banner, then died converting infinity."""
+    from imgrec.cli import main
+
+    assert main(["serve", option, value, "--port", "0"]) == 2
+    out = capsys.readouterr()
+    assert "serving" not in out.out + out.err and option in out.err

@@ -509,11 +509,11 @@ _MaxQueue = Annotated[int | None, typer.Option(
     min=1, help="images a worker holds at once; past it 503 + Retry-After at once "
                 "(default: 1.5 x max-batch + one per decode thread)")]
 _TimeoutMs = Annotated[float, typer.Option(
-    min=1.0, help="an image not run this long after its upload is answered 503")]
+    min=1.0, max=3_600_000.0, help="an image not run this long after its upload is answered 503")]
 _BodyTimeout = Annotated[float, typer.Option(
-    min=0.1, help="seconds a request body may take to arrive; past it 408")]
+    min=0.1, max=3600.0, help="seconds a request body may take to arrive; past it 408")]
 _UploadBuffer = Annotated[float | None, typer.Option(
-    min=0.01, help="request bodies held in memory at once, per worker; past it 503 "
+    min=0.01, max=65536.0, help="request bodies held in memory at once, per worker; past it 503 "
                    "(default: 16 x max-upload-mb)")]
 _MaxConnections = Annotated[int | None, typer.Option(
     min=1, help="open connections per worker (default: from the open-files limit)")]
@@ -538,7 +538,8 @@ def serve(
     4,
     max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="how long a request "
                                                "waits for others to share its batch")] = 5.0,
-    max_upload_mb: Annotated[float, typer.Option(min=0.01, help="largest request body")] = 10.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.01, max=4096.0,
+                                                 help="largest request body")] = 10.0,
     threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads per worker "
                                                 "(default: cores / workers)")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="serve model.int8.onnx (made by "
