@@ -302,3 +302,18 @@ def test_images_over_pillows_limit_within_ours(monkeypatch):
     with pytest.raises(ImageTooLarge, match="50x50 pixels is over the limit of 2,000"):
         decode_image(refused, max_pixels=2000)
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def test_devices_and_pipes_are_refused_without_reading_them(tmp_path):
+    """/dev/zero was read until memory ran out, and a named pipe waited for a writer for
+    ever: a path that is not a regular file is refused before it is opened."""
+    import os
+
+    from imgrec.errors import UnreadableImage
+    from imgrec.images import decode_image
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", str(fifo)):
+        with pytest.raises(UnreadableImage, match="not a regular file"):
+            decode_image(path)

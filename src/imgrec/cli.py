@@ -992,7 +992,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, _Interrupted) as e:
         return _interrupted(e)
     except MemoryError:
-        print("imgrec: error: out of memory; lower --batch-size or --image-size", file=sys.stderr)
+        print("imgrec: error: out of memory; give the command less at once (train: lower "
+              "--batch-size or --image-size; predict: fewer or smaller images)", file=sys.stderr)
         return 2
     except Exception as e:  # a bug, not the user's fault: still one line unless debugging
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from .errors import ExtremeAspectRatio, ImageTooLarge, NotAnImage, UnreadableIma
 #: Default pixel-count limit (width x height). 64 MP covers any camera photo; a 30000 x 30000
 #: PNG bomb (900 MP) is refused from its header alone.
 MAX_PIXELS = 64_000_000
+#: the largest image file read (64 megapixels of 16-bit RGBA, uncompressed, is 512 MB)
+MAX_FILE_BYTES = 1 << 30
 #: The longest side over the shortest: panoramas and long screenshots pass, a 1 x N strip does not.
 MAX_ASPECT_RATIO = 50
 #: What the decoder may allocate for one image (its pixels at the decoded scale plus the
@@ -98,7 +101,18 @@ def _read(source: str | Path | bytes) -> tuple[bytes, str]:
         return bytes(source), "upload"
     path = Path(source)
     try:
-        return path.read_bytes(), str(path)
+        info = path.stat()  # before opening: opening a pipe waits for its writer
+        if path.is_dir():
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):  # /dev/zero, a pipe: reading never ends
+            raise UnreadableImage(f"{path}: not a regular file (a device, pipe or socket)",
+                                  "give an image file")
+        with path.open("rb") as f:
+            if info.st_size > MAX_FILE_BYTES:
+                raise ImageTooLarge(f"{path}: {info.st_size / 2**20:,.0f} MB is over the "
+                                    f"{MAX_FILE_BYTES // 2**20:,} MB an image file may have",
+                                    "resize or recompress the image")
+            return f.read(MAX_FILE_BYTES + 1), str(path)
     except FileNotFoundError:
         raise UnreadableImage(f"{path}: no such file", "check the path") from None
     except IsADirectoryError:
