@@ -266,3 +266,31 @@ def test_a_run_too_short_for_a_cycle_keeps_its_peak_lr():
             sched.step()
         assert (max(lrs) - min(lrs) < 1e-12) == flat, (steps, lrs)
         assert max(lrs) == pytest.approx(1e-3)
+
+
+def test_sigterm_to_the_whole_process_group_saves_the_best_model(tmp_path):
+    """`timeout`, `kill -- -PGID` and systemd signal every process of the group, the
+    DataLoader's workers too: they leave the signal to the main process, which saves the best
+    model so far and exits 143 (the workers died first, and the run with an internal error)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = make_shapes_dataset(tmp_path / "shapes", per_class=48)
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    exe = os.path.join(os.path.dirname(sys.executable), "imgrec")
+    cmd = [exe, "train", str(data), "--model", "fast-cnn", "--image-size", "32", "--epochs",
+           "200", "--workers", "2", "--out", str(out), "--no-tensorboard", "--augment", "none"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while "epoch 2/200" not in log.read_text() and time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(60) == 143, log.read_text()[-2000:]
+    text = log.read_text()
+    assert "internal error" not in text and "saving the best model so far" in text
+    assert (out / "imgrec.json").is_file() and (out / "model.safetensors").is_file()

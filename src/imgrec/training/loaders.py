@@ -8,6 +8,7 @@ an unreadable file is skipped, counted and reported, never fatal.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,6 +20,15 @@ from ..contract import Preprocess, fit_arrays, load_input
 from ..data.datasets import Split
 from ..errors import UnreadableImage
 from .distributed import SINGLE, World, eval_indices, shard_batches, steps_per_epoch, train_sampler
+
+
+def ignore_stop_signals(_: int = 0) -> None:
+    """In a DataLoader worker: SIGTERM and SIGINT are the main process's to handle. A signal
+    sent to the whole process group (`timeout`, `kill -- -PGID`, systemd, Ctrl-C in a
+    terminal) killed the workers too, and the run died of "DataLoader worker is killed by
+    signal" instead of saving the best model so far; the main process ends them itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class FileImages(TorchDataset):
@@ -78,6 +88,7 @@ class Batches:
                 sampler=self.sampler, num_workers=workers, collate_fn=_collate,
                 generator=self.generator, persistent_workers=workers > 0,
                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                worker_init_fn=ignore_stop_signals if workers else None,
             )
 
     def __len__(self) -> int:
