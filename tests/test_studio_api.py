@@ -193,6 +193,12 @@ def test_the_whole_flow_then_a_restart(tmp_path, cats_dogs, capsys):
     assert again.post(f"{API}/pets/serve").json() == {"project": "pets"}
     r = TestClient(create_app(tmp_path)).post("/v1/predict", content=held_out.read_bytes())
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "dog"
+    # curl --data-binary sends a raw image as application/x-www-form-urlencoded: still the
+    # image (FastAPI's form parsing had consumed it: 500 "Stream consumed")
+    form_typed = {"Content-Type": "application/x-www-form-urlencoded"}
+    for url in ("/v1/predict", f"{API}/pets/predict"):
+        r = again.post(url, content=held_out.read_bytes(), headers=form_typed)
+        assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "dog", r.text
 
 
 def test_quantizing_and_training_exclude_each_other(tmp_path):

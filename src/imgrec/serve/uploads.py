@@ -90,7 +90,8 @@ class UploadRequest(Request):
     async def form(self, **_: Any) -> FormData:  # FastAPI may pass its own limits: ours rule
         if not is_multipart(self):
             return FormData()  # the body stays unread: it is the raw image
-        max_files = self.app.state.service.config.max_files
+        state = self.app.state  # the studio states its own limit; a server its config's
+        max_files = getattr(state, "max_files", None) or state.service.config.max_files
         try:
             return await super().form(max_files=max_files,
                                       max_fields=max_files + EXTRA_FIELDS)

@@ -32,6 +32,7 @@ def create_app(root: str | Path = "imgrec-studio") -> FastAPI:
     store = Store(root)
     app.state.store, app.state.trainer = store, Trainer(store)
     app.state.models, app.state.metrics = Models(store), Metrics()
+    app.state.max_files = LIMITS.max_files  # the upload routes' form limit (UploadRoute)
     app.include_router(api)
     app.include_router(served)
     app.include_router(page)

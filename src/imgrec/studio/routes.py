@@ -19,7 +19,7 @@ from ..contract import load_input
 from ..export import ensure_int8
 from ..predict import Predictor
 from ..serve.schemas import ErrorResponse, Prediction, PredictResponse, error_responses
-from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages
+from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages, UploadRoute
 from .schemas import (
     AddedImages,
     ClassInfo,
@@ -44,7 +44,10 @@ STUDIO_ERRORS = {
 ERRORS = {**error_responses(400, 422, notes={
     400: "`bad_request`: an invalid project, class or file name (`..`, `/`, NUL, over 100 "
          "characters); `bad_input`: a missing or malformed form"}), 404: STUDIO_ERRORS[404]}
-api = APIRouter(prefix="/v1/studio/projects", tags=["studio"], responses=ERRORS)
+# UploadRoute: a raw image body (curl --data-binary, sent as a form) is the image, not a form
+# for FastAPI to consume first (that answered 500 "Stream consumed"); forms under the limits
+api = APIRouter(prefix="/v1/studio/projects", tags=["studio"], responses=ERRORS,
+                route_class=UploadRoute)
 
 
 def _store(request: Request) -> Store:
@@ -215,7 +218,7 @@ def serve_project(project: str, store: StoreDep) -> Served:
     return Served(project=project)
 
 
-served = APIRouter(tags=["predict"], responses=ERRORS)
+served = APIRouter(tags=["predict"], responses=ERRORS, route_class=UploadRoute)
 
 
 @served.post("/v1/predict", openapi_extra=FORM_OR_RAW_BODY,
