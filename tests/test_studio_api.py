@@ -46,7 +46,8 @@ def _wait(client, project: str, timeout: float = 300) -> dict:
     raise AssertionError("training did not end")
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b", "x\x00y", "a" * 300, "..", ".hidden", ""])
+@pytest.mark.parametrize("name", ["../x", "a/b", "x\x00y", "a" * 300, "..", ".hidden", "",
+                                  "\u3042" * 90])  # 90 characters, but 270 bytes
 def test_bad_names_are_refused(tmp_path, name):
     client = TestClient(create_app(tmp_path))
     r = client.post(API, json={"name": name})
@@ -57,6 +58,16 @@ def test_bad_names_are_refused(tmp_path, name):
     assert Store(tmp_path).projects() == ["p"] and list((tmp_path / "p" / "data").iterdir()) == []
     with pytest.raises(ImgrecError):
         check_name(name)
+
+
+def test_a_long_non_ascii_project_is_created_and_deleted(tmp_path):
+    """50 Japanese characters (150 bytes) fit, and the project can be deleted again: its
+    trash name, the name and a time stamp, is still a legal folder name."""
+    client = TestClient(create_app(tmp_path))
+    name = "\u3042" * 50
+    assert client.post(API, json={"name": name}).status_code == 201
+    assert client.delete(f"{API}/{name}").status_code == 204
+    assert Store(tmp_path).projects() == []
 
 
 def test_uploads_are_checked_deduplicated_and_trashed(tmp_path, cats_dogs):

@@ -32,12 +32,19 @@ EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "bmp": ".bmp", "tiff
               "webp": ".webp"}
 
 
+#: a name's length in UTF-8: a folder name has at most 255 bytes, and the trash adds a
+#: time stamp to it (100 Japanese characters are 300 bytes: created, then never deleted)
+MAX_NAME_BYTES = 150
+
+
 def check_name(name: str, what: str = "name") -> str:
     """The name itself, or a 400 when it could escape its folder or is not a plain name."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name or name != name.strip():
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name or \
+            name != name.strip() or len(name.encode()) > MAX_NAME_BYTES:
         raise InputError(f"invalid {what} {name[:40]!r}" if isinstance(name, str) else
                          f"invalid {what}", "use letters, digits, spaces, '_', '-' or '.' "
-                         "(at most 100 characters, no '..' or '/')")
+                         f"(at most 100 characters and {MAX_NAME_BYTES} bytes in UTF-8, no "
+                         "'..' or '/')")
     return name
 
 
