@@ -343,6 +343,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "no such bundle" in _one_line_exit_2(
         ["doctor", str(data), "--labels", "--model", str(tmp_path / "no-bundle")], capsys
     )
+    from bundles import make_tiny_bundle
+
+    scratch = make_tiny_bundle(tmp_path / "scratch", export=False)  # fast-cnn, from scratch
+    assert "trained from scratch" in _one_line_exit_2(
+        ["doctor", str(data), "--labels", "--model", str(scratch)], capsys
+    )
     _one_line_exit_2(["doctor", str(data), "--model", "imagenet"], capsys)  # without --labels
     _one_line_exit_2(["doctor", "--apply-fixes", str(tmp_path / "missing.csv")], capsys)
     bad = tmp_path / "bad.csv"

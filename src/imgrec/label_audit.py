@@ -186,6 +186,7 @@ def audit_backbone(model: str | Path | None):
             if arch == "transfer"
             else arch
         )
+        _check_pretrained(name, arch)
         backbone = resolve(
             arch, weights=bundle.weights_path, image_size=bundle.preprocess.input_size
         )
@@ -196,6 +197,24 @@ def audit_backbone(model: str | Path | None):
             "give a bundle folder, `imagenet` or a timm model name",
         )
     return resolve(PRETRAINED.get(name.lower(), name), pretrained=True)
+
+
+def _check_pretrained(model: str, arch: str) -> None:
+    """The audit embeds with an ImageNet backbone's pooled features: a bundle trained from
+    scratch (small-cnn on MNIST) has none, nor a network built in Python."""
+    from .models.registry import model_config
+
+    try:
+        scratch = model_config(arch).weights == "scratch"
+    except ImgrecError:  # not in the registry nor timm's: a network built in Python
+        scratch = True
+    if scratch:
+        raise ModelError(
+            f"--model {model}: its network ({arch or 'unknown'}) was trained from scratch; the "
+            "label audit embeds images with a pretrained backbone",
+            "give `imagenet`, an EfficientNet-Lite or timm name, or a bundle trained with "
+            "--mode features or finetune",
+        )
 
 
 @dataclass
