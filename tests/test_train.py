@@ -156,6 +156,20 @@ def test_early_stopping_restores_best(shapes, tmp_path, monkeypatch):
     assert not all(torch.equal(saved[k].cpu(), states[3][k].cpu()) for k in saved)
 
 
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("epochs", "two", "--epochs must be a whole number"),
+    ("batch_size", 3.5, "--batch-size must be a whole number"),
+    ("lr", "0.1", "--lr must be a number"),
+    ("seed", True, "--seed must be a whole number"),
+])
+def test_numbers_of_the_wrong_type_are_one_clear_error(shapes, tmp_path, option, value, says):
+    """The Python API's `epochs="two"` failed inside a comparison (a builtin TypeError);
+    NumPy's numbers are numbers."""
+    with pytest.raises(ImgrecError, match=says):
+        train(str(tmp_path), out=str(tmp_path / "o"), **{option: value})
+    assert plan(str(shapes), epochs=np.int64(2), lr=np.float32(0.01), **FAST).epochs == 2
+
+
 def test_class_weights_weigh_images_not_the_smoothing():
     """Each image's smoothed loss is weighted by its own class: a batch of one class scores
     the same whatever the other classes weigh. F.cross_entropy(weight=...) weighs the

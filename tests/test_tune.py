@@ -122,6 +122,9 @@ BAD_SPACES = {
     "label_smoothing: {low: 0.0, high: 1.5}": "label_smoothing=1.5 is out of range",
     "optimizer: [adamw, lion]": "optimizer='lion' is out of range",
     "- lr": "expected a mapping",
+    "label_smoothing: 1.5": "label_smoothing=1.5 is out of range",  # a fixed value
+    'lr: "abc"': "lr='abc': --lr must be a number",
+    'epochs: "ten"': "--epochs must be a whole number",
 }
 BAD_STORAGES = {
     "sqlite:////nonexistent/folder/study.db": "cannot open it (unable to open database file)",

@@ -141,9 +141,30 @@ def config_argv(options: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Numeric options are numbers (a YAML space's `lr: "abc"`, the Python API's
+    `epochs="two"` or `batch_size=3.5` failed inside a comparison or a range())."""
+    import numbers
+    import typing
+
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        wanted = {int, float} & set(typing.get_args(hint) or (hint,))
+        value = getattr(cfg, name)
+        if not wanted or value is None:
+            continue
+        whole = wanted == {int}
+        kind = numbers.Integral if whole else numbers.Real  # NumPy's numbers too
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if not ok:
+            flag = "--" + name.replace("_", "-")
+            raise ImgrecError(f"{flag} must be {'a whole number' if whole else 'a number'}, not "
+                              f"{value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject bad options with one clear line before any data is read (the CLI's limits
     already stop most of them; the Python API relies on this)."""
+    _check_numbers(cfg)
     checks = [
         (cfg.epochs is not None and cfg.epochs < 1, "--epochs must be at least 1"),
         (cfg.batch_size is not None and cfg.batch_size < 1, "--batch-size must be at least 1"),

@@ -173,7 +173,7 @@ class Search:
     def prepare(self) -> None:
         """The base plan (what the recipe would train), the space around it, checked."""
         from ..files import check_output_folder
-        from .space import check_names, fixed_values
+        from .space import check_fixed, check_names, fixed_values
 
         check_output_folder(self.out, "--out")
         _check_tune_folder(self.out)
@@ -183,6 +183,7 @@ class Search:
         if "model" in self.raw and self.s.model:
             raise ImgrecError(f"{self.where} sets model, and so does --model: give one of them")
         given = {**self.s.options, **fixed_values(self.raw)}
+        check_fixed(fixed_values(self.raw), self.s.options, self.where)
         base, extra = self.plan(given), {}
         if not base.has_validation:
             if given.get("val_fraction") is not None:

@@ -351,6 +351,14 @@ def check_space(space: Space, base: dict[str, Any], where: str = "search space")
             _check_value(name, value, meta[name], {**base, **space.fixed}, where)
 
 
+def check_fixed(fixed: dict[str, Any], options: dict[str, Any], where: str) -> None:
+    """The space's single values, checked before the base plan is made of them: an error
+    names the space file and the value (the plan's own named a --flag tune has not)."""
+    meta = {f.name: f.metadata for f in fields(TrainConfig)}
+    for name, value in fixed.items():
+        _check_value(name, value, meta[name], {**options, **fixed}, where)
+
+
 def _check_value(name: str, value: Any, meta: Any, options: dict[str, Any], where: str) -> None:
     low, high, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     bad = (choices and value not in choices) or (
