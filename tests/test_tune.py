@@ -18,6 +18,7 @@ from helpers import write_fake_mnist
 
 import imgrec
 from imgrec.cli import main
+from imgrec.errors import ImgrecError
 
 IMGREC = str(Path(sys.executable).with_name("imgrec"))
 #: a small, fast search: 4 epochs of fast-cnn on 180 training images, over the learning rate
@@ -113,6 +114,15 @@ def test_trial_bundles_have_no_test_split_and_no_onnx(digits, tmp_path):
     best = json.loads((out / "best" / "imgrec.json").read_text())
     assert best["training"]["splits"]["test"] == 50
     assert best["training"]["splits"]["train"] == trial["training"]["splits"]["train"]
+    # best/ damaged since: the same command trains it again instead of keeping it
+    (out / "best" / "model.safetensors").unlink()
+    (out / "best" / "model.onnx").unlink(missing_ok=True)
+    imgrec.tune("mnist", trials=1, out=out, data_dir=str(digits), space=SPACE, quiet=True)
+    assert (out / "best" / "model.safetensors").is_file()
+    # another study into the same --out would replace its best/ and tune.json: refused
+    with pytest.raises(ImgrecError, match="holds the search 'mnist-fast-cnn-scratch'"):
+        imgrec.tune("mnist", trials=1, out=out, data_dir=str(digits), space=SPACE, quiet=True,
+                    study="another")
 
 
 BAD_SPACES = {

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import atomic_write_text
-from ..errors import ImgrecError
+from ..errors import BundleError, ImgrecError
 from . import study as st
 from .plots import draw_plots
 from .search import Search, TrialReporter, TuneSummary, trial_data
@@ -142,10 +142,14 @@ def _final_bundle(search: Search, best: Any, summary: TuneSummary) -> None:
 
     target = search.out / "best"
     record = _tune_record(target)
+    bundle = None
     if record.get("study") == search.study.study_name and record.get("trial") == best.number:
-        bundle = read_bundle(target, need_weights=False)
-        search.log(f"best    trial {best.number}'s bundle is already in {target}")
-    else:
+        try:
+            bundle = read_bundle(target, need_weights=True)
+            search.log(f"best    trial {best.number}'s bundle is already in {target}")
+        except BundleError as e:  # damaged since: made again, not kept
+            search.log(f"best    {target} is damaged ({e.message}): training it again")
+    if bundle is None:
         search.log(
             f"best    trial {best.number}: training its bundle in {target} (with the "
             "test split, its only use)"

@@ -10,6 +10,7 @@ bundle is the one run that has it, and its test metrics are the search's only lo
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -220,6 +221,7 @@ class Search:
 
     # -- the study -------------------------------------------------------------------------
     def open(self) -> Any:
+        self._check_same_study()
         created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         self.url = self.s.storage or st.default_storage(self.out)
@@ -255,6 +257,20 @@ class Search:
             with st.quiet_optuna():
                 self.study.enqueue_trial(first, user_attrs={"recipe": True}, skip_if_exists=True)
         return self.study
+
+    def _check_same_study(self) -> None:
+        """One --out, one search: another study's run would replace its best/, tune.json and
+        trials.csv without a word (they flip-flopped between two studies)."""
+        name = self.s.study_name(self.mode, self.model)
+        try:
+            previous = json.loads((self.out / "tune.json").read_text()).get("study")
+        except (OSError, ValueError, AttributeError):
+            return
+        if previous and previous != name:
+            raise ImgrecError(
+                f"--out {self.out} holds the search {previous!r}; this one is {name!r}",
+                "give this search its own --out",
+            )
 
     def run(self) -> None:
         """Trials until the study holds `trials` finished ones (whichever process ran them),
