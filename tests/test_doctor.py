@@ -138,6 +138,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
     assert main(["doctor"]) == 2
     assert main(["doctor", "--undo", str(tmp_path / "nope.json")]) == 2
+    for bad in ('{"moved": 5}', '{"moved": [5]}', '{"moved": [{"from": "a"}]}'):
+        (tmp_path / "m.json").write_text(bad)  # each was an internal TypeError/KeyError
+        assert main(["doctor", "--undo", str(tmp_path / "m.json")]) == 2
+        assert "not a doctor quarantine manifest" in capsys.readouterr().err
 
 
 def test_modes_tiny_stray_and_imbalance(tmp_path):

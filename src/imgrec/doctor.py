@@ -471,6 +471,10 @@ def undo(manifest: str | Path) -> tuple[int, list[str]]:
     try:
         record = json.loads(manifest.read_text())
         moved = record["moved"]
+        if not isinstance(moved, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("from"), str)
+                and isinstance(m.get("to"), str) for m in moved):
+            raise ValueError("its `moved` is not a list of {from, to} entries")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{manifest}: not a doctor quarantine manifest ({e})",
                         "give the manifest that --quarantine or --apply-fixes wrote") from None
