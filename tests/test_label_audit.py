@@ -188,6 +188,7 @@ def test_doctor_labels_then_apply_fixes_and_undo(cats_dogs, clean_audit, tmp_pat
     assert api == audit(data).of("label_issue")
     rows = list(csv.DictReader((out / "fixes.csv").open()))
     assert len(rows) == len(issues) and set(rows[0]) == {"path", "given", "suggested"}
+    assert all(Path(r["path"]).is_absolute() for r in rows)  # it applies from any folder
 
     before = _tree_hashes(data)
     assert main(["doctor", "--apply-fixes", str(out / "fixes.csv")]) == 0
@@ -197,7 +198,9 @@ def test_doctor_labels_then_apply_fixes_and_undo(cats_dogs, clean_audit, tmp_pat
         home = Path(rel).parent.parent / ("dog" if Path(rel).parent.name == "cat" else "cat")
         assert moved[str(home / Path(rel).name)] == before[rel]
     manifest = out / "fixes.applied.json"
-    assert main(["doctor", "--apply-fixes", str(out / "fixes.csv")]) == 2  # applied already
+    capsys.readouterr()
+    assert main(["doctor", "--apply-fixes", str(out / "fixes.csv")]) == 2
+    assert "was applied already" in capsys.readouterr().err  # not "no such file"
     assert main(["doctor", "--undo", str(manifest)]) == 0
     assert _tree_hashes(data) == before
     assert not manifest.exists() and (out / "fixes.applied.undone.json").is_file()

@@ -30,13 +30,15 @@ AUDIT_KINDS = ("label_issue", "near_duplicate", "outlier")
 
 
 def write_fix_list(records: list[dict[str, Any]], data: str | Path, path: str | Path) -> Path:
-    """The label issues as `path,given,suggested` rows, the paths as DATA/relative path."""
+    """The label issues as `path,given,suggested` rows, each path absolute (DATA's, then the
+    file's within it), so the list applies from any folder."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(FIELDS)
     for r in records:
         if r["kind"] == "label_issue":
-            writer.writerow([str(Path(data) / r["path"]), r["given"], r["suggested"]])
+            writer.writerow([str(Path(data).expanduser().resolve() / r["path"]), r["given"],
+                             r["suggested"]])
     path = Path(path).expanduser()
     atomic_write_text(path, buf.getvalue())
     return path
@@ -130,13 +132,13 @@ def manifest_for(fix_list: Path) -> Path:
 def apply_fixes(fix_list: str | Path, data: str | Path | None = None) -> tuple[Path, int]:
     """Move the listed files to their suggested class folders; (manifest, files moved)."""
     fix_list = Path(fix_list).expanduser()
-    moves = plan_fixes(read_fix_list(fix_list), data)
     manifest = manifest_for(fix_list)
-    if manifest.exists():
+    if manifest.exists():  # before the rows: once applied, their files are elsewhere
         raise DataError(
             f"{manifest} exists: this fix list was applied already",
             f"undo it first (imgrec doctor --undo {manifest})",
         )
+    moves = plan_fixes(read_fix_list(fix_list), data)
     root = Path(data).expanduser() if data else _common_root([m[0] for m in moves])
     return move_files(moves, root.resolve(), manifest), len(moves)
 
