@@ -387,3 +387,35 @@ def test_deleting_the_served_project_serves_nothing_and_same_name_renames_are_no
     assert not (tmp_path / ".served").exists()
     r = client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n")
     assert r.status_code == 404 and "no project is served yet" in r.json()["error"]["message"]
+
+
+def test_one_studio_per_folder_and_its_banner_comes_after_the_checks(tmp_path, monkeypatch,
+                                                                       capsys):
+    """A second `imgrec studio` on the same --dir is refused while the first runs (it marked
+    the first one's live training failed and lost a model); a port in use is the only line."""
+    import socket
+
+    from imgrec.serve.launch import page_url
+    from imgrec.studio import app as studio_app
+
+    inner = {}
+
+    def run(root, host, port, log_level="info"):
+        inner["rc"] = main(["studio", "--dir", str(root), "--port", "0"])
+        inner["err"] = capsys.readouterr().err
+
+    monkeypatch.setattr(studio_app, "run_studio", run)
+    assert main(["studio", "--dir", str(tmp_path / "s"), "--port", "0"]) == 0
+    assert inner["rc"] == 2 and "is in use by another imgrec run" in inner["err"]
+    assert not (tmp_path / "s" / ".imgrec.lock").exists()  # released when it stops
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        capsys.readouterr()
+        assert main(["studio", "--dir", str(tmp_path / "t"), "--port",
+                     str(busy.getsockname()[1])]) == 2
+        out = capsys.readouterr()
+        assert "studio on" not in out.out and "in use" in out.err
+    assert page_url("::1", 8000) == "http://[::1]:8000/"
+    assert page_url("0.0.0.0", 8000, "/studio") == "http://localhost:8000/studio"
+    assert "free port" in page_url("127.0.0.1", 0)

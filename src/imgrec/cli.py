@@ -577,10 +577,9 @@ def serve(
                          cors_origins=cors_origin or [])
     if warning := launch.exposure_warning(host, port, config):
         print(warning, file=sys.stderr, flush=True)
-    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     _echo(f"imgrec: serving {bundle.name} ({len(bundle.classes)} classes) on "
-          f"http://{shown}:{port}/  (API docs at /docs{'; API key required' if keys else ''}; "
-          "Ctrl+C stops)")
+          f"{launch.page_url(host, port)}  (API docs at /docs"
+          f"{'; API key required' if keys else ''}; Ctrl+C stops)")
     launch.run_server(config, host, port, log_level)
 
 
@@ -601,13 +600,22 @@ def studio(
     if not torch_available():
         raise ImgrecError("imgrec studio trains models and needs PyTorch, which is not "
                           "installed", "pip install 'imgrec[train]'")
-    from .files import check_output_folder
+    from .files import FolderLock, check_output_folder
+    from .serve.launch import check_port, page_url
     from .studio.app import run_studio
 
     check_output_folder(dir, "--dir")  # a folder it can write, or one line now
-    _echo(f"imgrec: studio on http://{'localhost' if host == '127.0.0.1' else host}:{port}/studio"
-          f"  (projects in {dir}; API docs at /docs; Ctrl+C stops)")
-    run_studio(dir, host, port)
+    check_port(host, port)  # before the banner: a port in use is the only line
+    dir.mkdir(parents=True, exist_ok=True)
+    # one studio per folder: a second one reported the first one's live training as failed,
+    # started a second training of the same project and lost its model
+    lock = FolderLock(dir, "--dir").acquire()
+    _echo(f"imgrec: studio on {page_url(host, port, '/studio')}  (projects in {dir}; API docs "
+          "at /docs; Ctrl+C stops)")
+    try:
+        run_studio(dir, host, port)
+    finally:
+        lock.release()
 
 
 def _int8_bundle(model: str | None):

@@ -41,6 +41,16 @@ def exposure_warning(host: str, port: int, config: ServeConfig) -> str | None:
             "--api-key-file)")
 
 
+def page_url(host: str, port: int, path: str = "/") -> str:
+    """The address a banner shows: localhost for the loopback and wildcard addresses, an
+    IPv6 address in brackets; port 0 is "a free port", which only uvicorn's log names."""
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else host
+    if ":" in shown and not shown.startswith("["):
+        shown = f"[{shown}]"
+    return f"http://{shown}:{port}{path}" if port else \
+        f"http://{shown}:<a free port, named below>{path}"
+
+
 def check_port(host: str, port: int) -> None:
     """Fail in one line, before uvicorn starts, when the address cannot be listened on."""
     if port == 0:
