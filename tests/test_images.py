@@ -317,3 +317,14 @@ def test_devices_and_pipes_are_refused_without_reading_them(tmp_path):
     for path in ("/dev/zero", str(fifo)):
         with pytest.raises(UnreadableImage, match="not a regular file"):
             decode_image(path)
+
+
+def test_an_aspect_ratio_just_over_the_limit_is_not_rounded_onto_it():
+    """2x101 is 50.5:1: "an aspect ratio of 50:1, over the limit of 50:1" read as nonsense."""
+    from imgrec.errors import ExtremeAspectRatio
+    from imgrec.images import check_size
+
+    with pytest.raises(ExtremeAspectRatio, match=r"aspect ratio of 50\.5:1, over the limit"):
+        check_size(2, 101, "x", 10**9)
+    with pytest.raises(ExtremeAspectRatio, match=r"aspect ratio of 200,000:1"):
+        check_size(200_000, 1, "x", 10**9)

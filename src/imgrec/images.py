@@ -429,7 +429,8 @@ def check_size(width: int, height: int, name: str, max_pixels: int = MAX_PIXELS)
     ratio = max(width, height) / min(width, height)
     if ratio > MAX_ASPECT_RATIO:
         raise ExtremeAspectRatio(
-            f"{name}: {width}x{height} pixels is an aspect ratio of {ratio:,.0f}:1, over the "
+            f"{name}: {width}x{height} pixels is an aspect ratio of "
+            f"{f'{ratio:,.1f}'.removesuffix('.0')}:1, over the "
             f"limit of {MAX_ASPECT_RATIO}:1",
             "crop the image to what should be classified",
         )
