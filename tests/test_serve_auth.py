@@ -150,6 +150,23 @@ def test_cors_origins_are_allowed_and_others_are_not(tiny):
         other = c.get("/v1/model", headers={"Origin": "https://evil.example",
                                             **_bearer("alpha-key")})
         assert "access-control-allow-origin" not in other.headers
+        refused = c.options("/v1/predict", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+        assert refused.status_code == 400  # in the API's error schema, not plain text
+        assert refused.json()["error"]["code"] == "bad_input"
+        assert "Disallowed CORS origin" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "ftp://x.example",
+                                    "https://app.example/path"])
+def test_a_cors_origin_that_no_browser_sends_is_refused(origin):
+    """A trailing slash or a missing scheme was taken, and then refused every request of
+    the page it was meant for."""
+    from imgrec.errors import InputError
+
+    with pytest.raises(InputError, match="is not a browser origin"):
+        ServeConfig(cors_origins=[origin])
+    assert ServeConfig(cors_origins=["http://localhost:3000", "*"]).cors_origins[1] == "*"
 
 
 # -- the web page and /docs in a browser --------------------------------------------------------

@@ -507,7 +507,8 @@ def benchmark(
 # `imgrec serve`'s overload, slow-client and access options
 _MaxQueue = Annotated[int | None, typer.Option(
     min=1, help="images a worker holds at once; past it 503 + Retry-After at once "
-                "(default: 1.5 x max-batch + one per decode thread)")]
+                "(default: the larger of 24 and 1.5 x max-batch, plus one per decode "
+                "thread)")]
 _TimeoutMs = Annotated[float, typer.Option(
     min=1.0, max=3_600_000.0, help="an image not run this long after its upload is answered 503")]
 _BodyTimeout = Annotated[float, typer.Option(

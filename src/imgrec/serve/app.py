@@ -102,6 +102,20 @@ def _describe_forms(app: FastAPI, config: ServeConfig) -> None:
     app.openapi = openapi
 
 
+class JsonCors(CORSMiddleware):
+    """Starlette's CORS, whose refused preflight answers in the API's error schema (a JSON
+    400 `bad_input`), not plain text, like every other error the server sends."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {k: v for k, v in response.headers.items()
+                   if k.lower() not in ("content-length", "content-type")}
+        return error_response(400, "bad_input", f"{response.body.decode()} (this server "
+                              "allows the origins it was started with: --cors-origin)", headers)
+
+
 def _add_middleware(app: FastAPI, config: ServeConfig, service: Service) -> None:
     """Outermost first: CORS (only with --cors-origin), metrics, the API key (before any of
     the body is read), the upload limits."""
@@ -116,7 +130,7 @@ def _add_middleware(app: FastAPI, config: ServeConfig, service: Service) -> None
         app.add_middleware(ApiKeyAuth, keys=config.api_keys, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=routes)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins,
+        app.add_middleware(JsonCors, allow_origins=config.cors_origins,
                            allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Retry-After"], max_age=600)

@@ -16,6 +16,25 @@ CONFIG_ENV = "IMGREC_SERVE_CONFIG"
 QUEUE_IMAGES = 24
 
 
+def check_origin(origin: str) -> str:
+    """A browser origin as CORS compares it, byte for byte: scheme://host[:port], nothing
+    after (`https://app.example/` or `app.example` were taken, and every browser request
+    from the page was then refused); `*` for any."""
+    from urllib.parse import urlsplit
+
+    if origin == "*":
+        return origin
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or \
+            parts.query or parts.fragment or "@" in parts.netloc:
+        from ..errors import InputError
+
+        raise InputError(f"--cors-origin {origin!r} is not a browser origin",
+                         "give scheme://host[:port] with no path or trailing slash, e.g. "
+                         "https://app.example.com")
+    return origin
+
+
 @dataclass
 class ServeConfig:
     """Everything `imgrec serve` passes to each worker process (as JSON in the environment)."""
@@ -60,7 +79,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         self.api_keys = [k for k in self.api_keys if k]
-        self.cors_origins = list(self.cors_origins)
+        self.cors_origins = [check_origin(o) for o in self.cors_origins]
 
     @property
     def max_upload_bytes(self) -> int:
