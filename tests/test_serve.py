@@ -221,6 +221,10 @@ def test_batch_endpoint_answers_each_file(client):
     assert results[1]["error"]["code"] == "unsupported_media_type"
     _assert_error(client.post("/v1/predict/batch", content=CHELSEA.read_bytes()), 400,
                   "bad_input")
+    texted = client.post("/v1/predict/batch", files=[
+        ("files", ("cat.jpg", CHELSEA.read_bytes(), "image/jpeg"))], data={"files": "text"})
+    _assert_error(texted, 400, "bad_input")
+    assert "the `files` field must be a file upload" in texted.json()["error"]["message"]
 
 
 def test_model_health_and_errors(client):

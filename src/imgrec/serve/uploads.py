@@ -122,9 +122,9 @@ async def started(request: Request) -> float:
     return getattr(request.state, "started", None) or time.perf_counter()
 
 
-async def _read(item: UploadFile | str) -> bytes:
+async def _read(item: UploadFile | str, field: str = "file") -> bytes:
     if isinstance(item, str):
-        raise InputError("the `file` field must be a file upload, not text")
+        raise InputError(f"the `{field}` field must be a file upload, not text")
     return await item.read()
 
 
@@ -157,12 +157,12 @@ async def several_images(
     if not is_multipart(request):
         raise InputError("a batch is a multipart/form-data request",
                          "send the images as repeated form fields `files`")
-    items = (files or []) + (file or [])
+    items = [("files", f) for f in files or []] + [("file", f) for f in file or []]
     if not items:
         raise InputError("no `files` fields in the multipart form",
                          "send the images as repeated form fields `files`")
-    return [(getattr(it, "filename", None) or f"#{i}", await _read(it))
-            for i, it in enumerate(items)]
+    return [(getattr(it, "filename", None) or f"#{i}", await _read(it, field))
+            for i, (field, it) in enumerate(items)]
 
 
 Started = Annotated[float, Depends(started)]
