@@ -83,7 +83,7 @@ IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif",
 }
 
-_FORMATS_HINT = "give a JPEG, PNG, GIF, BMP, TIFF or WebP image"
+_FORMATS_HINT = "give a JPEG, PNG, GIF, BMP, TIFF, WebP or binary PPM/PGM image"
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -516,7 +516,7 @@ def decode_image(
     fmt = sniff_format(data[:16])
     if fmt is None:
         raise NotAnImage(
-            f"{name}: not an image (content is no JPEG, PNG, GIF, BMP, TIFF or WebP)",
+            f"{name}: not an image (content is no JPEG, PNG, GIF, BMP, TIFF, WebP or binary PPM/PGM)",
             "give an image file",
         )
     try:
