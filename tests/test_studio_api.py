@@ -419,3 +419,22 @@ def test_one_studio_per_folder_and_its_banner_comes_after_the_checks(tmp_path, m
     assert page_url("::1", 8000) == "http://[::1]:8000/"
     assert page_url("0.0.0.0", 8000, "/studio") == "http://localhost:8000/studio"
     assert "free port" in page_url("127.0.0.1", 0)
+
+
+def test_a_zip_with_nothing_to_keep_is_refused_by_name(tmp_path):
+    """A broken zip alone answered 200 with nothing added, an empty one a 415 that named
+    no zip: both are refused, the message naming the archive (or its member)."""
+    client = TestClient(create_app(tmp_path))
+    client.post(API, json={"name": "p"})
+    client.post(f"{API}/p/classes", json={"name": "a"})
+    empty, texts = io.BytesIO(), io.BytesIO()
+    zipfile.ZipFile(empty, "w").close()
+    with zipfile.ZipFile(texts, "w") as z:
+        z.writestr("notes.txt", "not a photo")
+    cases = {"broken.zip": (b"PK\x03\x04garbage", "broken.zip: unreadable zip"),
+             "empty.zip": (empty.getvalue(), "empty.zip: it holds no files"),
+             "texts.zip": (texts.getvalue(), "texts.zip/notes.txt: not an image")}
+    for name, (body, says) in cases.items():
+        r = client.post(f"{API}/p/classes/a/images",
+                        files=[("files", (name, body, "application/zip"))])
+        assert 400 <= r.status_code < 500 and says in r.json()["error"]["message"], r.text

@@ -70,7 +70,7 @@ def expand_zips(uploads: list[tuple[str, bytes]], out: Added) -> Iterator[tuple[
     limits, or an unreadable archive, are reported in `out.rejected`. Sizes are checked as
     the bytes inflate, not as the archive claims them."""
     for filename, data in uploads:
-        if not data.startswith(b"PK\x03\x04"):
+        if not data.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip, or an empty one
             yield filename, data
             continue
         try:
@@ -80,16 +80,25 @@ def expand_zips(uploads: list[tuple[str, bytes]], out: Added) -> Iterator[tuple[
                            and "__MACOSX" not in m.filename]  # Finder's resource forks
                 if len(members) > MAX_MEMBERS:
                     raise InputError(f"over {MAX_MEMBERS} files in the archive")
+                if not members:
+                    raise InputError("it holds no files (hidden files and folders are skipped)")
                 for m in members:
                     with archive.open(m) as f:
                         body = f.read(MAX_MEMBER + 1)
                     if len(body) > MAX_MEMBER:
-                        out.rejected.append({"filename": f"{filename}/{m.filename}",
-                                             "error": "over 50 MB once unpacked"})
+                        _reject(out, f"{filename}/{m.filename}", "over 50 MB once unpacked")
                         continue
                     yield f"{filename}/{m.filename}", body
         except (zipfile.BadZipFile, InputError, OSError, RuntimeError) as e:
-            out.rejected.append({"filename": filename, "error": f"unreadable zip ({e})"})
+            why = e.message if isinstance(e, InputError) else f"unreadable zip ({e})"
+            _reject(out, filename, why)
+
+
+def _reject(out: Added, filename: str, why: str) -> None:
+    """An upload not kept: listed, and the request's error when nothing else is kept."""
+    out.rejected.append({"filename": filename, "error": why})
+    out.error = out.error or InputError(f"{filename}: {why}",
+                                        "upload photos, or a zip of photos")
 
 
 class Store:
@@ -188,7 +197,7 @@ class Store:
         folder, out = self.class_dir(project, cls), Added()
         for filename, data in expand_zips(uploads, out):
             try:
-                decode_image(data)
+                decode_image(data, name=filename)
             except ImgrecError as e:
                 out.rejected.append({"filename": filename, "error": e.message})
                 out.error = out.error or e
