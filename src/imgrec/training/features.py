@@ -189,7 +189,10 @@ class Extractor:
         t0 = time.perf_counter()
         bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False,
                    disable=self.quiet or None, dynamic_ncols=True)
-        chunks = [todo[s : s + BATCH] for s in range(0, len(todo), BATCH)]
+        # about BATCH embeddings a chunk, views included: with 16 augmented views a chunk of
+        # 32 photos was 544 of them, and the progress (a chunk at a time) sat still for long
+        step = max(1, BATCH // have.shape[1])
+        chunks = [todo[s : s + step] for s in range(0, len(todo), step)]
         results, finished = in_lanes(self.lanes(), embed, chunks), 0
         for chunk, (bad, rows, feats) in zip(chunks, results, strict=True):
             for i, message in bad:
