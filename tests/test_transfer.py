@@ -259,8 +259,10 @@ def test_extraction_progress_reaches_callbacks_before_the_epochs(mini_photos, tm
 def test_augmented_views_are_cached(mini_photos, tmp_path):
     from imgrec.bundle import read_bundle
 
-    args = ["train", str(mini_photos), "--model", "efficientnet_lite0", "--augment-views", "1",
-            "--augment", "flip", "-q", "--no-tensorboard", "--epochs", "5"]
+    plain = ["train", str(mini_photos), "--model", "efficientnet_lite0", "-q",
+             "--no-tensorboard", "--epochs", "5"]
+    assert main([*plain, "--out", str(tmp_path / "plain")]) == 0  # the originals, cached
+    args = [*plain, "--augment-views", "1", "--augment", "flip"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     first = read_bundle(tmp_path / "a").training
     assert first["features_computed"] == 24  # one new view per training photo
