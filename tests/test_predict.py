@@ -90,6 +90,22 @@ def test_folders_are_recursive(tmp_path_factory, tmp_path, capsys):
         list(expand_inputs([str(empty)]))
 
 
+def test_one_source_arrays_and_pil_images_are_predicted(tmp_path_factory):
+    """predict("cat.jpg") walked the string letter by letter; an array raised a raw
+    TypeError; top_k=0 silently gave one label."""
+    base = trained_shapes(tmp_path_factory)
+    predictor = Predictor.load(base / "bundle")
+    img = sorted((base / "shapes" / "disc").glob("*.png"))[0]
+    (one,) = predictor.predict(str(img), top_k=1)
+    pixels = np.asarray(Image.open(img).convert("RGB"))
+    assert predictor.predict(pixels, top_k=1)[0][0] == one[0]
+    assert predictor.predict([Image.open(img)], top_k=1)[0][0] == one[0]
+    (bad,) = predictor.predict([pixels.astype(np.float32)])
+    assert isinstance(bad, InputError) and "uint8" in str(bad)
+    with pytest.raises(InputError, match="top_k"):
+        predictor.predict([str(img)], top_k=0)
+
+
 def test_a_url_is_cut_off_at_its_deadline_and_a_redirect_loop_is_one_line():
     """urlopen's timeout bounds each read: a server sending a byte every 0.2 s was waited on
     for ever. The download has one deadline. A redirect loop's message (three lines from

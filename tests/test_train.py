@@ -170,6 +170,23 @@ def test_numbers_of_the_wrong_type_are_one_clear_error(shapes, tmp_path, option,
     assert plan(str(shapes), epochs=np.int64(2), lr=np.float32(0.01), **FAST).epochs == 2
 
 
+def test_array_labels_and_callbacks_are_checked(tmp_path):
+    """Labels 0.5 / 1.5 were taken as two classes; callbacks=[1] or a class instead of an
+    instance failed deep in the run; the default --out of a custom network had a colon."""
+    from torch import nn
+
+    x = np.zeros((20, 8, 8, 1), np.uint8)
+    with pytest.raises(ImgrecError, match="not whole"):
+        train((x, np.array([0.5, 1.5] * 10)), out=str(tmp_path / "a"), **FAST)
+    for bad in (1, Callback):
+        with pytest.raises(ImgrecError, match="is no callback object"):
+            train((x, np.array([0, 1] * 10)), out=str(tmp_path / "b"), callbacks=[bad], **FAST)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    options = {k: v for k, v in FAST.items() if k != "model"}
+    p = plan((x, np.array([0.0, 1.0] * 10)), net, **{**options, "image_size": 8})
+    assert ":" not in str(p.out) and p.data.classes == ["0", "1"]
+
+
 def test_class_weights_weigh_images_not_the_smoothing():
     """Each image's smoothed loss is weighted by its own class: a batch of one class scores
     the same whatever the other classes weigh. F.cross_entropy(weight=...) weighs the

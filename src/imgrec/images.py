@@ -516,7 +516,8 @@ def decode_image(
     fmt = sniff_format(data[:16])
     if fmt is None:
         raise NotAnImage(
-            f"{name}: not an image (content is no JPEG, PNG, GIF, BMP, TIFF, WebP or binary PPM/PGM)",
+            f"{name}: not an image (content is no JPEG, PNG, GIF, BMP, TIFF, WebP or binary "
+            "PPM/PGM)",
             "give an image file",
         )
     try:

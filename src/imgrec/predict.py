@@ -143,11 +143,19 @@ class Predictor:
         """Decode + contract for one input (file path, URL or bytes)."""
         if isinstance(source, str) and source.startswith(("http://", "https://")):
             return load_input(fetch_url(source), self.contract, invert, name=source)
+        if isinstance(source, np.ndarray) or hasattr(source, "getpixel"):  # in memory
+            return load_input(_as_png(source), self.contract, invert, name="array")
         return load_input(source, self.contract, invert)
 
     def predict(self, sources: list, top_k: int = 5, invert: str | None = None,
                 batch_size: int = 32) -> list[list[Prediction] | UnreadableImage]:
-        """Predictions for each source, or the UnreadableImage/InputError explaining why not."""
+        """Predictions for each source (a path, URL, bytes, PIL image or H x W (x C) uint8
+        array; one source alone is a list of one), or the UnreadableImage/InputError
+        explaining why not."""
+        if isinstance(sources, str | Path | bytes | np.ndarray) or hasattr(sources, "getpixel"):
+            sources = [sources]  # "cat.jpg" is one image, not seven one-letter paths
+        if not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k must be a whole number of at least 1, not {top_k!r}")
         results: list[Any] = [None] * len(sources)
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
@@ -161,6 +169,26 @@ class Predictor:
                 for (i, _), preds in zip(good, self.top_k(probs, top_k), strict=True):
                     results[start + i] = preds
         return results
+
+
+def _as_png(image) -> bytes:
+    """A PIL image or an H x W (x C) uint8 array as PNG bytes, so it takes the one decoding
+    and preprocessing path every file takes."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+                image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise InputError(f"an array image must be H x W or H x W x 1/3/4 uint8, not "
+                             f"{image.dtype} of shape {image.shape}",
+                             "convert it, e.g. (x * 255).round().astype('uint8')")
+        image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1
+                                else image)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
 
 
 def decode_many(fn, sources: list) -> list:

@@ -36,6 +36,12 @@ def as_uint8_images(x: Any) -> np.ndarray:
 def _labels(y: Any, classes: list[str] | None) -> tuple[np.ndarray, list[str]]:
     """Integer labels and class names: names as given, else the labels' own values."""
     y = np.asarray(y).reshape(-1)
+    if y.dtype.kind == "f":  # 0.0 / 1.0 are class indices; 0.5 is no class
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError("the labels are numbers that are not whole (e.g. "
+                            f"{y[~(y == np.round(y))][:1].tolist() or y[:1].tolist()}): a "
+                            "classifier needs class indices (0, 1, 2...) or class names")
+        y = y.astype(np.int64)
     if y.dtype.kind in "iu" and classes is not None:
         return y.astype(np.int64), [str(c) for c in classes]
     values = sorted(set(y.tolist()))

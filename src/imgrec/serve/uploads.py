@@ -131,8 +131,8 @@ async def _read(item: UploadFile | str, field: str = "file") -> bytes:
 async def one_image(
     request: Request,
     file: Annotated[FileField | None, File(
-        description="the image (JPEG, PNG, GIF, BMP, TIFF, WebP or binary PPM/PGM: the bytes decide, not the "
-                    "name); required in a multipart request")] = None,
+        description="the image (JPEG, PNG, GIF, BMP, TIFF, WebP or binary PPM/PGM: the bytes "
+                    "decide, not the name); required in a multipart request")] = None,
 ) -> bytes:
     """The image's bytes: the form's `file`, or the whole body when the request is no form."""
     if not is_multipart(request):

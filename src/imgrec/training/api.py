@@ -34,10 +34,21 @@ def plan(data: Any, model: Any = None, **options: Any) -> RunPlan:
     return make_plan(cfg, source, module)
 
 
+#: the hooks a callback may have (imgrec.training.callbacks.Callback's)
+CALLBACK_HOOKS = ("on_train_begin", "on_extract", "on_epoch_begin", "on_batch_end",
+                  "on_epoch_end", "on_train_end", "on_note")
+
+
 def train(data: Any, model: Any = None, callbacks: list[Any] = (), **options: Any) -> TrainResult:
     """Train a classifier and write its bundle; returns TrainResult (.bundle, .history,
     .test_metrics). `callbacks`: objects with any of the hooks of
     imgrec.training.callbacks.Callback (on_epoch_end, on_batch_end, on_train_end...)."""
+    for cb in callbacks:  # a typo'd list ([EarlyStop] for [EarlyStop()], [1]) fails now
+        if isinstance(cb, type) or not any(callable(getattr(cb, h, None))
+                                           for h in CALLBACK_HOOKS):
+            raise ImgrecError(f"callbacks: {cb!r} is no callback object (one with any of "
+                              f"{', '.join(CALLBACK_HOOKS)})",
+                              "pass instances, e.g. callbacks=[MyCallback()]")
     return run_plan(plan(data, model, **options), callbacks)
 
 
