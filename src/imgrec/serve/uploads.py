@@ -65,6 +65,9 @@ def describe_forms(schema: dict[str, Any], max_files: int) -> None:
     if batch and {"files", "file"} <= set(batch["properties"]):
         for name in ("files", "file"):
             present(batch["properties"][name], minItems=1, maxItems=max_files)
+            batch["properties"][name]["description"] = (
+                f"{batch['properties'][name].get('description', '')} (`files` and `file` "
+                f"together: at most {max_files})").strip()
         batch["anyOf"] = [{"required": ["files"]}, {"required": ["file"]}]
 
 
