@@ -221,6 +221,13 @@ def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = Tru
         raise BundleError(f"{path}: {WEIGHTS_FILE} is missing", "retrain or restore the bundle")
     if not (has_weights or has_onnx or (path / ONNX_INT8_FILE).is_file()):  # int8 alone:
         raise BundleError(f"{path}: neither {WEIGHTS_FILE} nor {ONNX_FILE} is there")  # --int8
+    bundle = _described(path, meta, meta_path)
+    verify_bundle(bundle, () if exports else EXPORT_FILES)
+    return bundle
+
+
+def _described(path: Path, meta: dict, meta_path: Path) -> Bundle:
+    """The Bundle imgrec.json describes, every value checked (one line naming the file)."""
     try:
         classes = [str(c) for c in meta["classes"]]
         bundle = Bundle(
@@ -249,7 +256,6 @@ def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = Tru
                           f"{bundle.temperature}", "restore the bundle, or recalibrate it")
     if not classes:
         raise BundleError(f"{meta_path}: the bundle lists no classes")
-    verify_bundle(bundle, () if exports else EXPORT_FILES)
     return bundle
 
 

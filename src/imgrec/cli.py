@@ -801,20 +801,24 @@ _ApplyFixes = Annotated[Path | None, typer.Option(
          ".applied.json manifest for --undo)")]
 
 
+_Findings = Annotated[Path | None, typer.Option("--json", help="write the findings here")]
+_Quarantine = Annotated[Path | None, typer.Option(
+    help="move flagged files (unreadable, truncated, non-images, bombs, duplicates, leaks) "
+         "into this folder and write DIR/manifest.json to undo it")]
+_Undo = Annotated[Path | None, typer.Option(
+    help="put back the files a --quarantine or --apply-fixes moved (give its manifest)")]
+_Near = Annotated[int, typer.Option(min=0, max=32, help="dHash distance (of 64 bits) at or "
+                                    "under which images count as near duplicates")]
+
+
 @app.command()
 def doctor(
     data: Annotated[Path | None, typer.Argument(
         help="folder dataset: DIR/<class>/* or DIR/{train,validation,test}/<class>/*")] = None,
-    json_file: Annotated[Path | None, typer.Option("--json", help="write the findings here")] =
-    None,
-    quarantine: Annotated[Path | None, typer.Option(
-        help="move flagged files (unreadable, truncated, non-images, bombs, duplicates, leaks) "
-             "into this folder and write DIR/manifest.json to undo it")] = None,
-    undo: Annotated[Path | None, typer.Option(
-        help="put back the files a --quarantine or --apply-fixes moved (give its manifest)")] =
-    None,
-    near: Annotated[int, typer.Option(min=0, max=32, help="dHash distance (of 64 bits) at or "
-                                      "under which images count as near duplicates")] = 5,
+    json_file: _Findings = None,
+    quarantine: _Quarantine = None,
+    undo: _Undo = None,
+    near: _Near = 5,
     labels: _Labels = False,
     model: _AuditModel = None,
     report: _AuditReport = None,
@@ -865,7 +869,11 @@ def doctor(
         manifest = doc.quarantine(found, quarantine)
         moved = len(json.loads(manifest.read_text())["moved"])
         _echo(f"moved {moved} file(s) to {quarantine}; undo: imgrec doctor --undo {manifest}")
-    left = found.problems(doc.QUARANTINE_KINDS if quarantine else ())
+    _exit_on_problems(found.problems(doc.QUARANTINE_KINDS if quarantine else ()))
+
+
+def _exit_on_problems(left: Any) -> None:
+    """doctor's exit status: 1 while a problem is left (a Counter of kinds), said last."""
     if left:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(left.items()))
         _echo(f"{sum(left.values())} problem(s) to fix before training ({kinds}): exit status 1")
