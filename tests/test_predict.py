@@ -100,6 +100,7 @@ def test_one_source_arrays_and_pil_images_are_predicted(tmp_path_factory):
     pixels = np.asarray(Image.open(img).convert("RGB"))
     assert predictor.predict(pixels, top_k=1)[0][0] == one[0]
     assert predictor.predict([Image.open(img)], top_k=1)[0][0] == one[0]
+    assert predictor.predict(np.array([str(img), str(img)]), top_k=1)[1][0] == one[0]
     (bad,) = predictor.predict([pixels.astype(np.float32)])
     assert isinstance(bad, InputError) and "uint8" in str(bad)
     with pytest.raises(InputError, match="top_k"):

@@ -152,7 +152,9 @@ class Predictor:
         """Predictions for each source (a path, URL, bytes, PIL image or H x W (x C) uint8
         array; one source alone is a list of one), or the UnreadableImage/InputError
         explaining why not."""
-        if isinstance(sources, str | Path | bytes | np.ndarray) or hasattr(sources, "getpixel"):
+        if isinstance(sources, np.ndarray) and sources.dtype.kind in "USO":
+            sources = sources.tolist()  # an array of paths
+        elif isinstance(sources, str | Path | bytes | np.ndarray) or hasattr(sources, "getpixel"):
             sources = [sources]  # "cat.jpg" is one image, not seven one-letter paths
         if not isinstance(top_k, int) or top_k < 1:
             raise InputError(f"top_k must be a whole number of at least 1, not {top_k!r}")
