@@ -365,3 +365,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "no class folder" in _one_line_exit_2(["doctor", "--apply-fixes", str(wrong)], capsys)
     assert _tree_hashes(data) == before  # nothing moved
     _one_line_exit_2(["train", str(data), "--exclude", str(tmp_path / "none.txt")], capsys)
+
+
+def test_the_fix_list_suggests_no_class_for_an_outlier(tmp_path):
+    """A label issue that is also an outlier (a rocket among cats and dogs) looks like no
+    class: the fix list does not move it into one; the other label issues are listed with
+    absolute paths."""
+    from imgrec.label_fixes import read_fix_list, write_fix_list
+
+    records = [
+        {"kind": "label_issue", "path": "cat/rocket.jpg", "given": "cat", "suggested": "dog"},
+        {"kind": "label_issue", "path": "cat/dog.7.jpg", "given": "cat", "suggested": "dog"},
+        {"kind": "outlier", "path": "cat/rocket.jpg", "given": "cat", "score": 4.3},
+        {"kind": "near_duplicate", "path": "dog/a.jpg"},
+    ]
+    rows = read_fix_list(write_fix_list(records, tmp_path / "data", tmp_path / "fixes.csv"))
+    assert rows == [{"path": str((tmp_path / "data" / "cat" / "dog.7.jpg").resolve()),
+                     "given": "cat", "suggested": "dog"}]

@@ -31,12 +31,15 @@ AUDIT_KINDS = ("label_issue", "near_duplicate", "outlier")
 
 def write_fix_list(records: list[dict[str, Any]], data: str | Path, path: str | Path) -> Path:
     """The label issues as `path,given,suggested` rows, each path absolute (DATA's, then the
-    file's within it), so the list applies from any folder."""
+    file's within it), so the list applies from any folder. An image that is also an outlier
+    is left out: it looks like no class (a rocket among cats and dogs), so no class should be
+    suggested for it; the audit lists it as an outlier to remove or keep."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(FIELDS)
+    strangers = {r["path"] for r in records if r["kind"] == "outlier"}
     for r in records:
-        if r["kind"] == "label_issue":
+        if r["kind"] == "label_issue" and r["path"] not in strangers:
             writer.writerow([str(Path(data).expanduser().resolve() / r["path"]), r["given"],
                              r["suggested"]])
     path = Path(path).expanduser()
