@@ -102,16 +102,16 @@ def _read(source: str | Path | bytes) -> tuple[bytes, str]:
     path = Path(source)
     try:
         info = path.stat()  # before opening: opening a pipe waits for its writer
-        if path.is_dir():
+        if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError
         if not stat.S_ISREG(info.st_mode):  # /dev/zero, a pipe: reading never ends
             raise UnreadableImage(f"{path}: not a regular file (a device, pipe or socket)",
                                   "give an image file")
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageTooLarge(f"{path}: {info.st_size / 2**20:,.0f} MB is over the "
+                                f"{MAX_FILE_BYTES // 2**20:,} MB an image file may have",
+                                "resize or recompress the image")
         with path.open("rb") as f:
-            if info.st_size > MAX_FILE_BYTES:
-                raise ImageTooLarge(f"{path}: {info.st_size / 2**20:,.0f} MB is over the "
-                                    f"{MAX_FILE_BYTES // 2**20:,} MB an image file may have",
-                                    "resize or recompress the image")
             return f.read(MAX_FILE_BYTES + 1), str(path)
     except FileNotFoundError:
         raise UnreadableImage(f"{path}: no such file", "check the path") from None
