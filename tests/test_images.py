@@ -328,3 +328,22 @@ def test_an_aspect_ratio_just_over_the_limit_is_not_rounded_onto_it():
         check_size(2, 101, "x", 10**9)
     with pytest.raises(ExtremeAspectRatio, match=r"aspect ratio of 200,000:1"):
         check_size(200_000, 1, "x", 10**9)
+
+
+def test_tiff_with_a_compression_pillow_has_no_codec_for_is_named_as_such():
+    """A TIFF whose compression tag names a scheme Pillow cannot decode read as "corrupt or
+    truncated TIFF (SyntaxError: 65000)"; it is now named, with formats that work."""
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, "TIFF", compression="raw")
+    data = bytearray(buf.getvalue())
+    at = data.find(struct.pack("<HHI", 259, 3, 1))  # the Compression tag, one SHORT
+    assert at > 0
+    data[at + 8 : at + 10] = struct.pack("<H", 65000)
+    with pytest.raises(UnreadableImage) as e:
+        decode_image(bytes(data), 3)
+    assert "compressed with scheme 65000" in e.value.message
+    assert "LZW" in e.value.hint
+    for compression in ("tiff_lzw", "tiff_deflate", "packbits", "jpeg"):  # still read
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 20), "red").save(buf, "TIFF", compression=compression)
+        assert decode_image(buf.getvalue(), 3).size == (20, 20)

@@ -230,3 +230,24 @@ def test_an_empty_api_key_variable_is_refused_too(capsys, monkeypatch, tmp_path)
     assert main(["serve", "--port", "0", "--api-key-file", str(binary)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "is not text" in err
+
+
+def test_health_probes_answer_head_without_a_key_or_a_body(tiny):
+    """Load balancers and uptime checkers probe with HEAD (HAProxy's `option httpchk`,
+    `curl -I`): /healthz and /readyz answer it with the GET's status and no body, open like
+    the GET; HEAD on a protected route still needs the key (it answered 405 everywhere)."""
+    import http.client
+
+    with serve_in_thread(ServeConfig(model=str(tiny), api_keys=KEYS)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for path in ("/healthz", "/readyz"):
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("HEAD", path)
+            r = conn.getresponse()
+            assert (r.status, r.read()) == (200, b""), path
+            assert r.getheader("content-type") == "application/json"
+            conn.close()
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("HEAD", "/v1/model")
+        assert conn.getresponse().status == 401
+        conn.close()

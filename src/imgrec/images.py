@@ -165,6 +165,10 @@ class Claim:
 class _Refused(Exception):
     """A header walk's reason to refuse (turned into UnreadableImage with the file's name)."""
 
+    def __init__(self, message: str, hint: str = "re-export the image"):
+        super().__init__(message)
+        self.hint = hint
+
 
 def read_claim(data: bytes, fmt: str) -> Claim:
     """Walk the file's structure (chunks, markers, blocks, tags: never pixel data) and say what
@@ -177,7 +181,7 @@ def read_claim(data: bytes, fmt: str) -> Claim:
     try:
         return walk(data)
     except _Refused as e:
-        raise UnreadableImage(str(e), "re-export the image") from None
+        raise UnreadableImage(str(e), e.hint) from None
     except (struct.error, IndexError, ValueError):
         return Claim()  # a header too broken to walk: Pillow says what is wrong with it
 
@@ -374,6 +378,7 @@ def _tiff_claim(data: bytes) -> Claim:
 
     width, height = first(256, 0), first(257, 0)
     samples, bits, compression = first(277, 1), max(first(258, 8), 1), first(259, 1)
+    _check_tiff_compression(compression)
     per_plane = samples if first(284, 1) == 2 else 1
     if 322 in tags:
         bw, bh = max(first(322, 1), 1), max(first(323, 1), 1)
@@ -393,6 +398,17 @@ def _tiff_claim(data: bytes) -> Claim:
     return Claim(width, height, data_bytes=min(int(counts.sum()), len(data)),
                  min_bytes=width * height * samples * bits // 8 // ratio if ratio else 0,
                  extra_bytes=block if compression != 1 else 0)
+
+
+def _check_tiff_compression(compression: int) -> None:
+    """A compression scheme Pillow has no codec for is named as such (it read as "corrupt or
+    truncated TIFF (SyntaxError: 65000)")."""
+    from PIL import TiffImagePlugin
+
+    if compression not in TiffImagePlugin.COMPRESSION_INFO:
+        raise _Refused(f"TIFF compressed with scheme {compression}, which imgrec cannot decode",
+                       "save it as PNG or JPEG, or as a TIFF without compression or with LZW, "
+                       "Deflate or JPEG compression")
 
 
 def _webp_claim(data: bytes) -> Claim:

@@ -124,6 +124,13 @@ async def readyz(service: ServiceDep) -> Readiness | JSONResponse:
                      max_queue=service.admission.limit)
 
 
+# HEAD too: load balancers and uptime checkers (HAProxy's default `option httpchk`, curl -I)
+# probe with it; the status is the GET's, the body is left out by the server
+for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
+    health.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False,
+                         response_model=None)
+
+
 # -- the web page -----------------------------------------------------------------------------
 page = APIRouter(tags=["page"], responses=error_responses(500, non_json=True))
 
