@@ -291,6 +291,14 @@ def test_finetune_run_on_real_photos(mini_photos, tmp_path):
     assert t["mode"] == "finetune" and t["bn_frozen"] and t["warmup_val_acc"] is not None
     assert t["layer_decay"] == 0.7
     assert t["epochs_run"] == 1
+    # history.csv (and curves.png, drawn from it) hold the warm-up's epochs, then the
+    # finetuning's: the kept model may be the warm-up's, and its epochs were left out
+    from imgrec.history import read_history
+
+    rows = read_history(out / "history.csv")
+    assert [r["stage"] for r in rows] == ["warmup"] * len(warm) + ["finetune"]
+    assert [int(r["epoch"]) for r in rows] == list(range(1, len(warm) + 1)) + [1]
+    assert (out / "curves.png").stat().st_size > 10_000
     load_model(bundle)
     preds = Predictor(bundle).predict(
         [str(sorted((mini_photos / "validation" / "dog").glob("*.jpg"))[0])], top_k=2)

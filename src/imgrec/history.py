@@ -48,7 +48,9 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
         return
     from matplotlib.figure import Figure
 
-    epochs = [int(h["epoch"]) for h in history]
+    staged = any(h.get("stage") for h in history)  # finetune: the warm-up's epochs first
+    epochs = list(range(1, len(history) + 1)) if staged else [int(h["epoch"]) for h in history]
+    warmup = sum(h.get("stage") == "warmup" for h in history)
     fig = Figure(figsize=(10, 4))
     axes = fig.subplots(1, 2)
     for ax, metric, label in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
@@ -56,7 +58,9 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
         val = [h.get(f"val_{metric}") for h in history]
         if any(v is not None for v in val):
             ax.plot(epochs, val, "s-", label="validation")
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch (head warm-up, then finetuning)" if staged else "epoch")
+        if warmup and warmup < len(history):
+            ax.axvline(warmup + 0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_ylabel(label.lower())
         ax.set_title(f"{label} per epoch")
         ax.grid(alpha=0.3)

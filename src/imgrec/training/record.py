@@ -111,10 +111,15 @@ class RecordWriter:
         }
 
     def save(self, model: Any, arch: dict[str, Any], history: list[dict],
-             training: dict[str, Any], title: str) -> Bundle:
-        """Write the bundle and the record beside it."""
+             training: dict[str, Any], title: str, warmup: list[dict] | None = None) -> Bundle:
+        """Write the bundle and the record beside it; `warmup`: finetune's head warm-up
+        epochs, recorded before the finetuning's with a `stage` column (the kept model may
+        be the warm-up's)."""
         from ..network import save_bundle
 
+        if warmup:
+            history = [{"stage": "warmup", **row} for row in warmup] + \
+                      [{"stage": "finetune", **row} for row in history]
         p = self.plan
         bundle = Bundle(p.out, arch, list(p.data.classes), p.contract, training=training)
         save_bundle(bundle, model)

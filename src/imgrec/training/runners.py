@@ -225,7 +225,8 @@ class ScratchRunner(Runner):
                                        loop.stopped_early, loop.interrupted, loop.skipped,
                                        **(extra or {}))
         bundle = self.record.save(model, arch, loop.history, training,
-                                  f"{self.plan.model_name} on {self.plan.data.name}")
+                                  f"{self.plan.model_name} on {self.plan.data.name}",
+                                  warmup=getattr(self, "warmup_history", None))
         return bundle, loop
 
 
@@ -256,6 +257,7 @@ class FinetuneRunner(ScratchRunner):
                  "warmup_val_acc": head.val_acc, "layer_decay": decay,
                  "unfreeze": trained, "layer_groups": groups, "bn_frozen": freeze}
         self.state.epochs, self.state.history = plan.epochs, []  # the warm-up's was the head's
+        self.warmup_history = head.history  # history.csv and curves.png show both stages
         return self.fit(model, arch, t0, tracker, extra,
                         param_groups=layer_decay_groups(model, plan.lr, plan.weight_decay,
                                                         decay),
