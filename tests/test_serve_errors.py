@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from imgrec.serve.app import ServeConfig, create_app
 from imgrec.serve.errors import public
+from imgrec.serve.uploads import shown_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CHELSEA = ROOT / "src" / "imgrec" / "samples" / "chelsea.jpg"
@@ -109,3 +110,27 @@ def test_public_scrubs_reprs_paths_and_tracebacks():
     assert clean == "cannot identify image file the upload in <server path>"
     assert public("send the image as multipart field `file`") == \
         "send the image as multipart field `file`"
+
+
+def test_an_error_names_the_uploaded_file(tiny):
+    """A bad image is named by the file name the client sent (it said "upload: not an
+    image" for README.md); a raw body is "upload"; a hostile name is shown on one line, cut
+    short, and still scrubbed."""
+    readme = (ROOT / "README.md").read_bytes()
+    with TestClient(create_app(ServeConfig(model=str(tiny)))) as c:
+        one = c.post("/v1/predict", files={"file": ("notes.md", readme)})
+        raw = c.post("/v1/predict", content=readme)
+        batch = c.post("/v1/predict/batch", files=[("files", ("a b.txt", readme)),
+                                                   ("files", ("cat.jpg", CHELSEA.read_bytes()))])
+        hostile = c.post("/v1/predict", files={"file": ("x\ny" + "z" * 300, readme)})
+    assert one.status_code == 415
+    assert one.json()["error"]["message"].startswith("notes.md: not an image")
+    assert raw.json()["error"]["message"].startswith("upload: not an image")
+    bad, good = batch.json()["results"]
+    assert bad["filename"] == "a b.txt" and bad["error"]["message"].startswith("a b.txt: not")
+    assert "predictions" in good
+    message = hostile.json()["error"]["message"]
+    assert hostile.status_code == 415 and "\n" not in message
+    assert message.startswith("x") and "...: not an image" in message
+    assert len(message.split(": not an image")[0]) == 80
+    assert shown_name("a\nb\x1bc") == "a?b?c" and shown_name("  ") == "upload"

@@ -62,7 +62,7 @@ async def predict_one(started: Started, image: OneImage, k: TopK,
                       service: ServiceDep) -> PredictResponse:
     """Classify one image: multipart field `file`, or the raw image as the body (any
     content type: the format is sniffed from the bytes)."""
-    predictions = await service.classify(image, k)
+    predictions = await service.classify(image.data, k, image.name)
     return PredictResponse(model=service.name, predictions=predictions,
                            elapsed_ms=_ms_since(started))
 

@@ -26,6 +26,7 @@ from .config import ServeConfig
 from .errors import Overloaded, TimedOut, public
 from .metrics import Metrics
 from .schemas import BatchFailure, BatchPrediction, ImageError, ModelInfo, Prediction
+from .uploads import shown_name
 
 #: after a request is shed, /readyz answers 503 for this long (a balancer sends traffic elsewhere)
 SHED_NOT_READY_S = 1.0
@@ -127,19 +128,21 @@ class Service:
         """The request's top_k, else the server's default; never more than there are labels."""
         return min(requested or self.config.default_top_k, len(self.bundle.classes))
 
-    async def classify(self, data: bytes, top_k: int) -> list[Prediction]:
-        """Bytes -> top-k predictions; raises ImgrecError (4xx) for bad images, Overloaded
-        (503) when the queue is full or the image waited past --timeout-ms."""
+    async def classify(self, data: bytes, top_k: int, name: str = "upload") -> list[Prediction]:
+        """Bytes (called `name` in messages) -> top-k predictions; raises ImgrecError (4xx)
+        for bad images, Overloaded (503) when the queue is full or the image waited past
+        --timeout-ms."""
         if not data:
             raise _no_image()
         with self.admitted(1) as deadline:
-            return await self._classify(data, top_k, deadline)
+            return await self._classify(data, top_k, deadline, name)
 
-    async def _classify(self, data: bytes, top_k: int, deadline: float) -> list[Prediction]:
+    async def _classify(self, data: bytes, top_k: int, deadline: float,
+                        name: str = "upload") -> list[Prediction]:
         """Decoding runs in a bounded worker pool, inference in the micro-batcher: never on
         the event loop."""
         pixels = await anyio.to_thread.run_sync(
-            load_input, data, self.predictor.contract, None, self.config.max_pixels,
+            load_input, data, self.predictor.contract, None, self.config.max_pixels, name,
             limiter=self.decode_limiter)
         probs = await self.batcher.infer(pixels, deadline)
         return [Prediction(**p.to_dict()) for p in self.predictor.top_k(probs[None], top_k)[0]]
@@ -156,7 +159,7 @@ class Service:
                 if not data:
                     raise _no_image()
                 results[i] = BatchPrediction(filename=name, predictions=await self._classify(
-                    data, top_k, deadline))
+                    data, top_k, deadline, shown_name(name)))
             except ImgrecError as e:
                 self.metrics.errors.labels(e.code).inc()
                 results[i] = BatchFailure(filename=name, error=ImageError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, File, Request, Response, UploadFile
@@ -131,22 +132,43 @@ async def _read(item: UploadFile | str, field: str = "file") -> bytes:
     return await item.read()
 
 
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image: its bytes, and what messages call it (the form's file name, else
+    "upload")."""
+
+    data: bytes
+    name: str = "upload"
+
+
+#: a file name as messages show it: no control characters, at most this long
+MAX_SHOWN_NAME = 80
+
+
+def shown_name(filename: str | None) -> str:
+    """The client's file name fit for a one-line message ("upload" when it gave none)."""
+    name = "".join(c if c.isprintable() else "?" for c in (filename or "").strip())
+    if len(name) > MAX_SHOWN_NAME:
+        name = name[: MAX_SHOWN_NAME - 3] + "..."
+    return name or "upload"
+
+
 async def one_image(
     request: Request,
     file: Annotated[FileField | None, File(
         description="the image (JPEG, PNG, GIF, BMP, TIFF, WebP or binary PPM/PGM: the bytes "
                     "decide, not the name); required in a multipart request")] = None,
-) -> bytes:
-    """The image's bytes: the form's `file`, or the whole body when the request is no form."""
+) -> Upload:
+    """The image: the form's `file`, or the whole body when the request is no form."""
     if not is_multipart(request):
-        return await request.body()
+        return Upload(await request.body())
     problem = _too_many(await request.form(), files=1)
     if problem:
         raise InputError(f"cannot read the multipart form ({problem})")
     if file is None:
         raise InputError("no `file` field in the multipart form",
                          "send the image as the form field `file`")
-    return await _read(file)
+    return Upload(await _read(file), shown_name(getattr(file, "filename", None)))
 
 
 async def several_images(
@@ -169,5 +191,5 @@ async def several_images(
 
 
 Started = Annotated[float, Depends(started)]
-OneImage = Annotated[bytes, Depends(one_image)]
+OneImage = Annotated[Upload, Depends(one_image)]
 SeveralImages = Annotated[list[tuple[str, bytes]], Depends(several_images)]

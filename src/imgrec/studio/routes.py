@@ -19,7 +19,7 @@ from ..contract import load_input
 from ..export import ensure_int8
 from ..predict import Predictor
 from ..serve.schemas import ErrorResponse, Prediction, PredictResponse, error_responses
-from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages, UploadRoute
+from ..serve.uploads import FORM_OR_RAW_BODY, OneImage, SeveralImages, Upload, UploadRoute
 from .schemas import (
     AddedImages,
     ClassInfo,
@@ -199,10 +199,11 @@ async def predict(project: str, image: OneImage, request: Request) -> PredictRes
     return await _classify(request, project, image)
 
 
-async def _classify(request: Request, project: str, image: bytes) -> PredictResponse:
+async def _classify(request: Request, project: str, image: Upload) -> PredictResponse:
     started = time.perf_counter()
     predictor = await anyio.to_thread.run_sync(request.app.state.models.get, project)
-    pixels = await anyio.to_thread.run_sync(load_input, image, predictor.contract)
+    pixels = await anyio.to_thread.run_sync(load_input, image.data, predictor.contract, None,
+                                            None, image.name)
     probs = await anyio.to_thread.run_sync(predictor.probabilities, pixels[None])
     top = [Prediction(**p.to_dict()) for p in predictor.top_k(probs, 5)[0]]
     return PredictResponse(model=project, predictions=top,
