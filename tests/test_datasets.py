@@ -284,3 +284,68 @@ def test_a_class_without_training_images_is_refused_by_the_folders_it_has(tmp_pa
     assert "train/bird" not in str(e.value)
     with pytest.raises(DataError, match=r"class folder\(s\) 'b' hold no images"):
         load_dataset(str(tmp_path / "flat"))
+
+
+def _macos_residue(root: Path, real_photo: Path) -> None:
+    """What a zip made on macOS leaves: AppleDouble `._name` files beside the photos and in
+    __MACOSX/, a .DS_Store, and a photo hidden by its name."""
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+    (root / "__MACOSX" / "cat").mkdir(parents=True)
+    (root / "__MACOSX" / "cat" / "._cat0.png").write_bytes(apple_double)
+    (root / "cat" / "._cat0.png").write_bytes(apple_double)
+    (root / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "cat" / ".thumbs").mkdir()
+    (root / "cat" / ".thumbs" / "t.png").write_bytes(real_photo.read_bytes())
+    (root / "cat" / ".hidden.png").write_bytes(real_photo.read_bytes())
+
+
+def test_hidden_files_and_macos_folders_are_neither_classes_nor_images(tmp_path):
+    """__MACOSX/ became a third class (trained on no readable image, then predicted for a
+    fifth of the photos) and `.hidden.png` was trained on, while doctor left both out: train
+    and doctor now read one listing."""
+    from imgrec.doctor import scan
+
+    root = _folder(tmp_path / "d", {"cat": 6, "dog": 6})
+    _macos_residue(root, root / "dog" / "dog0.png")
+    ds = load_dataset(str(root), val_fraction=0.0, test_fraction=0.0)
+    assert ds.classes == ["cat", "dog"]
+    paths = [Path(p).name for s in ds.splits.values() for p in s.paths]
+    assert sorted(paths) == sorted([f"cat{i}.png" for i in range(6)] +
+                                   [f"dog{i}.png" for i in range(6)])
+    report = scan(root)
+    assert sorted(report.classes) == ["cat", "dog"] and report.files_scanned == 12
+    assert not [i for i in report.issues if i.kind in ("empty-class", "unreadable")]
+
+
+def test_a_symlinked_class_folder_is_read_by_train_and_doctor_alike(tmp_path):
+    """A class kept elsewhere and linked in: train used it, doctor saw no images in it and
+    stopped `imgrec doctor DIR && imgrec train DIR` with an empty-class problem."""
+    from imgrec.doctor import scan
+
+    root = _folder(tmp_path / "d", {"cat": 5})
+    store = _folder(tmp_path / "store", {"dog": 5})
+    (root / "dog").symlink_to(store / "dog", target_is_directory=True)
+    (store / "dog" / "loop").symlink_to(store, target_is_directory=True)  # not followed
+    ds = load_dataset(str(root), val_fraction=0.0, test_fraction=0.0)
+    assert ds.classes == ["cat", "dog"] and len(ds.splits["train"]) == 10
+    report = scan(root)
+    assert {c: n["total"] for c, n in report.classes.items()} == {"cat": 5, "dog": 5}
+    assert not [i for i in report.issues if i.kind == "empty-class"]
+
+
+@pytest.mark.parametrize("names", [("val", "validation"), ("test", "testing"),
+                                   ("train", "Train")])
+def test_two_folders_naming_one_split_are_refused(tmp_path, names):
+    """val/ and validation/ both: one was dropped without a word (which one depended on the
+    file system's order)."""
+    from imgrec.doctor import scan
+
+    _folder(tmp_path, {"cat": 3, "dog": 3}, "train")
+    for name in names:
+        _folder(tmp_path, {"cat": 2, "dog": 2}, name)
+    for read in (lambda: load_dataset(str(tmp_path)), lambda: scan(tmp_path)):
+        with pytest.raises(DataError) as e:
+            read()
+        assert f"{names[0]}/ and {names[1]}/ both hold the" in str(e.value) or \
+            f"{names[1]}/ and {names[0]}/ both hold the" in str(e.value)
+        assert "merge them" in e.value.hint

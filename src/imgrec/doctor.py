@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .bundle import atomic_write_text
-from .data.datasets import SPLIT_ALIASES
+from .data.folders import class_folders, files_under, loose_files, split_folders
 from .errors import DataError, UnreadableImage
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, open_image, sniff_format
 
@@ -136,9 +136,8 @@ class DoctorReport:
 # -- scanning ------------------------------------------------------------------------------
 def _layout(root: Path) -> tuple[str, dict[str, Path]]:
     """('split', {split: dir}) for DIR/{train,validation,test}/<class>/*, else ('flat', ...)."""
-    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    splits = {SPLIT_ALIASES[k]: v for k, v in subdirs.items() if k in SPLIT_ALIASES}
-    if "train" in splits:
+    splits = split_folders(root)
+    if splits:
         return "split", splits
     return "flat", {"": root}
 
@@ -149,15 +148,12 @@ def list_files(root: Path) -> tuple[str, list[FileInfo]]:
     layout, split_dirs = _layout(root)
     files: list[FileInfo] = []
     for split, folder in split_dirs.items():
-        for p in sorted(folder.rglob("*")):
-            if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
-                continue
-            parts = p.relative_to(folder).parts
-            if len(parts) < 2:  # a file beside the class folders (README, SOURCE.md ...)
-                if is_imageish(p):
-                    files.append(FileInfo(p, str(p.relative_to(root)), split or None, None))
-                continue
-            files.append(FileInfo(p, str(p.relative_to(root)), split or "train", parts[0]))
+        # files beside the class folders (README, SOURCE.md ...): only images are reported
+        here = [FileInfo(p, str(p.relative_to(root)), split or None, None)
+                for p in loose_files(folder) if is_imageish(p)]
+        here += [FileInfo(p, str(p.relative_to(root)), split or "train", d.name)
+                 for d in class_folders(folder) for p in files_under(d)]
+        files += sorted(here, key=lambda f: f.path)
     return layout, files
 
 
@@ -364,9 +360,7 @@ def _empty_classes(root: Path, classes: dict[str, dict[str, int]]) -> list[Issue
     train = split_dirs["train"] if layout == "split" else root
     issues = [Issue(str(d.relative_to(root)), "empty-class",
                     "no images in this class folder: add some, or remove it")
-              for d in sorted(train.iterdir())
-              if d.is_dir() and not d.name.startswith(".")
-              and not classes.get(d.name, {}).get("train")]
+              for d in class_folders(train) if not classes.get(d.name, {}).get("train")]
     named = {i.path for i in issues}
     for label, counts in classes.items():
         where = str((train / label).relative_to(root))

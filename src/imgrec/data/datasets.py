@@ -24,9 +24,7 @@ import numpy as np
 from ..errors import DataError
 from ..images import is_image_path
 from .builtins import BUILTINS, CifarArrays, find_cifar, load_arrays, load_cifar, read_cifar
-
-SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "val": "val",
-                 "valid": "val", "test": "test", "testing": "test"}
+from .folders import SPLIT_ALIASES, class_folders, files_under, split_folders
 
 
 @dataclass
@@ -121,11 +119,8 @@ def carve_splits(splits: dict[str, Split], val_fraction: float, test_fraction: f
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
-    out = {}
-    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_path(p))
-        out[d.name] = files
-    return out
+    """{class: its image files} (the listing doctor checks: `folders`)."""
+    return {d.name: [p for p in files_under(d) if is_image_path(p)] for d in class_folders(folder)}
 
 
 def _no_training_images(path: Path, split_dirs: dict[str, Path], empty: list[str]) -> DataError:
@@ -146,9 +141,8 @@ def _no_training_images(path: Path, split_dirs: dict[str, Path], empty: list[str
 
 
 def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
-    subdirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir()}
-    split_dirs = {SPLIT_ALIASES[k]: v for k, v in subdirs.items() if k in SPLIT_ALIASES}
-    if "train" in split_dirs:
+    split_dirs = split_folders(path)
+    if split_dirs:
         per_split = {s: _class_files(d) for s, d in split_dirs.items()}
     else:
         per_split = {"train": _class_files(path)}

@@ -1,0 +1,64 @@
+"""How a folder dataset is read: its splits, its class folders and the files in them. One
+listing for train, doctor and the label audit, so that what doctor checks is what trains.
+
+- Hidden names (`.DS_Store`, macOS's `._photo.jpg`) and `__MACOSX/` (a zip made on macOS)
+  are left out at every depth: they are never photos of a class.
+- A class folder may be a symbolic link (a class kept elsewhere); symlinked folders inside a
+  class folder are not followed (a link to a parent would loop).
+- Two folders that name one split (`val/` and `validation/`, `Train/` and `train/`) are
+  refused: one of them was silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import DataError
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "val": "val",
+                 "valid": "val", "test": "test", "testing": "test"}
+#: folder names that are never a class: macOS puts resource forks of a zip's files there
+SKIPPED_FOLDERS = {"__MACOSX"}
+
+
+def hidden(name: str) -> bool:
+    """A name a dataset listing leaves out."""
+    return name.startswith(".") or name in SKIPPED_FOLDERS
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """{split: folder} when `root` has the split layout (a train/ folder), else {}."""
+    found: dict[str, list[Path]] = {}
+    for p in sorted(root.iterdir()):
+        split = SPLIT_ALIASES.get(p.name.lower())
+        if split is not None and not hidden(p.name) and p.is_dir():
+            found.setdefault(split, []).append(p)
+    if "train" not in found:
+        return {}
+    for split, folders in found.items():
+        if len(folders) > 1:
+            names = " and ".join(f"{p.name}/" for p in folders)
+            raise DataError(f"{root}: {names} both hold the {split} split; imgrec would read "
+                            "only one of them", "merge them into one folder")
+    return {split: folders[0] for split, folders in found.items()}
+
+
+def class_folders(folder: Path) -> list[Path]:
+    """The class folders of a (split) folder, sorted; a symlinked class folder is one."""
+    return sorted(p for p in folder.iterdir() if not hidden(p.name) and p.is_dir())
+
+
+def files_under(folder: Path) -> list[Path]:
+    """Every file under `folder` (recursively, sorted by path), hidden names left out and
+    symlinked subfolders not followed."""
+    out = []
+    for top, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not hidden(d)]
+        out += [Path(top) / f for f in files if not hidden(f)]
+    return sorted(p for p in out if p.is_file())
+
+
+def loose_files(folder: Path) -> list[Path]:
+    """The files beside the class folders (a README, a stray photo), sorted."""
+    return sorted(p for p in folder.iterdir() if not hidden(p.name) and p.is_file())
