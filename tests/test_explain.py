@@ -256,3 +256,20 @@ def test_space_to_depth_kernels_are_shown_over_the_image_pixels():
         stem = net.features[1](net.features[0](x))
         direct = F.conv2d(F.pad(x, (2, 2, 2, 2)), torch.from_numpy(w), stride=2)
     assert torch.allclose(stem, direct, atol=1e-5)
+
+
+def test_a_class_named_by_digits_is_chosen_by_its_name_before_an_index():
+    """Class folders 1/ and 2/: `--class 1` explained class '2' (index 1) and `--class 2` was
+    out of range; an exact name now wins, and an index still works where no name matches."""
+    from imgrec.errors import InputError
+    from imgrec.explain import Explainer
+
+    ex = Explainer.__new__(Explainer)  # class_index needs only the class names
+    ex.classes = ["1", "2"]
+    probs = np.array([0.3, 0.7])
+    assert ex.class_index("1", probs) == 0 and ex.class_index("2", probs) == 1
+    assert ex.class_index(1, probs) == 1  # an int from the Python API is an index
+    with pytest.raises(InputError, match="out of range"):
+        ex.class_index("3", probs)
+    ex.classes = ["cat", "dog"]
+    assert ex.class_index("1", probs) == 1 and ex.class_index(None, probs) == 1

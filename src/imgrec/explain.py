@@ -135,10 +135,13 @@ class Explainer:
         return softmax(logits.float().cpu().numpy(), self.bundle.temperature)[0]
 
     def class_index(self, name: str | int | None, probs: np.ndarray) -> int:
-        """A class by index, exact name or synonym (ImageNet names list several), or unique
-        substring; None is the top class."""
+        """A class by exact name, index, synonym (ImageNet names list several), or unique
+        substring; None is the top class. An exact name wins over an index: classes named
+        by digits (folders 1/ and 2/) are common."""
         if name is None:
             return int(probs.argmax())
+        if isinstance(name, str) and name in self.classes:
+            return self.classes.index(name)
         if isinstance(name, int) or str(name).isdigit():
             i = int(name)
             if 0 <= i < len(self.classes):
