@@ -45,6 +45,7 @@ def test_mistakes_sorted_by_confidence():
     assert wrong[0] == {"input": "img2", "true": "c0", "predicted": "c1",
                         "probability": pytest.approx(0.95)}
     assert len(rep.mistakes(1)) == 1
+    assert len(rep.summary(2)["mistakes"]) == 2 and len(rep.summary()["mistakes"]) == 3
 
 
 def test_top5_with_more_than_five_classes():
@@ -93,6 +94,12 @@ def test_evaluate_cli(tmp_path_factory, tmp_path, capsys):
     assert "accuracy" in text and "confusion matrix" in text
     assert (tmp_path / "rep" / "confusion_matrix.png").is_file()
     assert DESIGN_KEYS <= set(json.loads(out.read_text()))
+    # --mistakes sets how many the JSON lists too (it always listed 10)
+    wrong = round((1 - json.loads(out.read_text())["accuracy"]) * json.loads(out.read_text())["n"])
+    for k in (0, 1):
+        assert main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--mistakes",
+                     str(k), "--json", str(out)]) == 0
+        assert len(json.loads(out.read_text())["mistakes"]) == min(k, wrong)
     # the default figure folder is beside the data, never inside the bundle it reads
     before = sorted(p.name for p in (base / "bundle").rglob("*"))
     assert main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--split", "val"]) == 0

@@ -236,7 +236,7 @@ def evaluate(
     if rep.skipped:
         _echo(skipped_report(rep.skipped))
     if json_file:
-        rep.write_json(json_file)
+        rep.write_json(json_file, mistakes)
         _echo(f"metrics: {json_file}")
 
 

@@ -99,12 +99,12 @@ class EvalReport:
         return {"accuracy": self.accuracy, "top5_accuracy": self.top5_accuracy, "n": self.n,
                 "split": self.split, "dataset": self.dataset}
 
-    def summary(self) -> dict[str, Any]:
-        """The DESIGN.md JSON schema."""
+    def summary(self, mistakes: int = 10) -> dict[str, Any]:
+        """The DESIGN.md JSON schema, with the `mistakes` most confident mistakes."""
         return {"accuracy": self.accuracy, "top5_accuracy": self.top5_accuracy, "n": self.n,
                 "labels": self.labels, "confusion_matrix": self.confusion().tolist(),
                 "per_class": self.per_class(), "split": self.split, "dataset": self.dataset,
-                "mistakes": self.mistakes(), "skipped": self.skipped,
+                "mistakes": self.mistakes(mistakes), "skipped": self.skipped,
                 "seconds": self.seconds, "engine": self.engine,
                 "images_per_s": round(self.n / self.seconds, 1) if self.seconds else None,
                 "from_feature_cache": self.from_feature_cache}
@@ -154,8 +154,8 @@ class EvalReport:
         save_figure(fig, path, dpi=100, tight=False)  # constrained layout, not tight_layout
         return path
 
-    def write_json(self, path: Path) -> None:
-        atomic_write_text(Path(path), json.dumps(self.summary(), indent=2) + "\n")
+    def write_json(self, path: Path, mistakes: int = 10) -> None:
+        atomic_write_text(Path(path), json.dumps(self.summary(mistakes), indent=2) + "\n")
 
 
 def _label_map(bundle: Bundle, ds: Dataset) -> np.ndarray:
