@@ -107,6 +107,35 @@ def test_one_source_arrays_and_pil_images_are_predicted(tmp_path_factory):
         predictor.predict([str(img)], top_k=0)
 
 
+def test_pil_images_of_every_mode_bytes_likes_and_exif_orientation(tmp_path_factory,
+                                                                    tmp_path):
+    """A CMYK (LAB, YCbCr, I, F, RGBX, HSV) PIL image failed the whole call ("cannot write
+    mode CMYK as PNG"); a bytearray or memoryview was walked byte by byte; a PIL image of an
+    EXIF-rotated file was predicted sideways while its path was upright."""
+    base = trained_shapes(tmp_path_factory)
+    predictor = Predictor.load(base / "bundle")
+    img = sorted((base / "shapes" / "disc").glob("*.png"))[0]
+    probs = predictor.probabilities(predictor.prepare(str(img))[None])[0]
+    rgb = Image.open(img).convert("RGB")
+    for mode in ("CMYK", "LAB", "YCbCr", "RGBX", "HSV", "I", "F"):
+        (preds,) = predictor.predict(rgb.convert(mode), top_k=1)
+        assert isinstance(preds, list), (mode, preds)
+    (cmyk,) = predictor.predict(rgb.convert("CMYK"), top_k=2)
+    assert cmyk[0].probability == pytest.approx(probs.max(), abs=0.02)
+    data = img.read_bytes()
+    for wrapped in (bytearray(data), memoryview(data)):
+        (preds,) = predictor.predict(wrapped, top_k=1)
+        assert preds[0].probability == pytest.approx(probs.max(), abs=1e-6)
+    # a landscape photo stored as portrait with EXIF orientation 6 (rotate 90 on display)
+    upright = Image.open(img).convert("RGB").resize((64, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = tmp_path / "rotated.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(stored, exif=exif, quality=95)
+    by_path = predictor.prepare(str(stored))
+    assert np.array_equal(predictor.prepare(Image.open(stored)), by_path)
+
+
 def test_a_url_is_cut_off_at_its_deadline_and_a_redirect_loop_is_one_line():
     """urlopen's timeout bounds each read: a server sending a byte every 0.2 s was waited on
     for ever. The download has one deadline. A redirect loop's message (three lines from

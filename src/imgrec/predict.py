@@ -145,6 +145,8 @@ class Predictor:
             return load_input(fetch_url(source), self.contract, invert, name=source)
         if isinstance(source, np.ndarray) or hasattr(source, "getpixel"):  # in memory
             return load_input(_as_png(source), self.contract, invert, name="array")
+        if isinstance(source, bytearray | memoryview):
+            source = bytes(source)
         return load_input(source, self.contract, invert)
 
     def predict(self, sources: list, top_k: int = 5, invert: str | None = None,
@@ -154,7 +156,8 @@ class Predictor:
         explaining why not."""
         if isinstance(sources, np.ndarray) and sources.dtype.kind in "USO":
             sources = sources.tolist()  # an array of paths
-        elif isinstance(sources, str | Path | bytes | np.ndarray) or hasattr(sources, "getpixel"):
+        elif isinstance(sources, str | Path | bytes | bytearray | memoryview | np.ndarray) or \
+                hasattr(sources, "getpixel"):
             sources = [sources]  # "cat.jpg" is one image, not seven one-letter paths
         if not isinstance(top_k, int) or top_k < 1:
             raise InputError(f"top_k must be a whole number of at least 1, not {top_k!r}")
@@ -173,12 +176,17 @@ class Predictor:
         return results
 
 
+#: PIL modes PNG keeps as they are; the others (CMYK, LAB, YCbCr, F, I, RGBX ...) go as TIFF
+PNG_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16"}
+
+
 def _as_png(image) -> bytes:
-    """A PIL image or an H x W (x C) uint8 array as PNG bytes, so it takes the one decoding
-    and preprocessing path every file takes."""
+    """A PIL image or an H x W (x C) uint8 array as PNG (or, for modes PNG cannot hold, TIFF)
+    bytes, so it takes the one decoding and preprocessing path every file takes; an image
+    opened from a file is turned upright by its EXIF orientation first, as its file is."""
     import io
 
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
@@ -188,8 +196,16 @@ def _as_png(image) -> bytes:
                              "convert it, e.g. (x * 255).round().astype('uint8')")
         image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1
                                 else image)
+    image = ImageOps.exif_transpose(image)
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=0)
+    if image.mode in PNG_MODES:
+        image.save(buf, format="PNG", compress_level=0)
+        return buf.getvalue()
+    try:
+        image.save(buf, format="TIFF")
+    except (OSError, KeyError, ValueError):  # a mode no format writes (HSV): as RGB
+        buf = io.BytesIO()
+        image.convert("RGB").save(buf, format="TIFF")
     return buf.getvalue()
 
 
