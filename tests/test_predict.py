@@ -213,6 +213,14 @@ def test_url_input(tmp_path_factory, http_folder, capsys):
     code = main(["predict", "--model", str(base / "bundle"), f"{url}/disc.png", "--json"])
     assert code == 0
     assert json.loads(capsys.readouterr().out)[0]["input"] == f"{url}/disc.png"
+    # an address as a browser shows it: spaces and non-ASCII letters in the path, and the
+    # scheme in capitals (urllib refused the first two; the third was read as a file path)
+    (www / "ünï 猫.png").write_bytes(img.read_bytes())
+    for address in (f"{url}/ünï 猫.png", f"{url}/%C3%BCn%C3%AF%20%E7%8C%AB.png",
+                    f"HTTP://{url.removeprefix('http://')}/disc.png"):
+        (preds,) = predictor.predict(address, top_k=1)
+        assert isinstance(preds, list), preds
+        assert preds[0].probability == pytest.approx(from_file[0].probability, abs=1e-6)
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ from .predict import (
     as_record,
     expand_inputs,
     in_lanes,
+    is_url,
     lane_count,
     lane_predictors,
     sample_photos,
@@ -444,7 +445,7 @@ def job_record(predictor: Predictor, inputs: list[str] | None, top_k: int,
     SHA-256, the engine and the options. --resume refuses an output of another job."""
     engine = predictor.engine
     weights = getattr(engine, "path", None) or Path(predictor.bundle.path) / "model.safetensors"
-    absolute = [s if s.startswith(("http://", "https://")) else
+    absolute = [s if is_url(s) else
                 os.path.abspath(os.path.expanduser(s)) for s in (inputs or [])]
     return {"inputs": absolute or "bundled samples",
             "model": {"bundle": str(predictor.bundle.path), "file": Path(weights).name,

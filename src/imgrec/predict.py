@@ -141,7 +141,7 @@ class Predictor:
 
     def prepare(self, source: str | Path | bytes, invert: str | None = None) -> np.ndarray:
         """Decode + contract for one input (file path, URL or bytes)."""
-        if isinstance(source, str) and source.startswith(("http://", "https://")):
+        if is_url(source):
             return load_input(fetch_url(source), self.contract, invert, name=source)
         if isinstance(source, np.ndarray) or hasattr(source, "getpixel"):  # in memory
             return load_input(_as_png(source), self.contract, invert, name="array")
@@ -292,11 +292,33 @@ def as_record(source: str, result: Any) -> dict[str, Any]:
     return {"input": source, "predictions": [p.to_dict() for p in result]}
 
 
+def is_url(source: object) -> bool:
+    """An http(s) address (the scheme in any case: HTTP://host/cat.jpg is one too)."""
+    return isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+
+
+def quoted_url(url: str) -> str:
+    """`url` as urllib can send it: spaces and non-ASCII characters in its path and query
+    percent-encoded (as a browser does with an address copied from its bar); what is
+    encoded already stays as it is."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url.strip())
+    host = parts.netloc.encode("idna").decode("ascii") if not parts.netloc.isascii() else \
+        parts.netloc
+    safe = "/%:@!$&'()*+,;=~-._"
+    return urlunsplit((parts.scheme.lower(), host, quote(parts.path, safe=safe),
+                       quote(parts.query, safe=safe + "?"), quote(parts.fragment, safe=safe)))
+
+
 def fetch_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
     """Download an image within `timeout` seconds in all (a server that trickles bytes is
     cut off, not waited on for ever: urlopen's timeout bounds each read only) and a size cap."""
-    req = urllib.request.Request(url, headers={"User-Agent": "imgrec"})
     deadline = time.monotonic() + timeout
+    try:
+        req = urllib.request.Request(quoted_url(url), headers={"User-Agent": "imgrec"})
+    except (ValueError, UnicodeError) as e:
+        raise InputError(f"{url}: not a valid address ({e})") from None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             length = r.headers.get("Content-Length")
@@ -328,7 +350,7 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[str]:
     """Files as given, folders recursively (image files only, sorted), URLs as given. Lazy:
     a folder is listed one directory at a time (`walk_images`), never as one list."""
     for item in inputs:
-        if item.startswith(("http://", "https://")):
+        if is_url(item):
             yield item
             continue
         path = Path(item).expanduser()
