@@ -266,3 +266,29 @@ def test_evaluate_never_writes_into_a_read_only_data_tree(tmp_path, monkeypatch)
             tmp_path / "photos-eval-model-test"
     finally:
         tree.chmod(0o755)
+
+
+def test_a_file_name_holding_a_newline_stays_on_one_line(capsys, tmp_path_factory, tmp_path):
+    """predict's lines, its one error line and doctor's issue lines printed such a name raw,
+    splitting the record in two; the newline is now written as \\n."""
+    import shutil
+
+    bundle = trained_shapes(tmp_path_factory) / "bundle"
+    good = sorted((tmp_path_factory.getbasetemp()).rglob("disc_000.png"))[0]
+    odd = tmp_path / "a\nb.png"
+    shutil.copy(good, odd)
+    assert main(["predict", "--model", str(bundle), str(odd)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "a\\nb.png: " in out[0], out
+    bad = tmp_path / "c\nd.png"
+    bad.write_text("text")
+    line = _one_error_line(capsys, main(["predict", "--model", str(bundle), str(bad)]))
+    assert "c\\nd.png" in line
+    data = tmp_path / "data"
+    for cls in ("x", "y"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(good, data / cls / "keep.png")
+    (data / "x" / "e\nf.png").write_text("text")
+    main(["doctor", str(data)])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "f.png" in ln]
+    assert len(lines) == 1 and "x/e\\nf.png: " in lines[0], lines

@@ -133,4 +133,4 @@ def test_an_error_names_the_uploaded_file(tiny):
     assert hostile.status_code == 415 and "\n" not in message
     assert message.startswith("x") and "...: not an image" in message
     assert len(message.split(": not an image")[0]) == 80
-    assert shown_name("a\nb\x1bc") == "a?b?c" and shown_name("  ") == "upload"
+    assert shown_name("a\nb\x1bc") == "a\\nb\\x1bc" and shown_name("  ") == "upload"

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import click
 import typer
 
-from .errors import ImgrecError, skipped_report
+from .errors import ImgrecError, one_line, skipped_report
 
 app = typer.Typer(
     name="imgrec",
@@ -294,7 +294,7 @@ def _print_evaluation(rep, mistakes: int) -> None:
         _echo()
         _echo("most confident mistakes")
         for m in wrong:
-            _echo(f"  {m['input']}: {m['true']} predicted as {m['predicted']} "
+            _echo(f"  {one_line(m['input'])}: {m['true']} predicted as {m['predicted']} "
                   f"({m['probability']:.1%})")
 
 
@@ -375,10 +375,10 @@ def _print_records(records: list[dict], json_out: bool) -> None:
     for r in records:
         if "error" in r:
             if not (failed and len(records) == 1):  # then the error line says it
-                _echo(f"{r['input']}: error: {r['error']}")
+                _echo(one_line(f"{r['input']}: error: {r['error']}"))
             continue
         preds = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
-        _echo(f"{r['input']}: {preds}")
+        _echo(f"{one_line(r['input'])}: {preds}")
 
 
 def _predict_to_file(inputs, out, model, top_k, json_out, invert, engine, resume, overwrite,
@@ -983,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
         return rv if isinstance(rv, int) else 0
     except ImgrecError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says
-            print(f"imgrec: error: {e}", file=sys.stderr)
+            print(f"imgrec: error: {one_line(str(e))}", file=sys.stderr)
         elif e.exit_code == 2:  # bad input: rank 0 leaves first, so torchrun stops this
             # rank, not rank 0 before its line
             import time

@@ -30,7 +30,7 @@ from PIL import Image
 
 from .bundle import atomic_write_text
 from .data.folders import class_folders, files_under, loose_files, split_folders
-from .errors import DataError, UnreadableImage
+from .errors import DataError, UnreadableImage, one_line
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, open_image, sniff_format
 
 #: Smaller than this (shortest side, pixels) is "tiny": too little to learn from.
@@ -129,7 +129,7 @@ class DoctorReport:
             f"{k} {n}" for k, n in sorted(self.kinds().items())))
         width = max(len(i.kind) for i in self.issues)
         for i in self.issues:
-            lines.append(f"  {i.kind:<{width}}  {i.path}: {i.detail}")
+            lines.append(one_line(f"  {i.kind:<{width}}  {i.path}: {i.detail}"))
         return "\n".join(lines)
 
 

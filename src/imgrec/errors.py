@@ -4,6 +4,14 @@ the server answers them as a 4xx JSON error. Each message says what is wrong and
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """`text` with its control characters written as escapes (a file name holding a newline
+    would split its record, or an error, over two lines)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ImgrecError(Exception):
     """Base of every user-facing error: `message` says what is wrong, `hint` what to do."""
 

@@ -22,7 +22,7 @@ from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from .errors import ApiError
 
 #: A form field meant to carry a file. Typed to admit text as well, so that a text value
@@ -147,7 +147,7 @@ MAX_SHOWN_NAME = 80
 
 def shown_name(filename: str | None) -> str:
     """The client's file name fit for a one-line message ("upload" when it gave none)."""
-    name = "".join(c if c.isprintable() else "?" for c in (filename or "").strip())
+    name = one_line((filename or "").strip())
     if len(name) > MAX_SHOWN_NAME:
         name = name[: MAX_SHOWN_NAME - 3] + "..."
     return name or "upload"
