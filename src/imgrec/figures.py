@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,16 @@ def pyplot():
     return plt
 
 
+@contextlib.contextmanager
+def missing_glyphs_quiet() -> Iterator[None]:
+    """Draw without matplotlib's warning for each character its font lacks (a class named
+    in CJK or emoji): the figure shows boxes, the terminal stays clean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font",
+                                category=UserWarning)
+        yield
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) -> Path:
     """Lay out, write atomically (creating the folder) and close a figure; returns its path."""
     import io
@@ -26,9 +38,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100, tight: bool = True) 
     path = Path(path)
     buf = io.BytesIO()
     buf.name = str(path)  # where these bytes go (matplotlib and readers of figures see it)
-    with warnings.catch_warnings():  # a CJK file name in a title: boxes, not a warning each
-        warnings.filterwarnings("ignore", message="Glyph .* missing from font",
-                                category=UserWarning)
+    with missing_glyphs_quiet():
         if tight:
             fig.tight_layout()
         fig.savefig(buf, dpi=dpi, format=path.suffix.lstrip(".").lower() or "png")

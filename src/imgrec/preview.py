@@ -5,6 +5,7 @@ preprocessing contract (contract.load_input / fit_arrays), as in training."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,10 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
                           fontsize=8 if j in (0, n) else 5)
     more = f" (first {k} of {len(ds.classes)} classes)" if len(ds.classes) > k else ""
     fewer = "" if min(counts) == n else " (fewer where a class has fewer)"
-    fig.suptitle(f"{ds.name}: {n} training images per class{fewer}{more}; left as loaded, right "
-                 f"after augmentation '{aug.describe()}'", fontsize=10)
+    title = (f"{ds.name}: {n} training images per class{fewer}{more}; left as loaded, right "
+             f"after augmentation '{aug.describe()}'")
+    # wrapped to the figure's width (~11 characters an inch at 10 pt): a long augmentation
+    # string was cut off at both sides
+    fig.suptitle(textwrap.fill(title, max(40, int(11 * 1.35 * 2 * n))), fontsize=10)
     save_figure(fig, out, dpi=100)
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import Bundle, atomic_write_text
-from ..figures import pyplot
+from ..figures import missing_glyphs_quiet, pyplot
 from ..history import plot_curves, write_history
 
 
@@ -60,8 +60,9 @@ class TensorBoard:
             for j in range(n):
                 ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
-        fig.tight_layout()
-        self.writer.add_figure("val/confusion_matrix", fig, step, close=True)
+        with missing_glyphs_quiet():  # a class named in emoji: boxes, not a warning each epoch
+            fig.tight_layout()
+            self.writer.add_figure("val/confusion_matrix", fig, step, close=True)
 
     def epoch(self, row: dict, prefix: str = "") -> None:
         """A history row's figures as scalars (val_acc -> acc/val), their tags behind
