@@ -178,6 +178,61 @@ def test_an_interrupt_inside_a_command_is_one_line_and_its_signal_code(
     assert err.strip() == "imgrec: interrupted" and "Traceback" not in err
 
 
+def test_sigterm_anywhere_in_a_command_is_an_interrupt(monkeypatch, capsys, tmp_path):
+    """`kill` outside training's epoch loop (evaluating, extracting features, exporting)
+    killed the process silently with a lock and half a folder left; it is now Ctrl-C's
+    path: one line, exit 143, and the handler is put back afterwards."""
+    import signal
+    import time
+
+    from imgrec.training import api
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises long before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(api, "train", killed)
+    t = time.monotonic()
+    assert main(["train", "mnist", "--quiet"]) == 143
+    assert time.monotonic() - t < 4
+    assert capsys.readouterr().err.strip() == "imgrec: interrupted"
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_full_disk_is_one_line_not_an_internal_error(monkeypatch, capsys):
+    import errno
+
+    from imgrec.training import api
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/runs/m/curves.png")
+
+    monkeypatch.setattr(api, "train", full)
+    assert main(["train", "mnist", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error" not in err[0], err
+    assert "no space left on the device (writing /runs/m/curves.png)" in err[0]
+
+
+@pytest.mark.parametrize("work", [None, "imgrec.json", "checkpoint.pt"])
+def test_a_stopped_run_keeps_a_new_folder_only_when_it_holds_work(tmp_path, capsys, work):
+    """Ctrl-C while the finished model was scored or exported, or a full disk after some
+    epochs, removed the new --out with the model and every checkpoint in it."""
+    from imgrec.files import output_folder
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), output_folder(out) as folder:
+        (folder / "events.out").write_text("x")
+        if work:
+            (folder / work).write_text("{}")
+        raise KeyboardInterrupt
+    assert out.exists() == bool(work)
+    assert not (out / ".imgrec.lock").exists()
+    assert ("kept" in capsys.readouterr().err) == bool(work)
+
+
 @pytest.mark.parametrize("command", [
     ["explain", "{bundle}", "{photo}", "--out", "{blocked}/cam.png"],
     ["kernels", "{photo}", "--out", "{blocked}/kernels.png"],

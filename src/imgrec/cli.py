@@ -3,6 +3,8 @@ print one line and exit with status 2; nothing prints a traceback."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import inspect
 import json
@@ -16,7 +18,7 @@ from typing import Annotated, Any, Literal, NoReturn
 import click
 import typer
 
-from .errors import ImgrecError, one_line, skipped_report
+from .errors import ImgrecError, Terminated, one_line, skipped_report
 
 app = typer.Typer(
     name="imgrec",
@@ -979,7 +981,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.callback = _interrupts_reported(sub.callback)
     args = ray_address_form(sys.argv[1:] if argv is None else list(argv))
     try:
-        rv = command.main(args=args, prog_name="imgrec", standalone_mode=False)
+        with _sigterm_as_interrupt():
+            rv = command.main(args=args, prog_name="imgrec", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except ImgrecError as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has it: rank 0 says
@@ -1012,18 +1015,53 @@ def main(argv: list[str] | None = None) -> int:
         print("imgrec: error: out of memory; give the command less at once (train: lower "
               "--batch-size or --image-size; predict: fewer or smaller images)", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(e)
+        where = f" (writing {e.filename})" if e.filename else ""
+        print(f"imgrec: error: no space left on the device{where}. Free some space, or write "
+              "to another disk (--out; the feature cache: $IMGREC_CACHE)", file=sys.stderr)
+        return 1
     except Exception as e:  # a bug, not the user's fault: still one line unless debugging
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:
             # a serve-only install running a command that needs PyTorch
             print(f"imgrec: error: this command needs {e.name}, which is not installed. "
                   "pip install 'imgrec[train]'", file=sys.stderr)
             return 2
-        if os.environ.get("IMGREC_DEBUG"):
-            raise
-        rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
-        print(f"imgrec: {rank}internal error: {type(e).__name__}: {e} "
-              "(set IMGREC_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        return 1
+        return _internal_error(e)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises Terminated (a KeyboardInterrupt) wherever the command is, so `kill`
+    cleans up as Ctrl-C does (outside training's epoch loop it killed the process silently,
+    leaving a lock and half a folder). Training's loop and the server put their own handler
+    over this one; under torchrun the launcher owns the signals."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or "RANK" in os.environ:
+        yield
+        return
+
+    def terminated(signum, frame) -> None:
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _internal_error(e: Exception) -> int:
+    """A bug, not the user's fault: one line (the traceback with IMGREC_DEBUG=1), status 1."""
+    if os.environ.get("IMGREC_DEBUG"):
+        raise e
+    rank = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
+    print(f"imgrec: {rank}internal error: {type(e).__name__}: {e} "
+          "(set IMGREC_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+    return 1
 
 
 class _Interrupted(Exception):

@@ -4,6 +4,12 @@ the server answers them as a 4xx JSON error. Each message says what is wrong and
 from __future__ import annotations
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a service manager): handled as Ctrl-C is (training saves
+    the best model so far, a new folder without work is removed); the command line then
+    exits 143 (128 + SIGTERM)."""
+
+
 def one_line(text: str) -> str:
     """`text` with its control characters written as escapes (a file name holding a newline
     would split its record, or an error, over two lines)."""

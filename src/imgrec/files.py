@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,10 +117,17 @@ class FolderLock:
         self.fd = None
 
 
+def holds_work(path: Path) -> bool:
+    """Whether a run's folder holds a model or a checkpoint (RUN_MARKERS): work to keep."""
+    return any((path / name).is_file() for name in RUN_MARKERS)
+
+
 @contextmanager
 def output_folder(path: str | Path, option: str = "--out") -> Iterator[Path]:
     """Create (or reuse) a run's output folder and lock it while the run writes. When the
-    run fails and the folder was new, it is removed again: a failed run leaves nothing."""
+    run fails and the folder was new, it is removed again (a failed run leaves nothing),
+    unless it holds work: a model or a checkpoint (Ctrl-C while the finished model was
+    scored or exported, a full disk after some epochs) is never thrown away."""
     path = check_output_folder(path, option)
     created = not path.exists()
     try:
@@ -132,7 +140,10 @@ def output_folder(path: str | Path, option: str = "--out") -> Iterator[Path]:
         yield path
     except BaseException:
         lock.release()
-        if created:
+        if created and not holds_work(path):
             shutil.rmtree(path, ignore_errors=True)
+        elif created:
+            print(f"imgrec: kept {path}: it holds the model or checkpoint written before the "
+                  "run stopped (--resume continues a checkpoint)", file=sys.stderr)
         raise
     lock.release()

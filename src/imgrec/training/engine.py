@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..bundle import atomic_write_bytes
 from ..contract import fit_arrays
-from ..errors import ImgrecError
+from ..errors import ImgrecError, Terminated
 from ..predict import available_cores
 from . import distributed
 from .callbacks import CallbackList, EarlyStopping, RunState
@@ -435,10 +435,6 @@ class EpochLoop:
         self.callbacks.on_note(state, f"resume  from epoch {saved['epoch']} of "
                                       f"{self.plan.epochs}")
         return saved["epoch"] + 1
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: saved like Ctrl-C; the command line then exits 143 (128 + SIGTERM)."""
 
 
 def _read_checkpoint(path: Path, plan: RunPlan, device: torch.device | None = None) -> dict:

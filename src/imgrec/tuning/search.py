@@ -298,7 +298,7 @@ class Search:
     def objective(self, trial: Any) -> float:
         import optuna
 
-        from ..training.engine import Terminated
+        from ..errors import Terminated
         from ..training.runners import run_plan
 
         params = {name: p.suggest(trial) for name, p in self.space.params.items()}
