@@ -395,3 +395,26 @@ def test_finetune_options_are_refused_outside_finetune(flag, tmp_path, capsys):
     assert "only applies to --mode finetune (this run is scratch: it has no backbone)" in \
         capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_finetune_interrupted_in_its_first_epoch_saves_the_warmed_up_model(mini_photos,
+                                                                          tmp_path):
+    """Ctrl-C in finetune's first epoch said "nothing saved" and removed the folder, while
+    the warmed-up network (epoch 0 of restore-best) was a finished model; it is now saved,
+    as an interrupt in a later epoch saves it."""
+    import imgrec
+    from imgrec.bundle import read_bundle
+
+    class CtrlC:
+        def on_batch_end(self, state, *args):
+            if state.stage != "head":  # the first finetuning batch
+                raise KeyboardInterrupt
+
+    out = tmp_path / "ft"
+    result = imgrec.train(str(mini_photos), model="efficientnet_lite0", mode="finetune",
+                          epochs=2, out=str(out), quiet=True, callbacks=[CtrlC()])
+    t = read_bundle(out).training
+    assert t["interrupted"] and t["best_epoch"] == 0 and t["epochs_run"] == 0
+    assert result.history == []
+    assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()

@@ -224,7 +224,7 @@ class EpochLoop:
                     self.callbacks.on_note(state, f"early stop: {state.stop_reason}")
                     break
         except KeyboardInterrupt as e:
-            if not state.history:  # nothing to save: the interrupt ends the command
+            if not state.history and not self._started_trained:  # nothing to save
                 self.callbacks.on_note(state, "interrupted before the first epoch finished: "
                                               "nothing saved")
                 raise
@@ -235,7 +235,7 @@ class EpochLoop:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
             self.governor.restore()
-        if not state.history:
+        if not state.history and not self._started_trained:
             raise ImgrecError("training stopped before the first epoch finished; nothing saved")
         state.skipped.update(distributed.gather_dicts(plan.world, state.skipped))
         self.tracker.restore(self.model)
@@ -243,6 +243,12 @@ class EpochLoop:
             distributed.unsync_batchnorm(self.model)
         return LoopResult(state.history, self.tracker.best_epoch, state.stop_training,
                           bool(interrupted), state.skipped, interrupted == "terminated")
+
+    @property
+    def _started_trained(self) -> bool:
+        """The loop began from a trained network (finetune's warmed-up head, epoch 0 of
+        restore-best): an interrupt before the first epoch ends still has a model to save."""
+        return self.tracker.best["state"] is not None
 
     def _stop_everywhere(self, state: RunState) -> bool:
         """Whether to stop: early stopping decides from reduced metrics, so every rank agrees;
