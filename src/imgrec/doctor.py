@@ -432,29 +432,48 @@ def quarantine(report: DoctorReport, folder: str | Path,
 
 def move_files(moves: list[tuple[Path, Path, list[str]]], root: Path, manifest: Path) -> Path:
     """Move each (from, to, reasons) that still exists, never rewriting or deleting a file,
-    and write the manifest `undo` reads (quarantine and `--apply-fixes` both come here)."""
-    moved, failed = [], None
-    for src, dst, reasons in moves:
-        if not src.exists():
-            continue
-        try:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(src), str(dst))
-        except OSError as e:  # a read-only dataset: shutil.move copied, then could not delete
-            if src.exists() and dst.is_file():
-                dst.unlink(missing_ok=True)  # the file stays where it was, once
-            failed = f"cannot move {src} ({e.strerror or e})"
-            break
-        moved.append({"from": str(src), "to": str(dst), "reasons": reasons})
-    if moved or failed is None:  # what did move can always be undone
-        record = {"data": str(root), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                  "moved": moved, "undo": f"imgrec doctor --undo {manifest}"}
-        atomic_write_text(manifest, json.dumps(record, indent=2) + "\n")
+    and write the manifest `undo` reads (quarantine and `--apply-fixes` both come here),
+    also when the moves stop part way (Ctrl-C, a full disk): what moved can be put back."""
+    moved: list[dict] = []
+    failed, current = None, None
+    try:
+        for src, dst, reasons in moves:
+            if not src.exists():
+                continue
+            current = (src, dst, reasons)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(src), str(dst))
+            except OSError as e:  # a read-only dataset: shutil.move copied, then could not delete
+                failed = f"cannot move {src} ({e.strerror or e})"
+                break
+            current = None
+            moved.append({"from": str(src), "to": str(dst), "reasons": reasons})
+    finally:
+        _settle(current, moved)
+        if moved or failed is None:  # what did move can always be undone
+            record = {"data": str(root),
+                      "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                      "moved": moved, "undo": f"imgrec doctor --undo {manifest}"}
+            atomic_write_text(manifest, json.dumps(record, indent=2) + "\n")
     if failed:
         done = (f"{len(moved)} file(s) moved before it: imgrec doctor --undo {manifest} puts "
                 "them back" if moved else "nothing was moved")
         raise DataError(f"{failed}; {done}", "make the dataset folder writable, then run again")
     return manifest
+
+
+def _settle(current: tuple[Path, Path, list[str]] | None, moved: list[dict]) -> None:
+    """The move that was under way when the loop stopped: copied but not yet deleted (across
+    file systems), the copy goes and the file stays where it was, once; done, it is recorded."""
+    if current is None:
+        return
+    src, dst, reasons = current
+    if src.exists():
+        if dst.is_file():
+            dst.unlink(missing_ok=True)
+    elif dst.exists():
+        moved.append({"from": str(src), "to": str(dst), "reasons": reasons})
 
 
 def undo(manifest: str | Path) -> tuple[int, list[str]]:
