@@ -418,3 +418,37 @@ def test_finetune_interrupted_in_its_first_epoch_saves_the_warmed_up_model(mini_
     assert t["interrupted"] and t["best_epoch"] == 0 and t["epochs_run"] == 0
     assert result.history == []
     assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()
+
+
+def test_an_unwritable_feature_cache_is_a_note_and_the_run_goes_on(tmp_path, capsys):
+    """A full disk under $IMGREC_CACHE crashed feature extraction with an internal error and
+    left a temporary file per run; the cache only saves time, so the run goes on without it
+    (one note) and leaves nothing behind."""
+    from imgrec.feature_cache import FeatureCache
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")  # every entry's folder would be under a file
+    cache = FeatureCache("k", 4, root=blocked)
+    for key in ("ab" * 32, "cd" * 32):
+        cache.put(key, np.ones(4, np.float32))
+        assert cache.get(key) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the feature cache" in err[0] and "IMGREC_CACHE" in err[0]
+    assert cache.unwritable is not None
+
+
+def test_an_interrupted_export_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Ctrl-C while a backbone was exported into the cache left .extractor.onnx.tmp (13 MB
+    for Lite0) that no later run removed."""
+    import torch
+
+    from imgrec.export import export_onnx
+
+    def interrupted(model, args, path, **kwargs):
+        Path(path).write_bytes(b"half an onnx file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(torch.nn.Conv2d(3, 2, 3), tmp_path / "extractor.onnx", (3, 8, 8))
+    assert list(tmp_path.iterdir()) == []

@@ -48,20 +48,30 @@ def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int
         tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot export this network to ONNX ({type(e).__name__}: "
                          f"{first_line(e)})") from None
-    if check:
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        with torch.no_grad():
-            expected = model(example).numpy()
-        got = session.run(None, {"input": example.numpy()})[0]
-        if not np.allclose(got, expected, atol=atol, rtol=1e-3):
-            tmp.unlink(missing_ok=True)
-            raise ModelError(
-                f"the ONNX export disagrees with PyTorch (max difference "
-                f"{float(np.abs(got - expected).max()):.2e})")
-    os.replace(tmp, path)
+    except BaseException:  # Ctrl-C: no half-written file left behind (13 MB for Lite0)
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        if check:
+            _check_export(model, tmp, example, atol)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _check_export(model, onnx_file: Path, example, atol: float) -> None:
+    """ONNX Runtime's output for `example` against PyTorch's."""
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(example).numpy()
+    got = session.run(None, {"input": example.numpy()})[0]
+    if not np.allclose(got, expected, atol=atol, rtol=1e-3):
+        raise ModelError(f"the ONNX export disagrees with PyTorch (max difference "
+                         f"{float(np.abs(got - expected).max()):.2e})")
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:

@@ -10,9 +10,11 @@ values: a damaged entry is detected, deleted and recomputed, never trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class FeatureCache:
         self.key, self.dim = key, dim
         self.folder = (root or cache_root()) / key
         self.corrupted = 0
+        self.unwritable: str | None = None  # why entries are no longer written (a full disk)
 
     def path(self, k: str) -> Path:
         return self.folder / k[:2] / f"{k}.safetensors"
@@ -84,17 +87,29 @@ class FeatureCache:
         return vec
 
     def put(self, k: str, vec: np.ndarray) -> None:
-        """Write atomically (a crash or a concurrent run never leaves half an entry)."""
+        """Write atomically (a crash or a concurrent run never leaves half an entry). The
+        cache only saves time: when it cannot be written (a full disk, a read-only folder)
+        the run goes on without it, and says so once."""
+        if self.unwritable is not None:
+            return
         from safetensors.numpy import save
 
         vec = np.ascontiguousarray(vec, dtype=np.float32)
         meta = {"key": k, "sha256": hashlib.sha256(vec.tobytes()).hexdigest(),
                 "format": str(CACHE_FORMAT)}
         path = self.path(k)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(save({"features": vec}, metadata=meta))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(save({"features": vec}, metadata=meta))
+            os.replace(tmp, path)
+        except OSError as e:
+            self.unwritable = f"{self.folder}: {e.strerror or e}"
+            print(f"note: cannot write the feature cache ({self.unwritable}); going on without "
+                  "it (set $IMGREC_CACHE to a folder with space)", file=sys.stderr)
+        finally:
+            with contextlib.suppress(OSError):  # gone, or its folder never made
+                tmp.unlink()
 
 
 def digest_all(paths: list[str]) -> list:

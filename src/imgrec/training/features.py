@@ -120,6 +120,12 @@ class Extractor:
                 print(f"note: {e}; extracting with PyTorch instead", file=sys.stderr)
                 self._engine = TorchFeatures(self.model(), dev)
                 return self._engine
+            except InputError as e:  # the cache folder cannot be written: full, read-only
+                print(f"note: the feature cache cannot hold the extractor ({e.message}); "
+                      "extracting with PyTorch instead (set $IMGREC_CACHE to a folder with "
+                      "space)", file=sys.stderr)
+                self._engine = TorchFeatures(self.model(), dev)
+                return self._engine
         try:
             self._engine = OnnxEngine(path=onnx_path, threads=lane_count(_cores()))
         except Exception:  # a damaged cached export: rebuild it once
