@@ -224,3 +224,33 @@ def test_benchmark_notes_missing_engines_and_refuses_bad_options(tmp_path, capsy
         assert main(["benchmark", str(path), "--seconds", "0.05", *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
+
+
+def test_quantizing_on_a_full_disk_says_so_and_leaves_nothing(tiny_int8, tmp_path,
+                                                               monkeypatch):
+    """A full disk made the quantizer read back a truncated model: "int8 quantization failed
+    (DecodeError: ... Wire format was corrupt). Serve the float32 model.onnx instead", with
+    its shape-inferred copy left in the bundle. It is now named as a want of space."""
+    import shutil
+    from collections import namedtuple
+
+    import onnxruntime.quantization as q
+
+    from imgrec.errors import InputError
+    from imgrec.export import quantize_int8
+
+    src = tmp_path / "model.onnx"
+    shutil.copy(tiny_int8 / "model.onnx", src)
+
+    def truncated(model_input, *args, **kwargs):
+        inferred = tmp_path / ".model.int8.onnx.pre-inferred.onnx"
+        inferred.write_bytes(b"truncated")  # what the quantizer had written when space ran out
+        raise RuntimeError("Error parsing message with type 'onnx.ModelProto'")
+
+    monkeypatch.setattr(q, "quantize_static", truncated)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    calibration = np.zeros((2, 3, 32, 32), np.float32)
+    with pytest.raises(InputError, match="too little free disk space to quantize"):
+        quantize_int8(src, tmp_path / "model.int8.onnx", calibration, bias_correction=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]

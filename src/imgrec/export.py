@@ -338,13 +338,29 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray,
                             extra_options={"CalibPercentile": percentile or 100.0})
         os.replace(tmp, dst)
     except Exception as e:
+        _short_of_space(src, dst)
         raise ModelError(f"int8 quantization failed ({type(e).__name__}: {first_line(e)})",
                          "serve the float32 model.onnx instead (drop --int8)") from None
     finally:
         logging.disable(logging.NOTSET)
-        pre.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
+        # the quantizer's own shape-inferred copy of its input too (a full disk left it)
+        for leftover in (pre, tmp, pre.with_name(f"{pre.stem}-inferred.onnx")):
+            leftover.unlink(missing_ok=True)
     return dst
+
+
+def _short_of_space(src: Path, dst: Path) -> None:
+    """A quantization that failed for want of disk space says so (a full disk surfaced as
+    the quantizer's "DecodeError: ... Wire format was corrupt" of a truncated model)."""
+    import shutil
+
+    need = 4 * Path(src).stat().st_size  # the pre-processed, inferred and quantized copies
+    free = shutil.disk_usage(dst.parent).free
+    if free < need:
+        raise InputError(f"{dst.parent}: too little free disk space to quantize ({free / 1e6:.1f}"
+                         f" MB free, about {need / 1e6:.0f} MB needed)",
+                         "free some space, or copy the bundle to another disk and export "
+                         "there") from None
 
 
 def calibration_data(bundle, data: str | None = None, seed: int = 0,
