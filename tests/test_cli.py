@@ -347,3 +347,29 @@ def test_a_file_name_holding_a_newline_stays_on_one_line(capsys, tmp_path_factor
     main(["doctor", str(data)])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "f.png" in ln]
     assert len(lines) == 1 and "x/e\\nf.png: " in lines[0], lines
+
+
+def test_the_command_exits_though_a_worker_ignores_sigterm(tmp_path):
+    """A resumed training hung at exit: its DataLoader workers (which leave SIGTERM to the
+    main process) outlived the run, and multiprocessing's exit handler terminates such
+    children with SIGTERM, then waits for them for ever. `script` now ends them first."""
+    import time
+
+    code = (
+        "import multiprocessing, signal, time\n"
+        "import torch  # script() then takes its fast way out, as after training\n"
+        "import imgrec.cli as cli\n"
+        "def stubborn():\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    time.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    multiprocessing.Process(target=stubborn, daemon=True).start()\n"
+        "    time.sleep(0.5)\n"
+        "    cli.main = lambda: 0\n"
+        "    cli.script()\n")
+    script = tmp_path / "stubborn.py"
+    script.write_text(code)
+    t = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], timeout=120, capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert time.monotonic() - t < 60

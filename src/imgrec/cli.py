@@ -1099,7 +1099,13 @@ def script() -> NoReturn:
     if "torch" not in sys.modules:
         sys.exit(code)
     import atexit
+    import multiprocessing
 
+    # DataLoader workers still alive now are of no use, and they ignore SIGTERM (a
+    # process-group kill is the main process's to handle), so multiprocessing's exit handler,
+    # which terminates and then joins them, would wait for ever (a resumed run hung so)
+    for child in multiprocessing.active_children():
+        child.kill()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
