@@ -133,8 +133,8 @@ BAD_SPACES = {
     "optimizer: [adamw, lion]": "optimizer='lion' is out of range",
     "- lr": "expected a mapping",
     "label_smoothing: 1.5": "label_smoothing=1.5 is out of range",  # a fixed value
-    'lr: "abc"': "lr='abc': --lr must be a number",
-    'epochs: "ten"': "--epochs must be a whole number",
+    'lr: "abc"': "lr: 'abc' is not a number",
+    'epochs: "ten"': "epochs: 'ten' is not a number",
 }
 BAD_STORAGES = {
     "sqlite:////nonexistent/folder/study.db": "cannot open it (unable to open database file)",
@@ -412,3 +412,22 @@ def test_the_last_epoch_is_never_pruned():
     early = TrialReporter(AlwaysPrune(), "val_loss")
     early.on_epoch_end(state, 2, {"val_loss": 0.7})
     assert early.pruned_at == 2 and stops == ["pruned by the tuner at epoch 2"]
+
+
+def test_a_fixed_number_in_either_yaml_form_is_a_number():
+    """docs/tune.md: `1e-4` (a string to YAML 1.1) and `1.0e-4` are both numbers. In a range
+    or a list they were; as a single fixed value `lr: 1e-4` was refused ("--lr must be a
+    number, not '1e-4'")."""
+    import yaml
+
+    from imgrec.errors import ImgrecError
+    from imgrec.tuning.space import build_space, check_fixed, fixed_values
+
+    raw = yaml.safe_load("lr: 1e-4\nweight_decay: 1.0e-3\nbatch_size: 64\naugment: none\n")
+    assert raw["lr"] == "1e-4"  # YAML 1.1's reading, which the space must undo
+    fixed = fixed_values(raw, "space file s.yaml")
+    assert fixed == {"lr": 1e-4, "weight_decay": 1e-3, "batch_size": 64, "augment": "none"}
+    check_fixed(fixed, {}, "space file s.yaml")
+    assert build_space({}, raw, {}).fixed["lr"] == 1e-4
+    with pytest.raises(ImgrecError, match="batch_size takes whole numbers"):
+        fixed_values({"batch_size": "6.5"}, "space file s.yaml")

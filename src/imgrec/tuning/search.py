@@ -183,8 +183,9 @@ class Search:
         check_names(self.raw, self.where)
         if "model" in self.raw and self.s.model:
             raise ImgrecError(f"{self.where} sets model, and so does --model: give one of them")
-        given = {**self.s.options, **fixed_values(self.raw)}
-        check_fixed(fixed_values(self.raw), self.s.options, self.where)
+        fixed = fixed_values(self.raw, self.where)
+        given = {**self.s.options, **fixed}
+        check_fixed(fixed, self.s.options, self.where)
         base, extra = self.plan(given), {}
         if not base.has_validation:
             if given.get("val_fraction") is not None:

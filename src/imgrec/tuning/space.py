@@ -231,13 +231,20 @@ def build_space(
     params |= {
         k: parse_param(str(k), v, where) for k, v in raw.items() if isinstance(v, dict | list)
     }
-    fixed = {k: v for k, v in fixed.items() if k not in raw} | fixed_values(raw)
+    fixed = {k: v for k, v in fixed.items() if k not in raw} | fixed_values(raw, where)
     return Space({k: p for k, p in params.items() if k not in fixed}, fixed)
 
 
-def fixed_values(raw: dict[str, Any]) -> dict[str, Any]:
-    """The single values of a space (options fixed for every trial)."""
-    return {k: v for k, v in raw.items() if v is not None and not isinstance(v, dict | list)}
+def fixed_values(raw: dict[str, Any], where: str = "search space") -> dict[str, Any]:
+    """The single values of a space (options fixed for every trial); a number option's
+    value in either YAML form (`1e-4`, which YAML 1.1 reads as a string, or `1.0e-4`)."""
+    out = {}
+    for k, v in raw.items():
+        if v is None or isinstance(v, dict | list):
+            continue
+        kind = _field_kind(str(k))
+        out[k] = _coerce(str(k), v, kind, where) if kind in (int, float) else v
+    return out
 
 
 def check_names(raw: dict[str, Any], where: str) -> None:
