@@ -103,6 +103,20 @@ def test_pretrained_offline_says_how_to_supply_weights(shapes, capsys, monkeypat
     assert "mobilenetv2_050" in err and "unreachable" in err and "--weights FILE" in err
 
 
+@pytest.mark.parametrize("flags", [["--weights", "nofile.pth"], ["--pretrained"]])
+def test_weights_asked_for_on_an_array_dataset_are_refused_not_ignored(
+        tmp_path, monkeypatch, capsys, flags):
+    """`imgrec train mnist --model resnet18 --weights nofile.pth` trained from random
+    weights without a word (a folder said the file was missing)."""
+    write_fake_mnist(tmp_path)
+    monkeypatch.setenv("IMGREC_DATA", str(tmp_path))
+    assert main(["train", "mnist", "--model", "resnet18", *flags, "--epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "mnist is a built-in array dataset" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_weights_file_loads_a_local_safetensors(tmp_path):
     import timm
     import torch

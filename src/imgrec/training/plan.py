@@ -226,6 +226,11 @@ def _mode(cfg: TrainConfig, ds: Dataset, name: str, module: Any) -> str:
     mode = cfg.mode or "auto"
     if mode == "auto":
         mode = "features" if pretrained and files and cfg.model else "scratch"
+    if mode == "scratch" and (cfg.pretrained or cfg.weights):  # asked for, and not used
+        what = "a built-in array dataset" if ds.in_memory else "not colour image files"
+        raise ImgrecError(f"--pretrained/--weights load a backbone for --mode features or "
+                          f"finetune, which read colour image files; {ds.name} is {what}",
+                          "drop them to train from scratch, or give a folder of colour photos")
     if mode != "scratch" and module is not None:
         raise ImgrecError(f"--mode {mode} takes a pretrained backbone by name, not a module",
                           "give model='efficientnet_lite0' (or another timm name)")
