@@ -57,6 +57,8 @@ def test_builtin_offline(capsys, tmp_path):
     (["--image-size", "2"], "--image-size"),
     (["--invert", "maybe"], "--invert"),
     (["--no-such-flag"], "--no-such-flag"),
+    (["--device", "tpu"], "--device tpu: not a device"),  # was an internal error, exit 1
+    (["--device", "meta"], "--device meta: imgrec trains on cpu, cuda or mps"),
 ])
 def test_invalid_train_flags(capsys, shapes, flags, needle):
     line = _one_error_line(capsys, main(["train", str(shapes), *flags, "--quiet"]))

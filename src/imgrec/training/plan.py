@@ -87,9 +87,21 @@ def pick_device(name: str | None = None, world: World = SINGLE) -> torch.device:
     if world.active and name in (None, "cuda") and torch.cuda.is_available():
         return torch.device("cuda", world.local_rank)
     if name:
-        if name.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ImgrecError(f"--device {name}: not a device", "use --device cpu, cuda, "
+                              "cuda:N or mps") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ImgrecError(f"--device {name}: no CUDA GPU is available", "use --device cpu")
-        return torch.device(name)
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                         and torch.backends.mps.is_available()):
+            raise ImgrecError(f"--device {name}: Apple's MPS is not available here",
+                              "use --device cpu")
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ImgrecError(f"--device {name}: imgrec trains on cpu, cuda or mps",
+                              "use --device cpu")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
