@@ -74,7 +74,7 @@ class TrainConfig:
     augment: str | None = option(
         None, "preset (none, flip, light, digits, standard, strong) and/or key=value list: "
               "rotation=DEG, shift=F, width_shift=F, height_shift=F, zoom=F, flip, "
-              "brightness=F; e.g. 'standard,zoom=0.3'")
+              "brightness=F, crop=PIXELS; e.g. 'standard,zoom=0.3'")
     exclude: str | None = option(None, "leave out the image files this list names: a fix "
                                        "list CSV (imgrec doctor --labels --fix-list) or one "
                                        "path per line, relative to DATA or absolute")
