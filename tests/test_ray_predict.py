@@ -85,3 +85,39 @@ def test_ray_resumes_a_local_run(local_ray, job, tmp_path, capsys, monkeypatch):
     rows = _rows(out)
     assert [r["input"] for r in rows] == [r["input"] for r in full]
     assert [r["label"] for r in rows] == [r["label"] for r in full]
+
+
+def test_an_address_nobody_answers_at_is_one_line_not_a_hang():
+    """`predict --ray 127.0.0.1:9151` with no cluster there: ray.init retried for ever (8 min
+    50 s until a timeout ended it), logging a line every few seconds."""
+    import socket
+    import time
+
+    from imgrec.cluster import check_reachable, connect
+    from imgrec.errors import InputError
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    class NoRay:
+        @staticmethod
+        def is_initialized():
+            return False
+
+        @staticmethod
+        def init(**kwargs):
+            raise AssertionError("ray.init must not be reached")
+
+    t = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(InputError, match="nothing answers there"):
+            connect(NoRay, address)
+    assert time.monotonic() - t < 10
+    with pytest.raises(InputError, match="not a port number"):
+        check_reachable("127.0.0.1:http")
+    with socket.socket() as s:  # a listening address passes
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        check_reachable(f"127.0.0.1:{s.getsockname()[1]}")
+    check_reachable("auto")

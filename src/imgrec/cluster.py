@@ -69,6 +69,32 @@ def check_address(address: str) -> str | None:
                      "leave --ray-address out for a local Ray")
 
 
+#: how long a cluster's address may take to accept a connection
+REACH_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """HOST:PORT (or ray://HOST:PORT) accepts a connection, else one line now: ray.init
+    retries an address nobody answers at for ever, logging a line every few seconds."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except ValueError:
+        raise InputError(f"--ray {address}: {port!r} is not a port number",
+                         "give HOST:PORT of the Ray head node") from None
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise InputError(f"--ray {address}: nothing answers there ({why})",
+                         "check the address (`ray status` on the head node), or leave "
+                         "--ray-address out for a local Ray") from None
+
+
 def connect(ray, address: str | None) -> bool:
     """Join the cluster at `address`, or start a local Ray on this process's cores (no
     dashboard, quiet). A Ray already initialised in this process is used as it is (tests
@@ -79,6 +105,8 @@ def connect(ray, address: str | None) -> bool:
     quiet = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
                  configure_logging=True)
     logging.getLogger("ray").setLevel(logging.ERROR)  # its notes before init configures it
+    if address is not None:
+        check_reachable(address)
     try:
         if address is None:
             ray.init(num_cpus=available_cores(), **quiet)
