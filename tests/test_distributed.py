@@ -282,3 +282,51 @@ def test_a_failed_job_is_reported_in_one_line(failures, status, says, capsys):
     else:
         assert len(lines) == 1 and says in lines[0] and "--resume" in lines[0]
 
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_torchrun_interrupted_is_one_line_and_its_signal_code(monkeypatch, capsys, signum):
+    """Ctrl-C on `imgrec train --nproc 2` ended with torchrun's raw traceback
+    ("SignalException: Process N got signal: 2") and exit 1."""
+    import torch.distributed.run as run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from imgrec.training.distributed import torchrun
+
+    def stopped(args):
+        raise SignalException("Process 1 got signal", sigval=signal.Signals(signum))
+
+    monkeypatch.setattr(run, "run", stopped)
+    assert torchrun(["--standalone", "--nproc-per-node=2", "-m", "imgrec"]) == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgrec: interrupted") and "--resume" in err[0]
+
+
+def test_sigterm_to_the_command_is_passed_on_to_torchrun(monkeypatch):
+    """`kill PID` or `timeout` on `imgrec train --nproc 2` ended the command at once while
+    torchrun and the ranks went on training (and wrote the bundle 14 s later)."""
+    import subprocess
+
+    from imgrec.errors import Terminated
+    from imgrec.training import distributed
+
+    sent = []
+
+    class Launcher:
+        waits = 0
+
+        def __init__(self, cmd, env):
+            pass
+
+        def wait(self):
+            Launcher.waits += 1
+            if Launcher.waits == 1:
+                raise Terminated  # the SIGTERM, arriving while the command waits
+            return 143 if sent else 0
+
+        def send_signal(self, signum):
+            sent.append(signum)
+
+    monkeypatch.setattr(subprocess, "Popen", Launcher)
+    assert distributed.launch(2, ["mnist"]) == 143
+    assert sent == [signal.SIGTERM]

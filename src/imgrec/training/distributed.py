@@ -372,7 +372,11 @@ def launch(nproc: int, args: list[str]) -> int:
     proc = subprocess.Popen(cmd, env=env)
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # the processes got Ctrl-C too; wait for them to leave
+    except KeyboardInterrupt as e:
+        # Ctrl-C reached the whole process group; a SIGTERM (`kill PID`, `timeout`) only this
+        # process: pass it on, or torchrun and the ranks would go on training without it
+        if type(e).__name__ == "Terminated":
+            proc.send_signal(signal.SIGTERM)
         return proc.wait()
 
 
@@ -392,6 +396,7 @@ def torchrun(argv: list[str]) -> int:
     import logging
 
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own log lines: we report
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -409,6 +414,12 @@ def torchrun(argv: list[str]) -> int:
             return 0
         except ChildFailedError as e:
             return report_failure(e.failures)
+        except SignalException as e:  # Ctrl-C / SIGTERM: torchrun has stopped every rank
+            # a new line: a rank's progress bar may have been mid-line
+            print(f"\nimgrec: interrupted ({e.sigval.name}): every process stopped; rerun the "
+                  "same command with --resume to continue after the last finished epoch",
+                  file=sys.stderr, flush=True)
+            return 128 + int(e.sigval)
 
 
 def report_failure(failures: dict) -> int:
