@@ -379,13 +379,58 @@ def test_atomic_write_keeps_the_old_file_when_it_fails(tmp_path, monkeypatch):
 
 
 def test_save_bundle_writes_atomically(saved, monkeypatch):
-    import imgrec.network as network
+    import imgrec.bundle as bundle_module
 
     bundle, model = saved
     written = []
-    real = network.atomic_write_bytes
-    monkeypatch.setattr(network, "atomic_write_bytes",
+    real = bundle_module.atomic_write_bytes
+    monkeypatch.setattr(bundle_module, "atomic_write_bytes",
                         lambda path, data: (written.append(path.name), real(path, data)))
     save_bundle(bundle, model)
-    assert written == ["model.safetensors"]
+    # the weights and their description, each written whole beside the old, then renamed
+    assert written == [".model.safetensors.new", ".imgrec.json.new"]
     read_bundle(bundle.path)
+
+
+@pytest.mark.parametrize("killed_after", [0, 1])
+def test_a_run_killed_while_it_replaces_the_weights_leaves_a_bundle_that_reads(tmp_path,
+                                                                               monkeypatch,
+                                                                               killed_after):
+    """kill -9 between writing model.safetensors and imgrec.json left new weights under the
+    old description: "its SHA-256 is not the one imgrec.json recorded", until a retrain.
+    Both are now written beside the old ones and renamed into place: killed before the
+    weights' rename the old bundle is whole (0); between the two renames (1) the pending
+    description of the new weights is read."""
+    import os
+
+    import torch
+    from bundles import make_tiny_bundle
+
+    from imgrec.bundle import read_bundle
+    from imgrec.models.registry import build_model
+    from imgrec.network import load_model, save_bundle
+
+    path = make_tiny_bundle(tmp_path / "b", export=False)
+    old = read_bundle(path)
+    old_digest = old.extra["files"]["model.safetensors"]["sha256"]
+    torch.manual_seed(1)
+    retrained = build_model("fast-cnn", **old.architecture["args"])
+    real_replace, calls = os.replace, []
+
+    def killed(src, dst):
+        if os.path.basename(src) in (".model.safetensors.new", ".imgrec.json.new"):
+            if len(calls) == killed_after:  # the commit's renames: the process dies here
+                raise SystemExit("killed")
+            calls.append(dst)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(SystemExit):
+        save_bundle(read_bundle(path), retrained)
+    monkeypatch.setattr(os, "replace", real_replace)
+    now = read_bundle(path)
+    digest = now.extra["files"]["model.safetensors"]["sha256"]
+    assert (digest == old_digest) == (killed_after == 0)
+    load_model(now)  # the weights there are the ones described
+    save_bundle(read_bundle(path), retrained)  # the next run writes over what was left
+    assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []

@@ -36,6 +36,9 @@ from .errors import BundleError
 FORMAT = "imgrec-bundle"
 FORMAT_VERSION = 1
 META_FILE = "imgrec.json"
+#: a new imgrec.json written before the new weights take their place (`commit_weights`):
+#: when a run is killed between the two renames, readers take it as the description
+PENDING_META = ".imgrec.json.new"
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
@@ -114,16 +117,30 @@ class Bundle:
         fp32 = self.onnx_path
         return not fp32.is_file() or path.stat().st_mtime >= fp32.stat().st_mtime
 
-    def write_meta(self) -> None:
-        """Write imgrec.json atomically (a crash never leaves half a file), recording the size
-        and SHA-256 of each model file there."""
+    def write_meta(self, staged: dict[str, Path] | None = None, to: str = META_FILE) -> None:
+        """Write imgrec.json (or `to`) atomically (a crash never leaves half a file),
+        recording the size and SHA-256 of each model file there, or of the file `staged`
+        names for it (weights about to take their place)."""
         files = {}
         for name in self.model_files():
-            if (self.path / name).is_file():
-                size, digest = file_digest(self.path / name)
+            source = (staged or {}).get(name, self.path / name)
+            if source.is_file():
+                size, digest = file_digest(source)
                 files[name] = {"bytes": size, "sha256": digest}
         self.extra[FILES_KEY] = files
-        atomic_write_text(self.path / META_FILE, json.dumps(self.to_json(), indent=2) + "\n")
+        atomic_write_text(self.path / to, json.dumps(self.to_json(), indent=2) + "\n")
+
+    def commit_weights(self, data: bytes) -> None:
+        """Replace the weights and imgrec.json together: both are written beside the old ones
+        first, then renamed into place, weights first. A run killed before the first rename
+        leaves the old bundle whole; one killed between the two leaves PENDING_META, which
+        describes the new weights and which `read_bundle` then reads."""
+        staged = self.path / f".{WEIGHTS_FILE}.new"
+        atomic_write_bytes(staged, data)
+        self.write_meta(staged={WEIGHTS_FILE: staged}, to=PENDING_META)
+        os.replace(staged, self.weights_path)
+        os.replace(self.path / PENDING_META, self.path / META_FILE)
+        _fsync_folder(self.path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -222,7 +239,24 @@ def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = Tru
     if not (has_weights or has_onnx or (path / ONNX_INT8_FILE).is_file()):  # int8 alone:
         raise BundleError(f"{path}: neither {WEIGHTS_FILE} nor {ONNX_FILE} is there")  # --int8
     bundle = _described(path, meta, meta_path)
-    verify_bundle(bundle, () if exports else EXPORT_FILES)
+    try:
+        verify_bundle(bundle, () if exports else EXPORT_FILES)
+    except BundleError:
+        pending = _pending(path, exports)  # killed between the two renames of a commit
+        if pending is None:
+            raise
+        bundle = pending
+    return bundle
+
+
+def _pending(path: Path, exports: bool) -> Bundle | None:
+    """The bundle PENDING_META describes, when it matches the files there."""
+    meta_path = path / PENDING_META
+    try:
+        bundle = _described(path, json.loads(meta_path.read_text()), meta_path)
+        verify_bundle(bundle, () if exports else EXPORT_FILES)
+    except (OSError, ValueError, BundleError):
+        return None
     return bundle
 
 

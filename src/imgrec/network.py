@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bundle import FORMAT, ONNX_INT8_FILE, Bundle, atomic_write_bytes
+from .bundle import FORMAT, ONNX_INT8_FILE, Bundle
 from .errors import BundleError
 
 #: the architecture name of a network the caller built (`imgrec.train(data, model=module)`)
@@ -27,11 +27,10 @@ def save_bundle(bundle: Bundle, model: Any) -> Bundle:
 
     bundle.path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(bundle.weights_path, save(state, metadata={"format": FORMAT}))
-    # The weights changed: an old export (float32 or int8) would disagree with them.
+    # The weights change: an old export (float32 or int8) would disagree with them.
     for stale in (bundle.onnx_path, bundle.path / ONNX_INT8_FILE):
         stale.unlink(missing_ok=True)
-    bundle.write_meta()
+    bundle.commit_weights(save(state, metadata={"format": FORMAT}))
     return bundle
 
 
