@@ -249,20 +249,28 @@ def test_transfer_spaces_search_the_heads_dropout_and_finetunes_layer_decay():
                     {"mode": "finetune", "model": "efficientnet_lite0"})
 
 
-def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("stop", ["sigterm", "full disk"])
+def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, capsys, monkeypatch,
+                                                           stop):
     """The training loop turns SIGTERM into an interrupted run; the trial fails, the command
-    says so in one line and exits 143 (Typer would turn it into a silent 130)."""
+    says so in one line and exits 143 (Typer would turn it into a silent 130). A full disk
+    also stops the search, and its point (the recipe's) was lost: a rerun skipped it."""
+    import errno
+
     from imgrec.training import runners
     from imgrec.training.engine import Terminated
 
-    def terminated(plan, callbacks=(), report_skipped=True):
-        raise Terminated()
+    def stopped(plan, callbacks=(), report_skipped=True):
+        if stop == "sigterm":
+            raise Terminated()
+        raise OSError(errno.ENOSPC, "No space left on device", str(plan.out / "x"))
 
     monkeypatch.setenv("IMGREC_DATA", str(digits))
-    monkeypatch.setattr(runners, "run_plan", terminated)
+    monkeypatch.setattr(runners, "run_plan", stopped)
     rc = main(["tune", "mnist", "--out", str(tmp_path / "o"), "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 143 and len(err) == 1 and err[0].startswith("imgrec: interrupted"), err
+    want = (143, "imgrec: interrupted") if stop == "sigterm" else (1, "imgrec: error: no space")
+    assert rc == want[0] and len(err) == 1 and err[0].startswith(want[1]), err
     assert _states(tmp_path / "o", "mnist-fast-cnn-scratch")["fail"] == 1
     # its point, the recipe's, is queued again: the same command resumed runs it first
     study = _study(tmp_path / "o", "mnist-fast-cnn-scratch")

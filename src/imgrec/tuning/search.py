@@ -309,7 +309,7 @@ class Search:
         reporter = TrialReporter(trial, self.s.metric)
         try:
             result = run_plan(p, [reporter], report_skipped=False)
-        except (KeyboardInterrupt, Terminated):
+        except BaseException:  # Ctrl-C, a full disk...: the search stops; the point waits
             requeue(trial)
             raise
         finally:
@@ -345,9 +345,9 @@ TUNE_MARKERS = ("study.db", "tune.json", "trials", "best")
 
 
 def requeue(trial: Any) -> None:
-    """An interrupted trial fails (it has no score), and its point is queued again, so the
-    search resumed with the same command runs it first: the recipe's own point, the first
-    trial of every search, is never lost to a Ctrl-C."""
+    """A trial that stopped the search (Ctrl-C, SIGTERM, a full disk) fails, and its point
+    is queued again, so the search resumed with the same command runs it first: the recipe's
+    own point, the first trial of every search, is never lost."""
     with st.quiet_optuna():
         trial.study.enqueue_trial(trial.params, user_attrs=dict(trial.user_attrs))
 
