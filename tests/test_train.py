@@ -120,11 +120,20 @@ def test_a_new_run_into_a_bundle_replaces_its_curves(shapes, tmp_path):
     assert len(new) == 1 and not new & old
 
 
-def test_resume_refuses_other_settings(shapes, tmp_path):
+def test_resume_refuses_other_settings(shapes, tmp_path, capsys):
+    """A refusal names what differs (it said only "other data, model or settings"); a
+    checkpoint with every epoch asked for says there is nothing left to train (it said
+    "resume from epoch 2 of 1")."""
     out = tmp_path / "run"
-    train(str(shapes), epochs=1, out=str(out), **FAST)
-    with pytest.raises(ImgrecError, match="other data, model or settings"):
+    train(str(shapes), epochs=2, out=str(out), **FAST)
+    with pytest.raises(ImgrecError, match="other data, model or settings") as e:
         train(str(shapes), epochs=2, out=str(out), resume=True, **{**FAST, "image_size": 24})
+    assert "--image-size" in str(e.value) and "now 24" in str(e.value)
+    assert "--model" not in str(e.value) and "the data" not in str(e.value)
+    capsys.readouterr()
+    train(str(shapes), epochs=1, out=str(out), resume=True, **{**FAST, "quiet": False})
+    assert "the checkpoint has 2 epochs, --epochs is 1: nothing left to train" in \
+        capsys.readouterr().err
     with pytest.raises(ImgrecError, match="no checkpoint"):
         train(str(shapes), epochs=1, out=str(tmp_path / "fresh"), resume=True, **FAST)
 

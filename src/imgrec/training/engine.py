@@ -438,8 +438,10 @@ class EpochLoop:
                              "epoch": saved["best_epoch"], "state": saved["best_state"]}
         state.history[:] = saved["history"]
         state.skipped.update(saved.get("skipped", {}))
-        self.callbacks.on_note(state, f"resume  from epoch {saved['epoch']} of "
-                                      f"{self.plan.epochs}")
+        done, epochs = saved["epoch"], self.plan.epochs
+        self.callbacks.on_note(state, f"resume  from epoch {done} of {epochs}" if done < epochs
+                               else f"resume  the checkpoint has {done} epochs, --epochs is "
+                                    f"{epochs}: nothing left to train (raise --epochs to go on)")
         return saved["epoch"] + 1
 
 
@@ -454,10 +456,34 @@ def _read_checkpoint(path: Path, plan: RunPlan, device: torch.device | None = No
                           "start again without --resume") from None
     if saved.get("fingerprint") != plan.fingerprint():
         raise ImgrecError(
-            "--resume: the checkpoint was made with other data, model or settings",
+            "--resume: the checkpoint was made with other data, model or settings ("
+            + _fingerprint_changes(saved.get("fingerprint"), plan.fingerprint()) + ")",
             "repeat the original command with --resume, or train into another --out",
         )
     return saved
+
+
+#: how a resume refusal names each part of the fingerprint
+_FINGERPRINT_NAMES = {"data": "the data", "model": "--model", "model_args": "the model's options",
+                      "image_size": "--image-size", "batch_size": "--batch-size",
+                      "world_size": "--nproc"}
+
+
+def _fingerprint_changes(saved: Any, now: dict) -> str:
+    """What differs between a checkpoint's fingerprint and this run's, in words."""
+    if not isinstance(saved, dict):
+        return "the checkpoint records none"
+    out, keys = [], set(saved) | set(now)
+    for key in [k for k in _FINGERPRINT_NAMES if k in keys] + sorted(keys - set(
+            _FINGERPRINT_NAMES)):
+        if saved.get(key) == now.get(key):
+            continue
+        name = _FINGERPRINT_NAMES.get(key, key)
+        if key == "data":
+            out.append("the data: its images, labels or splits changed")
+        else:
+            out.append(f"{name} {saved.get(key)!r}, now {now.get(key)!r}")
+    return "; ".join(out) or "unknown"
 
 
 def _shared_checkpoint(path: Path, plan: RunPlan) -> dict:
