@@ -100,3 +100,37 @@ def test_deploy_docs_include_the_manifest():
     text = (ROOT / "docs" / "deploy.md").read_text()
     assert "deploy/kubernetes.yaml" in text and "HorizontalPodAutoscaler" in text
     assert Path(MANIFEST).is_file()
+
+
+def test_workers_serve_the_bundle_as_it_was_when_the_server_started(tmp_path, monkeypatch):
+    """A worker restarted after its bundle was retrained loaded the new model while the other
+    served the old one (two models behind one address, both named alike). Workers now load a
+    pinned copy of the bundle's files, made at start and removed at the end."""
+    import json
+    import os
+
+    import uvicorn
+
+    from imgrec.bundle import atomic_write_bytes, read_bundle
+    from imgrec.serve import launch
+    from imgrec.serve.config import CONFIG_ENV, ServeConfig
+
+    bundle = make_tiny_bundle(tmp_path / "shapes")
+    before = (bundle / "model.onnx").read_bytes()
+    name = read_bundle(bundle, need_weights=False).name
+    seen = {}
+
+    def run(app, **kwargs):
+        pinned = json.loads(os.environ[CONFIG_ENV])["model"]
+        seen["pinned"] = pinned
+        atomic_write_bytes(bundle / "model.onnx", b"retrained")  # a retraining, meanwhile
+        seen["bytes"] = (Path(pinned) / "model.onnx").read_bytes()
+        seen["name"] = read_bundle(pinned, need_weights=False).name
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    launch.run_server(ServeConfig(model=str(bundle), workers=2), "127.0.0.1", 0, "warning")
+    assert Path(seen["pinned"]) != bundle and Path(seen["pinned"]).name == bundle.name
+    assert seen["bytes"] == before and seen["name"] == name
+    assert not Path(seen["pinned"]).exists()  # removed when the server stops
+    assert not (Path(seen["pinned"]) / "model.safetensors").exists()

@@ -12,7 +12,10 @@ import shutil
 import signal
 import socket
 import tempfile
+from dataclasses import replace
+from pathlib import Path
 
+from ..bundle import META_FILE, ONNX_FILE, ONNX_INT8_FILE, WEIGHTS_FILE
 from ..errors import InputError
 from .config import CONFIG_ENV, ServeConfig
 
@@ -116,6 +119,9 @@ def run_server(config: ServeConfig, host: str, port: int, log_level: str = "info
     of the signal uvicorn re-raises."""
     import uvicorn
 
+    snapshot = pinned_bundle(config) if config.workers > 1 else None
+    if snapshot is not None:
+        config = replace(config, model=str(snapshot))
     os.environ[CONFIG_ENV] = config.to_env()
     shared = None
     if config.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -129,5 +135,31 @@ def run_server(config: ServeConfig, host: str, port: int, log_level: str = "info
                     limit_concurrency=limit, timeout_keep_alive=5, server_header=False)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if shared:
-            shutil.rmtree(shared, ignore_errors=True)
+        for folder in (shared, snapshot and snapshot.parent):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+#: what a worker reads of a bundle (the weights only where there is no ONNX file to serve)
+SERVED_FILES = (META_FILE, ONNX_FILE, ONNX_INT8_FILE)
+
+
+def pinned_bundle(config: ServeConfig) -> Path:
+    """The served bundle's files as they are now, in a folder of their own (hard links where
+    the file system allows: a retraining renames new files into the bundle and leaves these),
+    for the workers to load: a worker restarted after the bundle was retrained served the
+    new model beside the others' old one."""
+    from ..zoo import open_bundle
+
+    source = open_bundle(config.model, need_weights=False).path
+    folder = Path(tempfile.mkdtemp(prefix="imgrec-served-")) / source.name
+    folder.mkdir()
+    names = SERVED_FILES if (source / ONNX_FILE).is_file() or (source / ONNX_INT8_FILE).is_file() \
+        else (*SERVED_FILES, WEIGHTS_FILE)
+    for name in names:
+        if (source / name).is_file():
+            try:
+                os.link(source / name, folder / name)
+            except OSError:  # another file system, or no hard links: a copy
+                shutil.copy2(source / name, folder / name)
+    return folder
