@@ -148,3 +148,27 @@ def test_a_note_mid_epoch_is_a_line_of_its_own():
     assert printer.bar is None
     lines = stream.getvalue().replace("\r", "\n").splitlines()
     assert "interrupted before the first epoch finished: nothing saved" in lines
+
+
+def test_tensorboard_skips_a_resumed_finetunes_warm_up_and_a_refused_runs_file(tmp_path):
+    """A resumed finetune logged its (repeated) warm-up again: every warmup/ step twice. A run
+    stopped before anything was saved (a refused --resume) left an empty events file each."""
+    from types import SimpleNamespace
+
+    from imgrec.training.callbacks import TensorBoardLogger
+
+    logged = []
+    logger = TensorBoardLogger(tmp_path)
+    logger.tb = SimpleNamespace(epoch=lambda logs, prefix="": logged.append(prefix),
+                                close=lambda: None)
+    for resume in (False, True):
+        state = SimpleNamespace(stage="head", val_confusion=None,
+                                plan=SimpleNamespace(mode="finetune",
+                                                     cfg=SimpleNamespace(resume=resume)))
+        logger.on_epoch_end(state, 1, {"train_loss": 0.5})
+    assert logged == ["warmup/"]
+    (tmp_path / "events.out.tfevents.1.old").write_text("kept")
+    logger.before = set(tmp_path.glob(TensorBoardLogger.EVENTS))
+    (tmp_path / "events.out.tfevents.2.mine").write_text("")
+    logger.on_train_end(state, {"history": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.out.tfevents.1.old"]

@@ -129,6 +129,8 @@ def test_resume_refuses_other_settings(shapes, tmp_path, capsys):
     with pytest.raises(ImgrecError, match="other data, model or settings") as e:
         train(str(shapes), epochs=2, out=str(out), resume=True, **{**FAST, "image_size": 24})
     assert "--image-size" in str(e.value) and "now 24" in str(e.value)
+    # the refused run left no events file of its own (an empty one per refusal piled up)
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
     assert "--model" not in str(e.value) and "the data" not in str(e.value)
     capsys.readouterr()
     train(str(shapes), epochs=1, out=str(out), resume=True, **{**FAST, "quiet": False})

@@ -185,6 +185,7 @@ class TensorBoardLogger(Callback):
     def __init__(self, log_dir: Path):
         self.log_dir, self.tb = Path(log_dir), None
         self.replaced: list[Path] = []
+        self.before: set[Path] = set()
 
     def on_train_begin(self, state: RunState) -> None:
         from .record import TensorBoard
@@ -192,7 +193,8 @@ class TensorBoardLogger(Callback):
         # A new run into a bundle's folder replaces that bundle: its old curves go when the
         # new bundle is written (TensorBoard would draw both runs over the same steps). A
         # resumed run continues its own curves.
-        self.replaced = [] if state.plan.cfg.resume else sorted(self.log_dir.glob(self.EVENTS))
+        self.before = set(self.log_dir.glob(self.EVENTS))
+        self.replaced = [] if state.plan.cfg.resume else sorted(self.before)
         self.tb = TensorBoard(self.log_dir)
 
 
@@ -213,15 +215,23 @@ class TensorBoardLogger(Callback):
         # finetune's head warm-up has its own curves: its epochs 1..N would otherwise be drawn
         # over the finetuning's own 1..M on the same tags
         warmup = state.stage == "head" and getattr(state.plan, "mode", None) == "finetune"
+        if warmup and state.plan.cfg.resume:  # a resumed run's warm-up repeats the logged one
+            return
         self.tb.epoch(logs, prefix="warmup/" if warmup else "")
         if state.val_confusion is not None and state.stage == "train":
             self.tb.confusion(state.val_confusion, state.plan.data.classes, epoch)
 
     def on_train_end(self, state: RunState, logs: dict[str, Any]) -> None:
-        if logs.get("history"):  # an epoch ran, so this run's bundle replaced the old one
+        # a bundle was written (an epoch ran, or finetune kept its warm-up): it replaced the
+        # old one, whose curves go; else this run's own events go (a refused --resume)
+        saved = bool(logs.get("history")) or "best_epoch" in logs
+        if saved:
             for old in self.replaced:
                 old.unlink(missing_ok=True)
         self.replaced = []
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+            if not saved:
+                for mine in set(self.log_dir.glob(self.EVENTS)) - self.before:
+                    mine.unlink(missing_ok=True)
