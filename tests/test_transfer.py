@@ -466,3 +466,19 @@ def test_an_interrupted_export_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_onnx(torch.nn.Conv2d(3, 2, 3), tmp_path / "extractor.onnx", (3, 8, 8))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_class_none_of_whose_training_images_reads_is_refused(shapes, tmp_path, capsys):
+    """Features mode trained a head for a class none of whose files could be read (a folder
+    of AppleDouble `._x.jpg` files did it), which it then predicted for a fifth of the
+    photos; such a class is refused in one line."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "ghost").mkdir()
+    for i in range(3):
+        (data / "ghost" / f"g{i}.jpg").write_bytes(b"not a photo")
+    assert main(["train", str(data), "--model", "efficientnet_lite0", "--mode", "features",
+                 "--epochs", "1", "--out", str(tmp_path / "run"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "class(es) 'ghost': none of their training images could be read" in err[-1]
+    assert not (tmp_path / "run").exists()

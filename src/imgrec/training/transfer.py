@@ -93,6 +93,11 @@ def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) ->
     callbacks.on_note(state, note)
     if not len(splits["train"][0]):
         raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
+    untaught = [c for i, c in enumerate(plan.data.classes) if not (splits["train"][1] == i).any()]
+    if untaught:  # the head would still predict them, never having seen one
+        names = ", ".join(repr(c) for c in untaught)
+        raise ImgrecError(f"class(es) {names}: none of their training images could be read",
+                          "run `imgrec doctor DATA` to see the unreadable files")
     return fs
 
 
