@@ -246,7 +246,8 @@ def test_killed_rank_ends_the_job_and_resume_completes(tmp_path):
     r = _run([*cmd[:cmd.index("--epochs") + 1], "3", *cmd[cmd.index("--epochs") + 2:],
               "--resume"], timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resume  from epoch" in r.stderr
+    # (the kill may land after epoch 3: then the checkpoint has every epoch asked for)
+    assert "resume  from epoch" in r.stderr or "nothing left to train" in r.stderr
     assert json.loads((out / "imgrec.json").read_text())["training"]["epochs_run"] >= 3
 
 
