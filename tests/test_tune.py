@@ -286,9 +286,11 @@ def test_sigterm_in_a_trial_is_one_line_and_a_failed_trial(digits, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_features_trials_share_the_feature_cache(shapes, tmp_path):
+def test_features_trials_share_the_feature_cache(shapes, tmp_path, monkeypatch):
     """Only the first trial embeds images; later ones read the cache (test images are
-    embedded by the final bundle alone)."""
+    embedded by the final bundle alone). Its own cache: the counts assume an empty one, and
+    another test embedding the same (seeded) shapes once failed this one."""
+    monkeypatch.setenv("IMGREC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "features"
     summary = imgrec.tune(
         str(shapes),
