@@ -195,7 +195,10 @@ class Preprocess:
         """A decoded image -> uint8 array C x H x W, resized and (if needed) inverted, or
         framed as `fit` (default: the contract's) says."""
         fit = fit or self.fit
-        if fit != "none":  # framed at the training images' own size, then cropped as they are
+        # an image already at the frame size (28 x 28 for MNIST) is a dataset image, framed
+        # already: framing it again moved its pixels (MNIST's test digits saved as PNG scored
+        # 0.9944 where evaluate on the arrays, which are never fitted, said 0.9949)
+        if fit != "none" and img.size != (self.frame_size, self.frame_size):
             framed = self.centre_crop(fit_image(img, fit, self.frame_size, invert or self.invert))
             return np.ascontiguousarray(np.repeat(framed[None], self.channels, axis=0))
         img = self.resize_image(img)
