@@ -363,7 +363,9 @@ class EpochLoop:
             self.sched.step()
         if self.lookahead is not None:
             self.lookahead.step(self.model)
-        logs["loss_sum"] += loss.detach() * len(y)
+        # reported as validation is: plain cross-entropy (the smoothed, class-weighted loss
+        # optimised is higher by construction, so validation looked better than training)
+        logs["loss_sum"] += F.cross_entropy(logits.detach().float(), y, reduction="sum")
         logs["correct"] += (logits.argmax(1) == y).sum()
         logs["seen"] += len(y)
 

@@ -249,7 +249,8 @@ class _HeadTrainer:
             loss.backward()
             self.opt.step()
             self.sched.step()
-            total += loss.item() * len(idx)
+            # reported as validation is: plain cross-entropy, not the smoothed loss optimised
+            total += F.cross_entropy(logits.detach(), self.yt[idx], reduction="sum").item()
             correct += int((logits.argmax(1) == self.yt[idx]).sum())
         row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"],
                "train_loss": total / len(self.xt), "train_acc": correct / len(self.xt)}
