@@ -189,3 +189,26 @@ def test_confusion_title_is_inside_the_figure(tmp_path, monkeypatch, n_classes, 
     assert titles and "".join(dataset.split()) in "".join(titles[0][0].split())
     for text, (x, y, w, h) in titles:
         assert x >= 0 and y >= 0 and x + w <= width and y + h <= height, (text, x, w, width)
+
+
+def test_evaluating_the_training_images_says_so(tmp_path_factory, tmp_path, capsys):
+    """A copy of the training folder evaluated as held-out data reported its accuracy with
+    no word that the model had trained on those very images. The bundle now records its
+    training images' digests; evaluate counts and says how many it scores."""
+    import shutil
+
+    base = trained_shapes(tmp_path_factory)
+    digests = (base / "bundle" / "training-images.sha256").read_text().split()
+    assert digests and all(len(d) == 64 for d in digests)
+    copy = tmp_path / "copy"
+    shutil.copytree(base / "shapes", copy)
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(base / "bundle"), str(copy), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["split"] == "all" and report["training_overlap"] == len(digests)
+    assert f"{len(digests)} of these {report['n']} images are this model's own training" in \
+        capsys.readouterr().err
+    assert main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--json",
+                 str(out)]) == 0  # its own data: the test split it held out
+    assert json.loads(out.read_text())["training_overlap"] == 0
+    assert "training images" not in capsys.readouterr().err

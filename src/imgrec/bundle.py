@@ -40,6 +40,9 @@ META_FILE = "imgrec.json"
 #: when a run is killed between the two renames, readers take it as the description
 PENDING_META = ".imgrec.json.new"
 WEIGHTS_FILE = "model.safetensors"
+#: the SHA-256 of each training image's bytes, one a line: `evaluate` says when the images it
+#: scores include them (a copy of the training folder is not held-out data)
+TRAINING_DIGESTS = "training-images.sha256"
 ONNX_FILE = "model.onnx"
 ONNX_INT8_FILE = "model.int8.onnx"
 #: imgrec.json key: {file name: {"bytes": size, "sha256": hex digest}} of the model files
@@ -420,6 +423,25 @@ def _read_onnx_output_size(buf: memoryview) -> int | None:
     except (ValueError, IndexError):
         return None
 
+
+
+def write_training_digests(folder: Path, paths: list[str]) -> None:
+    """TRAINING_DIGESTS for these image files (the unreadable ones left out)."""
+    from .feature_cache import digest_all
+
+    digests = sorted({d for d in digest_all(paths) if isinstance(d, str)})
+    atomic_write_text(Path(folder) / TRAINING_DIGESTS, "".join(f"{d}\n" for d in digests))
+
+
+def training_overlap(bundle: Bundle, paths: list[str]) -> int | None:
+    """How many of `paths` hold a training image's bytes (None: the bundle records none)."""
+    from .feature_cache import digest_all
+
+    try:
+        known = set((Path(bundle.path) / TRAINING_DIGESTS).read_text().split())
+    except OSError:
+        return None
+    return sum(1 for d in digest_all(paths) if isinstance(d, str) and d in known)
 
 
 def serving_onnx_path(bundle: Bundle) -> Path:

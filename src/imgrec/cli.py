@@ -289,6 +289,9 @@ def _print_evaluation(rep, mistakes: int) -> None:
     _echo(f"{rep.dataset} {rep.split}: accuracy {rep.accuracy:.4f}" +
           (f"  top-5 {rep.top5_accuracy:.4f}" if rep.top5_accuracy is not None else "") +
           f"  (n={rep.n})")
+    if rep.training_overlap:
+        print(f"note: {rep.training_overlap} of these {rep.n} images are this model's own "
+              "training images (the same bytes): this accuracy is not held-out", file=sys.stderr)
     _echo()
     _echo(rep.table())
     wrong = rep.mistakes(mistakes)

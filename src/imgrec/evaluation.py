@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, atomic_write_text, file_digest
+from .bundle import Bundle, atomic_write_text, file_digest, training_overlap
 from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError, InputError
@@ -50,6 +50,8 @@ class EvalReport:
     seconds: float | None = None  #: scoring time (decoding included; not loading the bundle)
     engine: str | None = None
     from_feature_cache: int = 0  #: images scored from features training had already cached
+    #: images whose bytes are a training image's (None: not known: arrays, an older bundle)
+    training_overlap: int | None = None
 
     @property
     def n(self) -> int:
@@ -107,7 +109,8 @@ class EvalReport:
                 "mistakes": self.mistakes(mistakes), "skipped": self.skipped,
                 "seconds": self.seconds, "engine": self.engine,
                 "images_per_s": round(self.n / self.seconds, 1) if self.seconds else None,
-                "from_feature_cache": self.from_feature_cache}
+                "from_feature_cache": self.from_feature_cache,
+                "training_overlap": self.training_overlap}
 
     def table(self) -> str:
         """Per-class metrics and the confusion matrix as plain text."""
@@ -218,9 +221,10 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
     if not keep:
         raise DataError(f"no readable image in {ds.name} {split_name}")
     y_true = mapping[s.labels[np.array(keep)]]
+    seconds = time.perf_counter() - t0
+    overlap = training_overlap(bundle, inputs) if s.images is None else None
     return EvalReport(list(bundle.classes), y_true, probs, inputs, split_name, ds.name, skipped,
-                      time.perf_counter() - t0, getattr(predictor.engine, "name", None),
-                      from_cache)
+                      seconds, getattr(predictor.engine, "name", None), from_cache, overlap)
 
 
 def evaluation_data(bundle: Bundle, data: str, split: str, data_dir: str | None = None,

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..bundle import Bundle, atomic_write_text
+from ..bundle import Bundle, atomic_write_text, write_training_digests
 from ..figures import missing_glyphs_quiet, pyplot
 from ..history import plot_curves, write_history
 
@@ -130,6 +130,9 @@ class RecordWriter:
         self.curves = Background(plot_curves, p.out / "curves.png", list(history), title)
         atomic_write_text(p.out / "config.json",
                           json.dumps(asdict(p.cfg), indent=2, default=str) + "\n")
+        train = p.data.splits.get("train")
+        if train is not None and train.paths is not None:  # image files, not arrays
+            write_training_digests(p.out, train.paths)
         return bundle
 
     def finish(self) -> None:
