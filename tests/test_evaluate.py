@@ -208,6 +208,11 @@ def test_evaluating_the_training_images_says_so(tmp_path_factory, tmp_path, caps
     assert report["split"] == "all" and report["training_overlap"] == len(digests)
     assert f"{len(digests)} of these {report['n']} images are this model's own training" in \
         capsys.readouterr().err
+    assert main(["evaluate", str(base / "bundle"), str(copy), "--report",
+                 str(tmp_path / "rep")]) == 0  # the report says it too, and once
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("are this model's own training images") == 1
+    assert "own training images (the same bytes)" in (tmp_path / "rep" / "index.html").read_text()
     assert main(["evaluate", str(base / "bundle"), str(base / "shapes"), "--json",
                  str(out)]) == 0  # its own data: the test split it held out
     assert json.loads(out.read_text())["training_overlap"] == 0

@@ -224,7 +224,7 @@ def evaluate(
                              mistakes=max(mistakes, 12), flagged=flagged)
         for note in built.notes:
             _echo(note)
-        _print_evaluation(built.evaluation, mistakes)
+        _print_evaluation(built.evaluation, mistakes, in_report=True)
         _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
         _echo(f"report: {built.path}")
         rep = built.evaluation
@@ -284,14 +284,15 @@ def _evaluate_plain(bundle, data: str, split: str, root: str | None, engine: str
     return evaluate_bundle(bundle, data, split, data_dir=root, engine=engine)
 
 
-def _print_evaluation(rep, mistakes: int) -> None:
+def _print_evaluation(rep, mistakes: int, in_report: bool = False) -> None:
     """The headline, the per-class table and the most confident mistakes."""
     _echo(f"{rep.dataset} {rep.split}: accuracy {rep.accuracy:.4f}" +
           (f"  top-5 {rep.top5_accuracy:.4f}" if rep.top5_accuracy is not None else "") +
           f"  (n={rep.n})")
-    if rep.training_overlap:
-        print(f"note: {rep.training_overlap} of these {rep.n} images are this model's own "
-              "training images (the same bytes): this accuracy is not held-out", file=sys.stderr)
+    if rep.training_overlap and not in_report:  # (a report's notes say it)
+        from .evaluation import overlap_note
+
+        print(f"note: {overlap_note(rep)}", file=sys.stderr)
     _echo()
     _echo(rep.table())
     wrong = rep.mistakes(mistakes)

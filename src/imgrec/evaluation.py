@@ -161,6 +161,12 @@ class EvalReport:
         atomic_write_text(Path(path), json.dumps(self.summary(mistakes), indent=2) + "\n")
 
 
+def overlap_note(rep: EvalReport) -> str:
+    """What to say when the scored images include the model's own training images."""
+    return (f"{rep.training_overlap} of these {rep.n} images are this model's own training "
+            "images (the same bytes): this accuracy is not held-out")
+
+
 def _label_map(bundle: Bundle, ds: Dataset) -> np.ndarray:
     """Dataset label index -> bundle class index, matched by name."""
     index = {c: i for i, c in enumerate(bundle.classes)}

@@ -20,7 +20,13 @@ import numpy as np
 from .bundle import Bundle, atomic_write_bytes, atomic_write_text
 from .data.datasets import Dataset
 from .errors import DataError, ImgrecError
-from .evaluation import EvalReport, evaluate_bundle, evaluated_pixels, evaluation_data
+from .evaluation import (
+    EvalReport,
+    evaluate_bundle,
+    evaluated_pixels,
+    evaluation_data,
+    overlap_note,
+)
 from .figures import pyplot, save_figure
 from .history import plot_curves, read_history
 from .zoo import open_bundle
@@ -203,6 +209,8 @@ def _evaluate(bundle: Bundle, ds: Dataset, split: str, engine: str, calibrate: b
         notes.append(f"--calibrate: temperature {t_before:g} -> {t_new:g}, fitted on the "
                      f"validation split ({n_val} images) and stored in the bundle")
     rep = evaluate_bundle(bundle, ds, split, engine=engine)
+    if rep.training_overlap:
+        notes.append(overlap_note(rep))
     cal_before = None
     if calibrate:
         if rep.split == "val":
