@@ -336,3 +336,19 @@ def test_sigterm_to_the_whole_process_group_saves_the_best_model(tmp_path):
     text = log.read_text()
     assert "internal error" not in text and "saving the best model so far" in text
     assert (out / "imgrec.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_a_class_none_of_whose_training_images_reads_is_refused_in_scratch_mode(shapes,
+                                                                                tmp_path):
+    """A scratch network kept an output for a class none of whose files could be read and
+    could predict it; the first pass, which tries every file once, now refuses the run."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    (data / "ghost").mkdir()
+    for i in range(4):
+        (data / "ghost" / f"g{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ImgrecError, match="class\\(es\\) 'ghost': none of their training"):
+        train(str(data), epochs=2, out=str(tmp_path / "run"), **FAST)
+    assert not (tmp_path / "run").exists()

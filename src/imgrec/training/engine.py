@@ -296,6 +296,8 @@ class EpochLoop:
         state.epoch = epoch
         self.callbacks.on_epoch_begin(state, epoch)
         loss, acc = self.train_epoch(state, epoch)
+        if not state.history:  # the first pass has tried every training file once
+            self._check_every_class_taught(state)
         if self.lookahead is not None and epoch == self.plan.epochs:
             self.lookahead.finish(self.model)  # the run's end: the averaged weights
         row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": loss,
@@ -310,6 +312,21 @@ class EpochLoop:
             self.callbacks.on_note(state, note)
         self._checkpoint(state, epoch)
         self._check_terminate()
+
+    def _check_every_class_taught(self, state: RunState) -> None:
+        """A class none of whose training files could be read would still be predicted, never
+        having been seen: refused after the first pass (which read every file once). Under
+        torchrun each rank saw only its share, so the check is one process's."""
+        split = self.plan.data.splits["train"]
+        if split.paths is None or self.plan.world.active:
+            return
+        bad = set(state.skipped)
+        taught = {int(y) for p, y in zip(split.paths, split.labels, strict=True) if p not in bad}
+        untaught = [c for i, c in enumerate(self.plan.data.classes) if i not in taught]
+        if untaught:
+            names = ", ".join(repr(c) for c in untaught)
+            raise ImgrecError(f"class(es) {names}: none of their training images could be read",
+                              "run `imgrec doctor DATA` to see the unreadable files")
 
     # -- one epoch -------------------------------------------------------------------------
     def _prep(self, x: torch.Tensor, train: bool) -> torch.Tensor:
