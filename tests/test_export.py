@@ -287,3 +287,32 @@ def test_int8_calibrates_on_a_folder_of_unlabelled_photos(tmp_path, sample_photo
     report = json.loads(capsys.readouterr().out)
     assert report["int8_calibration"] == f"4 photos of {photos}"
     assert (path / ONNX_INT8_FILE).is_file()
+
+
+def test_two_exports_to_one_file_at_once_both_succeed(tmp_path):
+    """Two trainings sharing $IMGREC_CACHE (or two studio projects, in threads) exported the
+    backbone to one extractor.onnx at once: fixed temporary names made one crash on the
+    other's rename, and torch.onnx.export, run in two threads, failed its own assertion."""
+    import threading
+
+    import torch
+
+    from imgrec.export import export_onnx
+
+    target = tmp_path / "extractor.onnx"
+    errors = []
+
+    def export() -> None:
+        try:
+            export_onnx(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()), target,
+                        (3, 16, 16))
+        except Exception as e:  # collected: the assertion below names it
+            errors.append(e)
+
+    threads = [threading.Thread(target=export) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and target.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["extractor.onnx"]

@@ -5,6 +5,7 @@ sample photos, said so), `predict --int8` and `serve --int8` (and their one-line
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,7 +244,7 @@ def test_quantizing_on_a_full_disk_says_so_and_leaves_nothing(tiny_int8, tmp_pat
     shutil.copy(tiny_int8 / "model.onnx", src)
 
     def truncated(model_input, *args, **kwargs):
-        inferred = tmp_path / ".model.int8.onnx.pre-inferred.onnx"
+        inferred = Path(model_input).with_name(f"{Path(model_input).stem}-inferred.onnx")
         inferred.write_bytes(b"truncated")  # what the quantizer had written when space ran out
         raise RuntimeError("Error parsing message with type 'onnx.ModelProto'")
 

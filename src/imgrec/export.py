@@ -8,6 +8,8 @@ import importlib
 import io
 import logging
 import os
+import secrets
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,17 @@ import numpy as np
 
 from .bundle import EXPORT_KEY, ONNX_FILE, ONNX_INT8_FILE, file_digest, serving_onnx_path
 from .errors import InputError, ModelError
+
+#: torch.onnx.export keeps global state ("GLOBALS.in_onnx_export"): two threads exporting at
+#: once (two studio projects training) failed; one export at a time in a process
+_EXPORTING = threading.Lock()
+
+
+def private_name(path: Path, tag: str) -> Path:
+    """A hidden name beside `path` that no other process or thread writes at the same time
+    (two trainings sharing $IMGREC_CACHE, or two exports of one bundle, used fixed temporary
+    names and crashed on each other's renames)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
 def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int = 17,
@@ -28,10 +41,10 @@ def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int
     model = model.eval().to("cpu").to(memory_format=torch.contiguous_format)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_name(path, "tmp")
     example = torch.randn(2, *input_shape)
     try:
-        with warnings.catch_warnings():
+        with _EXPORTING, warnings.catch_warnings():
             # the exporter's note that it left a strided Slice unfolded (a padded
             # space-to-depth stem): an optimisation it skipped, not a fault in the file
             warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
@@ -320,8 +333,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray,
     if bias_correction is None:
         bias_correction = INT8_BIAS_CORRECTION
     dst = Path(dst)
-    pre = dst.with_name(f".{dst.name}.pre.onnx")
-    tmp = dst.with_name(f".{dst.name}.tmp")
+    pre, tmp = private_name(dst, "pre.onnx"), private_name(dst, "tmp")
     method = CalibrationMethod.MinMax if percentile is None else CalibrationMethod.Percentile
     logging.disable(logging.WARNING)  # the quantizer logs harmless per-tensor notes
     try:
@@ -535,14 +547,13 @@ def export_bundle(model, fmt: str = "onnx", int8: bool = False, opset: int = 17,
     shape = (contract.channels, contract.input_size, contract.input_size)
     # The new file is checked beside the old one and put in place just before imgrec.json
     # records it: a failure or Ctrl+C leaves the bundle as it was, or whole and new.
-    new = bundle.path / f".{ONNX_FILE}.new"
+    new = private_name(bundle.onnx_path, "new")
     try:
         export_onnx(net, new, shape, opset)
         _, _, diff = check_parity(bundle, net, new, photos)
         os.replace(new, bundle.onnx_path)
-    finally:  # the file, and export_onnx's own temporary one when it was interrupted
-        for leftover in (new, new.with_name(f".{new.name}.tmp")):
-            leftover.unlink(missing_ok=True)
+    finally:  # (export_onnx removes its own temporary file)
+        new.unlink(missing_ok=True)
     info: dict[str, Any] = {"format": "onnx", "opset": opset, "onnx": ONNX_FILE,
                             "max_abs_diff": diff, "serve": ONNX_FILE}
     kept, removed = _int8_kept(bundle)
