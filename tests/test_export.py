@@ -316,3 +316,25 @@ def test_two_exports_to_one_file_at_once_both_succeed(tmp_path):
         t.join()
     assert errors == [] and target.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["extractor.onnx"]
+
+
+def test_export_of_a_bundle_another_run_writes_is_one_line(tmp_path, capsys):
+    """`imgrec export` wrote into a bundle a training (or another export) held, and two
+    exports at once crashed on each other: it now takes the bundle's lock, or says who has
+    it, in one line, exit 2."""
+    from bundles import make_tiny_bundle
+
+    from imgrec.cli import main
+    from imgrec.files import FolderLock
+
+    bundle = make_tiny_bundle(tmp_path / "b", export=False)
+    held = FolderLock(bundle, "--out").acquire()  # what a training into it holds
+    try:
+        assert main(["export", str(bundle)]) == 2
+    finally:
+        held.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"bundle {bundle} is in use by another imgrec run" in err[0]
+    assert not (bundle / "model.onnx").exists()
+    assert main(["export", str(bundle)]) == 0 and (bundle / "model.onnx").is_file()
+    assert not (bundle / ".imgrec.lock").exists()

@@ -453,8 +453,16 @@ def export(
     Example: imgrec export runs/mnist --int8
     """
     from .export import export_bundle
+    from .files import FolderLock
 
-    r = export_bundle(model, fmt, int8=int8, calibration=calibration, data_dir=data_dir)
+    folder = Path(model).expanduser()
+    # one writer of a bundle at a time: a training into it, or another export, says so
+    lock = FolderLock(folder, "bundle").acquire() if folder.is_dir() else None
+    try:
+        r = export_bundle(model, fmt, int8=int8, calibration=calibration, data_dir=data_dir)
+    finally:
+        if lock is not None:
+            lock.release()
     if json_out:
         _echo(json.dumps(r.to_dict(), indent=2))
         return
