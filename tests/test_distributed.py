@@ -331,3 +331,35 @@ def test_sigterm_to_the_command_is_passed_on_to_torchrun(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", Launcher)
     assert distributed.launch(2, ["mnist"]) == 143
     assert sent == [signal.SIGTERM]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_process_that_dies_with_its_parent_does(tmp_path):
+    """`kill -9` of `imgrec train --nproc 2` left torchrun and the ranks training (and holding
+    the --out lock): the launcher and each rank now get SIGTERM when their parent dies."""
+    child = ("import time\n"
+             "from imgrec.training.distributed import die_with_parent\n"
+             "die_with_parent()\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(60)\n")
+    middle = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         f"p = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+         "print(p.pid, flush=True)\n"
+         "time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    pid = int(middle.stdout.readline())
+    assert middle.stdout.readline().strip() == "ready"
+    middle.kill()  # SIGKILL: nothing of the parent's own runs
+    middle.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z":
+            break  # ended, waiting for init to reap it
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the child outlived its parent")

@@ -992,6 +992,10 @@ def main(argv: list[str] | None = None) -> int:
     for sub in getattr(command, "commands", {}).values():
         sub.callback = _interrupts_reported(sub.callback)
     args = ray_address_form(sys.argv[1:] if argv is None else list(argv))
+    if argv is None and "RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+        from .training.distributed import die_with_parent
+
+        die_with_parent()  # a torchrun rank stops when its agent dies (a kill -9 of the job)
     try:
         with _sigterm_as_interrupt():
             rv = command.main(args=args, prog_name="imgrec", standalone_mode=False)

@@ -353,6 +353,27 @@ def describe(plan: Any) -> str:
 
 
 # -- the local launcher: `imgrec train --nproc N` ---------------------------------------------
+#: the launcher's own parent (the `imgrec train --nproc` process), set by `launch`
+PARENT_ENV = "IMGREC_LAUNCHER_PARENT"
+
+
+def die_with_parent(expected_parent: int | None = None) -> None:
+    """Linux: SIGTERM to this process when the process that started it dies (`kill -9` of
+    `imgrec train --nproc`, an OOM kill, a cancelled CI job left torchrun and the ranks
+    training, holding the --out lock). `expected_parent`: when the parent is already gone
+    (it died before this call), stop now."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if expected_parent is not None and os.getppid() != expected_parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(nproc: int, args: list[str]) -> int:
     """torchrun on this machine (--standalone) with N processes running `imgrec train ARGS`;
     returns the failing rank's exit status (0 when all succeed)."""
@@ -362,7 +383,7 @@ def launch(nproc: int, args: list[str]) -> int:
 
     if "--sync-bn" in args:  # the processes would all refuse it: say so before starting them
         check_sync_bn(True, _device_type(args))
-    env = dict(os.environ, **{LAUNCHER_ENV: "1"})
+    env = dict(os.environ, **{LAUNCHER_ENV: "1", PARENT_ENV: str(os.getpid())})
     if "OMP_NUM_THREADS" not in env:
         env["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))
         print(f"note: OMP_NUM_THREADS={env['OMP_NUM_THREADS']} per process (cores / processes;"
@@ -395,6 +416,8 @@ def torchrun(argv: list[str]) -> int:
     (the rank printed its own error; a rank killed by a signal is named here)."""
     import logging
 
+    parent = os.environ.get(PARENT_ENV, "")
+    die_with_parent(int(parent) if parent.isdigit() else None)  # ranks: see cli.main
     os.environ.setdefault("LOGLEVEL", "CRITICAL")  # torchrun's own log lines: we report
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
