@@ -434,3 +434,26 @@ def test_a_run_killed_while_it_replaces_the_weights_leaves_a_bundle_that_reads(t
     load_model(now)  # the weights there are the ones described
     save_bundle(read_bundle(path), retrained)  # the next run writes over what was left
     assert sorted(p.name for p in path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_bundle_being_rewritten_is_named_as_such_not_damaged(tmp_path):
+    """predict during a training into the same folder said "model.safetensors: ... bytes
+    where imgrec.json recorded ... The bundle is damaged": a run holding the folder's lock
+    is writing it, and the message now says so (and to retry)."""
+    from bundles import make_tiny_bundle
+
+    from imgrec.errors import BundleError
+    from imgrec.files import FolderLock
+
+    path = make_tiny_bundle(tmp_path / "b", export=False)
+    with open(path / "model.safetensors", "ab") as f:
+        f.write(b"the next weights")  # what a reader may see mid-replacement
+    held = FolderLock(path, "--out").acquire()
+    try:
+        with pytest.raises(BundleError) as e:
+            read_bundle(path)
+        assert "is writing this bundle right now" in str(e.value) and "Retry" in str(e.value)
+    finally:
+        held.release()
+    with pytest.raises(BundleError, match="damaged"):  # nobody writes it: damaged it is
+        read_bundle(path)

@@ -32,6 +32,7 @@ from typing import Any
 
 from .contract import Preprocess
 from .errors import BundleError
+from .files import being_written
 
 FORMAT = "imgrec-bundle"
 FORMAT_VERSION = 1
@@ -247,6 +248,9 @@ def read_bundle(path: str | Path, need_weights: bool = True, exports: bool = Tru
     except BundleError:
         pending = _pending(path, exports)  # killed between the two renames of a commit
         if pending is None:
+            busy = being_written(path)  # a training replacing it as we read: not damage
+            if busy is not None:
+                raise BundleError(busy.message, busy.hint) from None
             raise
         bundle = pending
     return bundle

@@ -53,6 +53,37 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
 RUN_MARKERS = ("imgrec.json", "checkpoint.pt")
 
 
+def lock_holder(folder: str | Path) -> str | None:
+    """Who holds `folder`'s lock now ("pid N on HOST": a training or export writing it), or
+    None. Readers ask when what they read does not add up: a bundle being replaced."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        return None
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def being_written(folder: str | Path) -> ImgrecError | None:
+    """The error to give instead of "damaged" when a run is writing the bundle right now."""
+    holder = lock_holder(folder)
+    if holder is None:
+        return None
+    return ImgrecError(f"{folder}: an imgrec run ({holder}) is writing this bundle right now",
+                       "retry when it has finished")
+
+
 def check_run_folder(path: str | Path, option: str = "--out") -> Path:
     """A training run's output folder: new, empty, or a run's own (a bundle to replace, an
     interrupted run to resume). A folder of other files is refused before anything is

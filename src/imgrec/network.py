@@ -15,6 +15,7 @@ import torch
 
 from .bundle import FORMAT, ONNX_INT8_FILE, Bundle
 from .errors import BundleError
+from .files import being_written
 
 #: the architecture name of a network the caller built (`imgrec.train(data, model=module)`)
 CUSTOM_ARCHITECTURE = "custom"
@@ -60,6 +61,9 @@ def load_model(bundle: Bundle):
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # tensors of the wrong shape
+        busy = being_written(bundle.path)  # a training replaced them since imgrec.json was read
+        if busy is not None:
+            raise BundleError(busy.message, busy.hint) from None
         raise BundleError(
             f"{bundle.path}: weights do not fit the architecture "
             f"({str(e).splitlines()[-1].strip()})",
