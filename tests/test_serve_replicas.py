@@ -128,9 +128,13 @@ def test_workers_serve_the_bundle_as_it_was_when_the_server_started(tmp_path, mo
         seen["name"] = read_bundle(pinned, need_weights=False).name
 
     monkeypatch.setattr(uvicorn, "run", run)
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    monkeypatch.setenv(CONFIG_ENV, "")  # restored afterwards: run_server sets it
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     launch.run_server(ServeConfig(model=str(bundle), workers=2), "127.0.0.1", 0, "warning")
     assert Path(seen["pinned"]) != bundle and Path(seen["pinned"]).name == bundle.name
     assert seen["bytes"] == before and seen["name"] == name
     assert not Path(seen["pinned"]).exists()  # removed when the server stops
     assert not (Path(seen["pinned"]) / "model.safetensors").exists()
+    # the metrics folder it made is gone, and so is its name from the environment (the
+    # next server started from this process wrote into the removed folder and crashed)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ

@@ -135,6 +135,8 @@ def run_server(config: ServeConfig, host: str, port: int, log_level: str = "info
                     limit_concurrency=limit, timeout_keep_alive=5, server_header=False)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if shared:  # (a process that goes on, as a test's, must not point at a removed folder)
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         for folder in (shared, snapshot and snapshot.parent):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
