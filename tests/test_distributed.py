@@ -132,8 +132,11 @@ def test_two_ranks_train_disjoint_shards_and_rank0_alone_writes(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     a, b = (set(x["seen"]) for x in ranks)
     assert len(ranks[0]["seen"]) == len(a) and len(ranks[1]["seen"]) == len(b)
-    train = json.loads((out / "imgrec.json").read_text())["training"]["splits"]["train"]
+    record = json.loads((out / "imgrec.json").read_text())["training"]
+    train = record["splits"]["train"]
     assert not a & b and len(a | b) == train  # together: the whole training split, once
+    # the bundle says the batch was per process (it read like a one-process batch-20 run)
+    assert (record["batch_size"], record["processes"], record["global_batch"]) == (20, 2, 40)
     for row in (r_["history"][0] for r_ in ranks):
         row.pop("seconds")
     assert ranks[0]["history"] == ranks[1]["history"]  # reduced metrics: the same everywhere
