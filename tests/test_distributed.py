@@ -35,13 +35,15 @@ class Seen:
     def on_batch_end(self, state, batch, logs):
         x = logs["x"]
         self.seen += (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+        self.counted = logs["seen"]
     def on_train_end(self, state, logs):
         rank = os.environ["RANK"]
         with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
-            json.dump({"seen": self.seen, "history": logs["history"]}, f)
+            json.dump({"seen": self.seen, "counted": self.counted,
+                       "history": logs["history"]}, f)
 
 rng = np.random.default_rng(0)
-n = 400
+n = int(sys.argv[3]) if len(sys.argv) > 3 else 400
 x = rng.integers(0, 120, (n, 12, 12), dtype=np.uint8)
 y = (np.arange(n) % 2).astype(np.int64)
 x[y == 1, 3:9, 3:9] = 255
@@ -252,6 +254,23 @@ def test_killed_rank_ends_the_job_and_resume_completes(tmp_path):
     # (the kill may land after epoch 3: then the checkpoint has every epoch asked for)
     assert "resume  from epoch" in r.stderr or "nothing left to train" in r.stderr
     assert json.loads((out / "imgrec.json").read_text())["training"]["epochs_run"] >= 3
+
+
+def test_a_ranks_padding_is_trained_on_but_not_counted(tmp_path):
+    """An odd training split: the rank that runs one image twice (so both run the same steps)
+    counted it twice in the split's loss and accuracy (81 images reported as 40/41). The
+    ranks' counts now add up to the split."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "bundle"
+    r = _run([*TORCHRUN, "--log-dir", str(tmp_path / "logs"), str(script), str(tmp_path),
+              str(out), "97"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    train = json.loads((out / "imgrec.json").read_text())["training"]["splits"]["train"]
+    assert train % 2 == 1  # an odd split: one rank is padded
+    assert sorted(len(x["seen"]) for x in ranks) == [(train + 1) // 2] * 2  # both ran as many
+    assert sum(x["counted"] for x in ranks) == train  # and counted each image once
 
 
 class _Failure:

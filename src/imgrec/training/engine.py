@@ -343,10 +343,11 @@ class EpochLoop:
         dev = self.plan.device
         logs = {"loss_sum": torch.zeros((), device=dev),
                 "correct": torch.zeros((), device=dev, dtype=torch.long), "seen": 0}
+        last, padding = len(self.train_batches) - 1, self.train_batches.padding
         for step, (x, y, bad) in enumerate(self.train_batches):
             state.skipped.update(dict(bad))
             if x is not None:
-                self._step(x, y, logs, epoch)
+                self._step(x, y, logs, epoch, repeated=padding if step == last else 0)
                 logs.update(x=x, y=y)
             elif self.sched.last_epoch < self.sched.total_steps - 1:
                 with warnings.catch_warnings():  # "scheduler before optimizer": on purpose
@@ -363,7 +364,10 @@ class EpochLoop:
             raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
         return loss_sum / seen, correct / seen
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, logs: dict[str, Any], epoch: int) -> None:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, logs: dict[str, Any], epoch: int,
+              repeated: int = 0) -> None:
+        """One optimizer step; the batch's last `repeated` rows (a rank's padding) are
+        trained on but left out of the split's loss and accuracy."""
         x = self._prep(x, True)
         with torch.autocast(self.plan.device.type, dtype=self.amp_dtype, enabled=self.amp):
             logits = self.step_model(x)
@@ -382,9 +386,11 @@ class EpochLoop:
             self.lookahead.step(self.model)
         # reported as validation is: plain cross-entropy (the smoothed, class-weighted loss
         # optimised is higher by construction, so validation looked better than training)
-        logs["loss_sum"] += F.cross_entropy(logits.detach().float(), y, reduction="sum")
+        keep = max(0, len(y) - repeated)
+        logits, y = logits.detach()[:keep].float(), y[:keep]
+        logs["loss_sum"] += F.cross_entropy(logits, y, reduction="sum")
         logs["correct"] += (logits.argmax(1) == y).sum()
-        logs["seen"] += len(y)
+        logs["seen"] += keep
 
     @torch.no_grad()
     def validate(self, state: RunState) -> tuple[float, float]:

@@ -99,6 +99,16 @@ class Batches:
                 -(-len(eval_indices(len(self.split), self.world)) // self.batch_size)
         return (len(self.split) + self.batch_size - 1) // self.batch_size
 
+    @property
+    def padding(self) -> int:
+        """Images repeated at the end of this process's share of a training split so every
+        rank runs the same steps (DistributedSampler's padding, shard_batches'): the last
+        rows of its last batch, which the split's figures must not count twice."""
+        if not (self.world.active and self.shuffle):
+            return 0
+        n, size = len(self.split), self.world.size
+        return -(-n // size) - len(range(self.world.rank, n, size))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list]]:
         self.epoch += 1
         if self.in_memory:
