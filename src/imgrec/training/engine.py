@@ -321,12 +321,8 @@ class EpochLoop:
         if split.paths is None or self.plan.world.active:
             return
         bad = set(state.skipped)
-        taught = {int(y) for p, y in zip(split.paths, split.labels, strict=True) if p not in bad}
-        untaught = [c for i, c in enumerate(self.plan.data.classes) if i not in taught]
-        if untaught:
-            names = ", ".join(repr(c) for c in untaught)
-            raise ImgrecError(f"class(es) {names}: none of their training images could be read",
-                              "run `imgrec doctor DATA` to see the unreadable files")
+        check_every_class_taught(self.plan.data.classes, [
+            y for p, y in zip(split.paths, split.labels, strict=True) if p not in bad])
 
     # -- one epoch -------------------------------------------------------------------------
     def _prep(self, x: torch.Tensor, train: bool) -> torch.Tensor:
@@ -494,14 +490,24 @@ _FINGERPRINT_NAMES = {"data": "the data", "model": "--model", "model_args": "the
                       "world_size": "--nproc"}
 
 
+def check_every_class_taught(classes: list[str], read_labels: Any) -> None:
+    """Refuse a class no readable training image teaches (the network would still predict
+    it): `read_labels`, the labels of the training images that could be read."""
+    taught = {int(y) for y in read_labels}
+    untaught = [c for i, c in enumerate(classes) if i not in taught]
+    if untaught:
+        names = ", ".join(repr(c) for c in untaught)
+        raise ImgrecError(f"class(es) {names}: none of their training images could be read",
+                          "run `imgrec doctor DATA` to see the unreadable files")
+
+
 def _fingerprint_changes(saved: Any, now: dict) -> str:
     """What differs between a checkpoint's fingerprint and this run's, in words."""
     if not isinstance(saved, dict):
         return "the checkpoint records none"
     out, keys = [], set(saved) | set(now)
-    for key in [k for k in _FINGERPRINT_NAMES if k in keys] + sorted(keys - set(
-            _FINGERPRINT_NAMES)):
-        if saved.get(key) == now.get(key):
+    for key in list(_FINGERPRINT_NAMES) + sorted(keys - set(_FINGERPRINT_NAMES)):
+        if saved.get(key) == now.get(key):  # (equal too when neither has it)
             continue
         name = _FINGERPRINT_NAMES.get(key, key)
         if key == "data":

@@ -29,7 +29,7 @@ from ..errors import ImgrecError
 from ..models.pretrained import Backbone, make_head
 from . import distributed, optimizers
 from .callbacks import CallbackList, EarlyStopping, RunState
-from .engine import WEIGHTS_NOTE, balanced_cross_entropy, class_weights
+from .engine import WEIGHTS_NOTE, balanced_cross_entropy, check_every_class_taught, class_weights
 from .features import Extractor
 from .plan import RunPlan
 from .recipes import HEAD_DROPOUT, LAYER_DECAY, TRANSFER_DEFAULTS
@@ -93,11 +93,7 @@ def extract_features(plan: RunPlan, callbacks: CallbackList, state: RunState) ->
     callbacks.on_note(state, note)
     if not len(splits["train"][0]):
         raise ImgrecError("no training image could be read", "run `imgrec doctor DATA`")
-    untaught = [c for i, c in enumerate(plan.data.classes) if not (splits["train"][1] == i).any()]
-    if untaught:  # the head would still predict them, never having seen one
-        names = ", ".join(repr(c) for c in untaught)
-        raise ImgrecError(f"class(es) {names}: none of their training images could be read",
-                          "run `imgrec doctor DATA` to see the unreadable files")
+    check_every_class_taught(plan.data.classes, splits["train"][1])
     return fs
 
 
