@@ -437,15 +437,14 @@ def write_training_digests(folder: Path, paths: list[str]) -> None:
     atomic_write_text(Path(folder) / TRAINING_DIGESTS, "".join(f"{d}\n" for d in digests))
 
 
-def training_overlap(bundle: Bundle, paths: list[str]) -> int | None:
-    """How many of `paths` hold a training image's bytes (None: the bundle records none)."""
-    from .feature_cache import digest_all
-
+def training_overlap(bundle: Bundle, digests: list) -> int | None:
+    """How many of these content digests (`feature_cache.digest_all`'s) are a training
+    image's (None: the bundle records none)."""
     try:
         known = set((Path(bundle.path) / TRAINING_DIGESTS).read_text().split())
     except OSError:
         return None
-    return sum(1 for d in digest_all(paths) if isinstance(d, str) and d in known)
+    return sum(1 for d in digests if isinstance(d, str) and d in known)
 
 
 def serving_onnx_path(bundle: Bundle) -> Path:

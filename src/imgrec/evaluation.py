@@ -13,7 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle, atomic_write_text, file_digest, training_overlap
+from .bundle import (
+    TRAINING_DIGESTS,
+    Bundle,
+    atomic_write_text,
+    file_digest,
+    training_overlap,
+)
 from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset
 from .errors import DataError, InputError
@@ -221,14 +227,17 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
         probs = predictor.probabilities(fit_arrays(s.images, bundle.preprocess), batch_size)
         keep = list(range(len(s)))
         inputs = [f"{_array_marker(ds, split_name)}{i}" for i in range(len(s))]
+        overlap = None
     else:
-        probs, keep, skipped, from_cache = _score_files(predictor, s.paths)
+        # each file's content digest, once: the feature cache's key and the training overlap's
+        digests = digest_all(s.paths) if needs_digests(bundle) else None
+        probs, keep, skipped, from_cache = _score_files(predictor, s.paths, digests)
         inputs = [s.paths[i] for i in keep]
+        overlap = None if digests is None else training_overlap(bundle, [digests[i] for i in keep])
     if not keep:
         raise DataError(f"no readable image in {ds.name} {split_name}")
     y_true = mapping[s.labels[np.array(keep)]]
     seconds = time.perf_counter() - t0
-    overlap = training_overlap(bundle, inputs) if s.images is None else None
     return EvalReport(list(bundle.classes), y_true, probs, inputs, split_name, ds.name, skipped,
                       seconds, getattr(predictor.engine, "name", None), from_cache, overlap)
 
@@ -271,14 +280,21 @@ def is_training_data(bundle: Bundle, data: str) -> bool:
 FILE_BATCH = 32
 
 
-def _score_files(predictor: Predictor, paths: list[str]
+def needs_digests(bundle: Bundle) -> bool:
+    """Whether evaluating files uses their content digests: the bundle records its training
+    images' (TRAINING_DIGESTS), or features training cached their embeddings."""
+    return (Path(bundle.path) / TRAINING_DIGESTS).is_file() or \
+        isinstance(bundle.training.get("feature_reuse"), dict)
+
+
+def _score_files(predictor: Predictor, paths: list[str], digests: list | None = None
                  ) -> tuple[np.ndarray, list[int], dict[str, str], int]:
     """Probabilities of image files: those training already embedded from the feature cache
     (cached_logits), the others decoded and run in lanes (`predict.in_lanes`: one
     single-threaded ONNX Runtime session per core; PyTorch is one lane).
     (probabilities, indices scored, {path: reason} skipped, from the cache)"""
     bundle = predictor.bundle
-    logits = cached_logits(predictor, paths)
+    logits = cached_logits(predictor, paths, digests)
     scored = {i: softmax(row[None], bundle.temperature)[0] for i, row in logits.items()}
     todo = [i for i in range(len(paths)) if i not in scored]
     chunks = [todo[k : k + FILE_BATCH] for k in range(0, len(todo), FILE_BATCH)]
@@ -316,7 +332,8 @@ def _lanes(predictor: Predictor) -> list[Predictor]:
             for _ in range(lane_count())]
 
 
-def cached_logits(predictor: Predictor, paths: list[str]) -> dict[int, np.ndarray]:
+def cached_logits(predictor: Predictor, paths: list[str],
+                  digests: list | None = None) -> dict[int, np.ndarray]:
     """{index: logits} of the images a features-mode bundle's training already embedded: their
     cached features through the head part of the bundle's model.onnx. Only when that file is
     the one training composed (its SHA-256 recorded in imgrec.json's "feature_reuse") and run
@@ -339,7 +356,7 @@ def cached_logits(predictor: Predictor, paths: list[str]) -> dict[int, np.ndarra
         return {}
     name, dim = head.get_inputs()[0].name, head.get_inputs()[0].shape[-1]
     cache = FeatureCache(key, int(dim))
-    found = {i: vec for i, d in enumerate(digest_all(paths))
+    found = {i: vec for i, d in enumerate(digests if digests is not None else digest_all(paths))
              if isinstance(d, str) and (vec := cache.get(d)) is not None}
     if not found:
         return {}
