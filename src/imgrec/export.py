@@ -8,7 +8,6 @@ import importlib
 import io
 import logging
 import os
-import secrets
 import threading
 import warnings
 from dataclasses import dataclass
@@ -17,19 +16,19 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import EXPORT_KEY, ONNX_FILE, ONNX_INT8_FILE, file_digest, serving_onnx_path
+from .bundle import (
+    EXPORT_KEY,
+    ONNX_FILE,
+    ONNX_INT8_FILE,
+    file_digest,
+    serving_onnx_path,
+)
 from .errors import InputError, ModelError
+from .files import private_name
 
 #: torch.onnx.export keeps global state ("GLOBALS.in_onnx_export"): two threads exporting at
 #: once (two studio projects training) failed; one export at a time in a process
 _EXPORTING = threading.Lock()
-
-
-def private_name(path: Path, tag: str) -> Path:
-    """A hidden name beside `path` that no other process or thread writes at the same time
-    (two trainings sharing $IMGREC_CACHE, or two exports of one bundle, used fixed temporary
-    names and crashed on each other's renames)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
 def export_onnx(model, path: Path, input_shape: tuple[int, int, int], opset: int = 17,

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import Preprocess
+from .files import private_name
 
 CACHE_FORMAT = 2  # 2: the contract resamples only the centre crop (pixels moved by rounding)
 
@@ -98,7 +99,7 @@ class FeatureCache:
         meta = {"key": k, "sha256": hashlib.sha256(vec.tobytes()).hexdigest(),
                 "format": str(CACHE_FORMAT)}
         path = self.path(k)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = private_name(path, "tmp")  # (studio trains projects in threads of one process)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(save({"features": vec}, metadata=meta))

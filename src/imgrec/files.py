@@ -6,6 +6,7 @@ written atomically by bundle.atomic_write_bytes / atomic_write_text.) Torch-free
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -51,6 +52,13 @@ def check_output_folder(path: str | Path, option: str = "--out") -> Path:
 
 #: files that make a folder a training run's own (a bundle, or an interrupted run's checkpoint)
 RUN_MARKERS = ("imgrec.json", "checkpoint.pt")
+
+
+def private_name(path: Path, tag: str) -> Path:
+    """A hidden name beside `path` that no other process or thread writes at the same time
+    (two trainings sharing $IMGREC_CACHE, or two exports of one bundle, used fixed temporary
+    names and crashed on each other's renames)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{tag}")
 
 
 def lock_holder(folder: str | Path) -> str | None:
