@@ -50,6 +50,22 @@ def test_normalize_numpy_and_torch_identical():
                                atol=1e-5)
 
 
+def test_normalize_numpy_is_the_plain_formula_bit_for_bit():
+    """The in-place NumPy path (one float32 array, no temporaries) gives exactly the bits of
+    the plain (x - mean) / std, so models trained before it score images alike; it leaves
+    the input as it was and takes float input too."""
+    c = Preprocess(input_size=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    batch = np.random.default_rng(1).integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
+    before = batch.copy()
+    mean = np.asarray(c.mean, np.float32).reshape(1, -1, 1, 1) * 255.0
+    std = np.asarray(c.std, np.float32).reshape(1, -1, 1, 1) * 255.0
+    expected = (batch.astype(np.float32) - mean) / std
+    got = c.normalize(batch)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    assert np.array_equal(batch, before)
+    assert np.array_equal(c.normalize(batch.astype(np.float64)), expected)
+
+
 def test_call_gives_float_chw():
     c = Preprocess(input_size=6, channels=1, mean=(0.5,), std=(0.5,))
     out = c(Image.new("L", (12, 12), 255))
