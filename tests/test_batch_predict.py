@@ -201,13 +201,28 @@ def test_walk_is_sorted_like_rglob(tmp_path):
                 "a-b.png", "notes.txt", "é.jpg"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-    (tmp_path / "link").symlink_to(tmp_path / "a")  # a symlinked folder is not followed
     rglob = sorted(p for p in tmp_path.rglob("*") if p.is_file() and is_image_path(p))
     assert list(walk_images(tmp_path)) == rglob
-    for hidden in (".git/objects/photo.jpg", "a/._z.png"):  # hidden names are left out
-        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)
+    for hidden in (".git/objects/photo.jpg", "a/._z.png", "__MACOSX/a/._z.png"):
+        (tmp_path / hidden).parent.mkdir(parents=True, exist_ok=True)  # left out, as train does
         (tmp_path / hidden).write_bytes(b"x")
     assert list(walk_images(tmp_path)) == rglob
+
+
+def test_walk_follows_symlinked_folders_but_not_loops(tmp_path):
+    """A symlinked folder is walked, as train and doctor follow a symlinked class folder; a
+    link back into the folders being walked (a loop) is not."""
+    elsewhere, top = tmp_path / "elsewhere", tmp_path / "photos"
+    for rel in ("cats/a.jpg", "cats/deeper/b.png"):
+        (elsewhere / rel).parent.mkdir(parents=True, exist_ok=True)
+        (elsewhere / rel).write_bytes(b"x")
+    (top / "dogs").mkdir(parents=True)
+    (top / "dogs" / "c.jpg").write_bytes(b"x")
+    (top / "cats").symlink_to(elsewhere / "cats")
+    (top / "dogs" / "up").symlink_to(top)  # a loop
+    (elsewhere / "cats" / "deeper" / "back").symlink_to(elsewhere / "cats")  # a loop too
+    got = [p.relative_to(top).as_posix() for p in walk_images(top)]
+    assert got == ["cats/a.jpg", "cats/deeper/b.png", "dogs/c.jpg"]
 
 
 def test_in_lanes_reads_chunks_lazily():

@@ -674,3 +674,13 @@ def _reduce_convert(img: Image.Image, channels: int, factor: int) -> Image.Image
 def is_image_path(path: Path) -> bool:
     """Whether a file name looks like an image (used when listing folders)."""
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+#: folder names that never hold a user's photos: macOS puts a zip's resource forks there
+SKIPPED_FOLDERS = {"__MACOSX"}
+
+
+def hidden(name: str) -> bool:
+    """A name every folder listing leaves out (train, doctor, the label audit, predict DIR):
+    `.DS_Store`, macOS's `._photo.jpg`, `.git/`, `__MACOSX/`."""
+    return name.startswith(".") or name in SKIPPED_FOLDERS

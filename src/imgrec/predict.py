@@ -22,7 +22,7 @@ import numpy as np
 from .bundle import ONNX_INT8_FILE, Bundle
 from .contract import load_input
 from .errors import InputError, UnreadableImage
-from .images import is_image_path
+from .images import hidden, is_image_path
 from .zoo import open_bundle
 
 URL_TIMEOUT_S = 15.0
@@ -365,26 +365,28 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[str]:
             yield item
 
 
-def walk_images(folder: Path) -> Iterator[Path]:
+def walk_images(folder: Path, _chain: frozenset[str] = frozenset()) -> Iterator[Path]:
     """Image files under `folder` in sorted path order (what sorted(folder.rglob("*")) gives:
     each directory's names sorted, depth first), holding one directory's names at a time.
-    Like rglob, symlinked folders are not followed and unreadable subfolders are skipped;
-    hidden names (.git/, ._photo.jpg from macOS) are left out, as doctor and the studio do."""
+    A symlinked folder is followed, as train and doctor follow a symlinked class folder,
+    unless it leads back into a folder being walked (a loop); unreadable subfolders are
+    skipped and hidden names (.git/, ._photo.jpg, __MACOSX/) left out, as every listing does."""
+    chain = _chain | {os.path.realpath(folder)}
     names, dirs = [], set()
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.startswith("."):
+                if hidden(entry.name):
                     continue
                 names.append(entry.name)
-                if entry.is_dir(follow_symlinks=False):
+                if entry.is_dir() and os.path.realpath(entry.path) not in chain:
                     dirs.add(entry.name)
     except OSError:
         return
     for name in sorted(names):
         path = folder / name
         if name in dirs:
-            yield from walk_images(path)
+            yield from walk_images(path, chain)
         elif is_image_path(path) and path.is_file():
             yield path
 

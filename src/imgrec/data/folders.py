@@ -15,18 +15,10 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
+from ..images import hidden
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "val": "val",
                  "valid": "val", "test": "test", "testing": "test"}
-#: folder names that are never a class: macOS puts resource forks of a zip's files there
-SKIPPED_FOLDERS = {"__MACOSX"}
-
-
-def hidden(name: str) -> bool:
-    """A name a dataset listing leaves out."""
-    return name.startswith(".") or name in SKIPPED_FOLDERS
-
-
 def split_folders(root: Path) -> dict[str, Path]:
     """{split: folder} when `root` has the split layout (a train/ folder), else {}."""
     found: dict[str, list[Path]] = {}
