@@ -78,3 +78,20 @@ def test_the_length_check_sees_a_long_function(tmp_path):
     body = "\n".join(f"    x{i} = {i}" for i in range(61))
     (tmp_path / "m.py").write_text(f"def long():\n{body}\n")
     assert _long_functions(tmp_path) == ["m.py:1 long (62)"]
+
+
+def test_every_runtime_file_is_packaged():
+    """Every file beside the modules (web pages, templates, samples) is in pyproject's
+    package-data, so a wheel has it: the studio's static folder was left out, and `imgrec
+    studio` crashed on every install but the editable one."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["imgrec"]
+    package = root / "src" / "imgrec"
+    data = [p.relative_to(package).as_posix() for p in package.rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    missing = [f for f in data if not any(fnmatch.fnmatchcase(f, pat) for pat in patterns)]
+    assert data and not missing, f"not in [tool.setuptools.package-data]: {missing}"

@@ -375,3 +375,83 @@ def test_the_command_exits_though_a_worker_ignores_sigterm(tmp_path):
     done = subprocess.run([sys.executable, str(script)], timeout=120, capture_output=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert time.monotonic() - t < 60
+
+
+BLOCKED_IMPORTS = """
+import sys
+
+class Missing:  # an install without these packages
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in sys.argv[1].split(","):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+for name in list(sys.modules):  # nothing of them imported already
+    if name.split(".")[0] in sys.argv[1].split(","):
+        del sys.modules[name]
+from imgrec.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _without(modules: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMGREC_DATA": str(tmp_path)}
+    env.pop("IMGREC_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS, modules, *args],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+
+
+def test_the_cli_needs_no_click(tmp_path):
+    """`pip install imgrec` (no extras) has Typer, whose recent versions carry their own click
+    and no longer install it: the command line must not import click."""
+    ok = _without("click", "--help", tmp_path=tmp_path)
+    assert ok.returncode == 0 and "train" in ok.stdout, ok.stderr
+    bad = _without("click", "predict", "--top-k", "abc", tmp_path=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("imgrec: error: "), bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("modules, args, extra", [
+    ("fastapi,uvicorn,starlette", ["serve", "mnist-bundle-not-needed"], "serve"),
+    ("optuna,sqlalchemy", ["tune", "{shapes}", "--trials", "1"], "tune"),
+    # before the work (the bundle is not even opened), not after scoring every image
+    ("sklearn", ["evaluate", "no-such-bundle", "{shapes}"], "train"),
+    ("cleanlab", ["doctor", "{shapes}", "--labels"], "audit"),
+])
+def test_a_missing_extra_is_named_in_one_line(shapes, tmp_path, modules, args, extra):
+    """A train-only install running `imgrec serve` (or `tune` without optuna) is told which
+    extra to install, exit 2: it was an internal error naming fastapi (or sqlalchemy)."""
+    got = _without(modules, *(a.format(shapes=shapes) for a in args), tmp_path=tmp_path)
+    err = got.stderr.strip().splitlines()
+    assert got.returncode == 2 and len(err) == 1, got.stderr
+    assert f"pip install 'imgrec[{extra}]'" in err[0] and "internal error" not in err[0]
+
+
+def test_train_expands_a_tilde_in_out(shapes, tmp_path, monkeypatch):
+    """`--out=~/runs/x` (the shell leaves a `~` after `=` alone) writes one bundle, in the
+    home folder: it was written to a literal ./~/runs/x and an empty folder left at home."""
+    from imgrec.training.config import TrainConfig
+    from imgrec.training.plan import make_plan
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(TrainConfig(data=str(shapes), model="fast-cnn", quiet=True,
+                                 out="~/runs/x"))
+    assert plan.out == tmp_path / "home" / "runs" / "x"
+
+
+def test_version(capsys):
+    from imgrec import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"imgrec {__version__}"
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_traceback(tmp_path):
+    """`imgrec | head -1`: the help's second line met a closed pipe, and a BrokenPipeError
+    traceback followed."""
+    script = tmp_path / "pipe.sh"
+    script.write_text(f'"{sys.executable}" -m imgrec.cli | true\n')
+    got = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in got.stderr and "BrokenPipe" not in got.stderr, got.stderr

@@ -219,6 +219,17 @@ def test_benchmark_notes_missing_engines_and_refuses_bad_options(tmp_path, capsy
     assert "skipped" in printed and "model.safetensors is missing" in printed
     assert {m["engine"] for m in json.loads((tmp_path / "c" / "benchmark.json").read_text())[
         "measurements"]} == {"onnx"}
+    import importlib.util
+
+    real = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:  # a serve-only install: the table and JSON, no PNG
+        mp.setattr(importlib.util, "find_spec",
+                   lambda name, *a: None if name == "matplotlib" else real(name, *a))
+        assert main(["benchmark", str(path), "--seconds", "0.05", "--batch-sizes", "2",
+                     "--out", str(tmp_path / "d")]) == 0
+    assert "chart:   none (the chart needs matplotlib" in capsys.readouterr().out
+    assert (tmp_path / "d" / "benchmark.json").is_file()
+    assert not (tmp_path / "d" / "benchmark.png").exists()
     for argv, needle in ((["--out", str(path / "inside")], "inside the bundle"),
                          (["--batch-sizes", "1,x"], "--batch-sizes"),
                          (["--batch-sizes", "0"], "from 1 to 4096")):

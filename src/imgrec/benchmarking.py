@@ -191,14 +191,20 @@ def check_out(out: Path, bundle_path: Path) -> Path:
     return check_output_folder(out)
 
 
-def write_outputs(result: BenchmarkResult, out: Path) -> tuple[Path, Path]:
-    """benchmark.json and benchmark.png (images/s per batch size, a bar per engine)."""
+def write_outputs(result: BenchmarkResult, out: Path) -> tuple[Path, Path | None]:
+    """benchmark.json and benchmark.png (images/s per batch size, a bar per engine); no PNG
+    where matplotlib is not installed (a serve-only install benchmarks ONNX Runtime too)."""
+    import importlib.util
+
     from .bundle import atomic_write_text
-    from .figures import pyplot, save_figure
 
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / RESULT_FILE
     atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+    if importlib.util.find_spec("matplotlib") is None:
+        return json_path, None
+    from .figures import pyplot, save_figure
+
     plt = pyplot()
     engines = list(dict.fromkeys(m.engine for m in result.measurements))
     sizes = list(dict.fromkeys(m.batch_size for m in result.measurements))

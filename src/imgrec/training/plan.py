@@ -148,7 +148,7 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     size = contract.input_size  # a recipe's crop, or the backbone's own size
     if world.active and cfg.batch_size is None:  # the recipe's batch is the global one
         hyper["batch_size"] = max(1, math.ceil(hyper["batch_size"] / world.size))
-    out = Path(cfg.out or Path("runs") / re.sub(r"[^\w.-]+", "-", f"{ds.name}-{name}"))
+    out = Path(cfg.out or Path("runs") / re.sub(r"[^\w.-]+", "-", f"{ds.name}-{name}")).expanduser()
     if not cfg.out:
         check_run_folder(out)
     return RunPlan(cfg, ds, mode, name, args, contract, size, **hyper, augment=augment,
