@@ -69,6 +69,9 @@ def test_unknown_option_and_command(capsys):
     assert "--bogus" in _one_error_line(capsys, main(["predict", "--bogus", "x.jpg"]))
     assert "frobnicate" in _one_error_line(capsys, main(["frobnicate"]))
     assert "--top-k" in _one_error_line(capsys, main(["predict", "--top-k", "0", "x.jpg"]))
+    # an option without its value points at the command's help, not imgrec's
+    assert "(see `imgrec serve --help`)" in _one_error_line(capsys, main(["serve", "m",
+                                                                         "--port"]))
 
 
 def test_predict_non_image_and_truncated(capsys, tmp_path_factory, tmp_path):

@@ -1060,7 +1060,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `imgrec`: the help, not an error
             print(e.format_message())
             return 0
-        sub = f" {e.ctx.info_name}" if e.ctx and e.ctx.info_name != "imgrec" else ""
+        name = e.ctx.info_name if e.ctx and e.ctx.info_name != "imgrec" else next(
+            (a for a in args if a in getattr(command, "commands", {})), None)  # a bad value
+        sub = f" {name}" if name else ""
         print(f"imgrec: error: {e.format_message()} (see `imgrec{sub} --help`)", file=sys.stderr)
         return 2
     except typer.Exit as e:
