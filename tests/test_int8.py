@@ -266,3 +266,27 @@ def test_quantizing_on_a_full_disk_says_so_and_leaves_nothing(tiny_int8, tmp_pat
     with pytest.raises(InputError, match="too little free disk space to quantize"):
         quantize_int8(src, tmp_path / "model.int8.onnx", calibration, bias_correction=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_an_int8_run_says_int8(tiny_int8, tmp_path):
+    """evaluate's JSON, predict's --out job record and Ray's actors read the engine's name:
+    an int8 run was recorded as "onnx" beside the file model.int8.onnx."""
+    from imgrec.batch_predict import job_record
+
+    int8 = Predictor.load(str(tiny_int8), engine="int8")
+    assert int8.engine.name == "int8"
+    assert Predictor.load(str(tiny_int8), engine="onnx").engine.name == "onnx"
+    record = job_record(int8, None, 3, None)
+    assert record["engine"] == "int8" and record["model"]["file"] == ONNX_INT8_FILE
+
+
+def test_benchmark_says_when_the_machine_was_busy(monkeypatch):
+    import os
+
+    from imgrec import benchmarking
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.4, 0.4))
+    assert benchmarking.busy_note() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.2, 3.0, 2.0))
+    assert "busy (load average 4.2 on 2 CPUs)" in benchmarking.busy_note()

@@ -156,6 +156,7 @@ def run_benchmark(model: str | Path | None, batch_sizes: tuple[int, ...] = DEFAU
     if seconds <= 0:
         raise InputError(f"--seconds must be above 0, got {seconds}")
     bundle = open_bundle(model, need_weights=False)
+    busy = busy_note()
     built, notes = build_engines(bundle, engines, threads)
     if not built:
         raise InputError(f"{bundle.path}: no engine can run this bundle here ("
@@ -170,7 +171,26 @@ def run_benchmark(model: str | Path | None, batch_sizes: tuple[int, ...] = DEFAU
             calls, rate, p50, p99 = time_engine(engine, x, seconds)
             result.measurements.append(Measurement(name, size, calls, round(rate, 2),
                                                    round(p50, 3), round(p99, 3)))
+    if busy:
+        result.notes.append(busy)
     return result
+
+
+#: a 1-minute load average above this share of the CPUs makes the figures a busy machine's
+BUSY_LOAD = 0.75
+
+
+def busy_note() -> str | None:
+    """A note when other work was already running (its figures are lower and noisier: PyTorch's
+    thread team stalls at every operator when a core is taken), else None."""
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # no load average on this system
+        return None
+    if load <= BUSY_LOAD * cpus:
+        return None
+    return (f"the machine was busy (load average {load:.1f} on {cpus} CPUs) when the benchmark "
+            "started: these figures are lower and noisier than a quiet machine's")
 
 
 def default_out(bundle_path: Path) -> Path:

@@ -308,7 +308,7 @@ def _print_evaluation(rep, mistakes: int, in_report: bool = False) -> None:
     """The headline, the per-class table and the most confident mistakes."""
     _echo(f"{rep.dataset} {rep.split}: accuracy {rep.accuracy:.4f}" +
           (f"  top-5 {rep.top5_accuracy:.4f}" if rep.top5_accuracy is not None else "") +
-          f"  (n={rep.n})")
+          f"  (n={rep.n})" + ("  [int8 model]" if rep.engine == "int8" else ""))
     if rep.training_overlap and not in_report:  # (a report's notes say it)
         from .evaluation import overlap_note
 

@@ -155,12 +155,8 @@ def ray_scorer(address: str | None, actors: int | None = None):
 
 
 def _engine_name(predictor: Predictor) -> str:
-    """The engine the actors build: the one the driver resolved (int8 by its file)."""
-    engine = predictor.engine
-    path = getattr(engine, "path", None)
-    if path is not None:
-        return "int8" if Path(path).name.endswith(".int8.onnx") else "onnx"
-    return "torch"
+    """The engine the actors build: the one the driver resolved (onnx, int8 or torch)."""
+    return getattr(predictor.engine, "name", "torch")
 
 
 def run_ray(inputs: list[str] | None, out: str | Path, address: str = "local",

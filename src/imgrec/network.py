@@ -100,8 +100,11 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, bundle: Bundle | None, device: Any = None, model: Any = None):
+    def __init__(self, bundle: Bundle | None, device: Any = None, model: Any = None,
+                 threads: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if threads and self.device.type == "cpu":  # as ONNX Runtime's (benchmark --threads)
+            torch.set_num_threads(threads)
         self.model = (model if model is not None else load_model(bundle)).to(self.device).eval()
         self.channels_last = self.device.type == "cpu"
         if self.channels_last:

@@ -47,9 +47,8 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 class OnnxEngine:
-    """Runs model.onnx in ONNX Runtime: several times faster than eager PyTorch on a CPU."""
-
-    name = "onnx"
+    """Runs model.onnx in ONNX Runtime: several times faster than eager PyTorch on a CPU.
+    Its `name` is "int8" when the file is model.int8.onnx, so every record of a run says so."""
 
     def __init__(self, bundle: Bundle | None = None, threads: int | None = None,
                  path: Path | None = None):
@@ -63,6 +62,7 @@ class OnnxEngine:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # serve may pick model.int8.onnx; feature extraction passes its backbone's file
         self.path = Path(path or bundle.onnx_path)
+        self.name = "int8" if self.path.name == ONNX_INT8_FILE else "onnx"
         self.session = ort.InferenceSession(str(self.path), opts,
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
@@ -102,7 +102,7 @@ def make_engine(bundle: Bundle, engine: Any = "auto", device: Any = None,
         raise InputError(f"unknown engine {engine!r}", "use auto, onnx, int8 or torch")
     from .network import TorchEngine  # the only way from predict to torch (docs/architecture.md)
 
-    return TorchEngine(bundle, device)
+    return TorchEngine(bundle, device, threads=threads)
 
 
 class Predictor:

@@ -76,7 +76,7 @@ class Service:
 
     @property
     def on_onnx(self) -> bool:
-        return self.predictor.engine.name == "onnx"
+        return self.predictor.engine.name in ("onnx", "int8")
 
     def describe(self) -> ModelInfo:
         c, config = self.bundle.preprocess, self.config
