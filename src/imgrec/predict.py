@@ -143,6 +143,8 @@ class Predictor:
         """Decode + contract for one input (file path, URL or bytes)."""
         if is_url(source):
             return load_input(fetch_url(source), self.contract, invert, name=source)
+        if _unread_file(source):  # Image.open(path), not decoded yet: as the file itself
+            return load_input(source.filename, self.contract, invert)
         if isinstance(source, np.ndarray) or hasattr(source, "getpixel"):  # in memory
             return load_input(_as_png(source), self.contract, invert, name="array")
         if isinstance(source, bytearray | memoryview):
@@ -178,6 +180,15 @@ class Predictor:
 
 #: PIL modes PNG keeps as they are; the others (CMYK, LAB, YCbCr, F, I, RGBX ...) go as TIFF
 PNG_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16"}
+
+
+def _unread_file(image) -> bool:
+    """A PIL image opened from a file and not decoded yet (its `tile` still lists the work):
+    predicted from that file, it decodes as the file does, a large JPEG at reduced scale
+    (a decoded image is resized from full size: a big photo's probabilities differed ~1e-2)."""
+    filename = getattr(image, "filename", None)
+    return bool(getattr(image, "tile", None) and isinstance(filename, str) and filename
+                and hasattr(image, "getpixel") and os.path.isfile(filename))
 
 
 def _as_png(image) -> bytes:
