@@ -130,6 +130,34 @@ def test_a_held_out_folder_is_scored_whole(tmp_path_factory, tmp_path, capsys):
     assert evaluate_bundle(base / "bundle", str(base / "shapes" / "."), "test").n == 8
 
 
+def test_another_folder_of_the_training_folders_name_is_held_out(tmp_path_factory, tmp_path,
+                                                                   monkeypatch):
+    """A bundle trained on `shapes` (relative) took any folder called `shapes`, from another
+    working folder, for its training data: it scored that folder's 10% "test" share, or
+    refused it, instead of all of it. Only the recorded absolute path decides."""
+    import shutil
+
+    from imgrec.bundle import read_bundle
+
+    base = trained_shapes(tmp_path_factory)
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(base / "bundle", bundle_dir)
+    bundle = read_bundle(bundle_dir)
+    # as a run given `shapes` from its own working folder records it
+    bundle.training.update(data="shapes", data_path=str((base / "shapes").resolve()))
+    bundle.write_meta()
+    other = tmp_path / "elsewhere" / "shapes"
+    for cls in ("disc", "square"):
+        (other / cls).mkdir(parents=True)
+        for f in sorted((base / "shapes" / cls).glob("*.png"))[:5]:
+            shutil.copy(f, other / cls / f.name)
+    monkeypatch.chdir(other.parent)
+    rep = evaluate_bundle(bundle_dir, "shapes", "test")
+    assert rep.split == "all" and rep.n == 10
+    monkeypatch.chdir(base)  # the training folder itself, by the same relative name
+    assert evaluate_bundle(bundle_dir, "shapes", "test").split == "test"
+
+
 def test_evaluate_skips_bad_files(tmp_path_factory, tmp_path):
     base = trained_shapes(tmp_path_factory)
     csv_path = tmp_path / "list.csv"

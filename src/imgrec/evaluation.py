@@ -259,21 +259,28 @@ def evaluation_data(bundle: Bundle, data: str, split: str, data_dir: str | None 
 
 
 def is_training_data(bundle: Bundle, data: str) -> bool:
-    """Whether `data` names what the bundle trained on: the same name (a built-in dataset,
-    or the path as it was given) or the same folder or CSV (recorded as an absolute path)."""
+    """Whether `data` names what the bundle trained on: the same folder or CSV (recorded as
+    an absolute path, `data_path`), or for a built-in dataset the same name. The path as it
+    was given is never compared: "photos" named another folder from another working folder,
+    and evaluate scored that folder's "test" split (or refused it) instead of all of it."""
     t = bundle.training
-    here = Path(data).expanduser()
-    for recorded in (t.get("data"), t.get("data_path")):
-        if not isinstance(recorded, str) or not recorded:
-            continue
-        if recorded == data:
-            return True
+    recorded = t.get("data_path")
+    if isinstance(recorded, str) and recorded:
         try:
-            if here.exists() and Path(recorded).expanduser().resolve() == here.resolve():
-                return True
+            here = Path(data).expanduser()
+            return here.exists() and Path(recorded).resolve() == here.resolve()
         except OSError:
-            continue
-    return False
+            return False
+    name = t.get("data")  # a built-in dataset's name (or, in an older bundle, a path)
+    if not isinstance(name, str) or not name:
+        return False
+    if name == data:
+        return True
+    try:
+        here = Path(data).expanduser()
+        return here.exists() and Path(name).expanduser().resolve() == here.resolve()
+    except OSError:
+        return False
 
 
 #: images decoded per batch while the engine runs the batch before
