@@ -349,3 +349,27 @@ def test_two_folders_naming_one_split_are_refused(tmp_path, names):
         assert f"{names[0]}/ and {names[1]}/ both hold the" in str(e.value) or \
             f"{names[1]}/ and {names[0]}/ both hold the" in str(e.value)
         assert "merge them" in e.value.hint
+
+
+def test_a_split_named_folder_beside_class_folders_is_refused(tmp_path):
+    """test/ beside cat/ and dog/ (no train/) was trained as a third class called test."""
+    from imgrec.doctor import scan
+
+    _folder(tmp_path, {"cat": 3, "dog": 3})
+    _folder(tmp_path, {"cat": 2, "dog": 2}, "test")
+    for read in (lambda: load_dataset(str(tmp_path)), lambda: scan(tmp_path)):
+        with pytest.raises(DataError, match=r"test/ named like a split, with no train/"):
+            read()
+
+
+def test_folders_beside_train_that_name_no_split_are_reported(tmp_path, capsys):
+    """dev/ beside train/ and test/ was left out without a word by train and doctor."""
+    from imgrec.doctor import scan
+
+    for split in ("train", "dev", "test"):
+        _folder(tmp_path, {"cat": 3, "dog": 3}, split)
+    ds = load_dataset(str(tmp_path))
+    assert "dev/ not read" in capsys.readouterr().err and "dev/ not read" in ds.notes[0]
+    report = scan(tmp_path)
+    assert [(i.path, i.kind) for i in report.issues if i.kind == "unread"] == [("dev/", "unread")]
+    assert "unread" not in report.problems()  # a note: it alone leaves the exit status at 0

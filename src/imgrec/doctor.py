@@ -29,7 +29,13 @@ import numpy as np
 from PIL import Image
 
 from .bundle import atomic_write_text
-from .data.folders import class_folders, files_under, loose_files, split_folders
+from .data.folders import (
+    class_folders,
+    files_under,
+    loose_files,
+    split_folders,
+    unread_folders,
+)
 from .errors import DataError, UnreadableImage, one_line
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, open_image, sniff_format
 
@@ -327,7 +333,10 @@ def scan(data: str | Path, workers: int | None = None,
     issues += _duplicate_issues(files, layout, near_distance)
     classes = _class_counts(files)
     ratio, balance = _balance(classes)
-    issues += balance + _empty_classes(root, classes)
+    issues += balance + _empty_classes(root, classes) + [
+        Issue(f"{p.name}/", "unread", "a folder beside train/ that names no split: train "
+              "reads train/, validation/ (val/, valid/) and test/ only")
+        for p in unread_folders(root)]
     order = {f.rel: i for i, f in enumerate(files)}
     issues.sort(key=lambda i: (order.get(i.path, -1), i.kind))
     return DoctorReport(root, len(files), issues, classes, ratio, layout, time.time() - t0)

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import DataError
 from ..images import is_image_path
 from .builtins import BUILTINS, CifarArrays, find_cifar, load_arrays, load_cifar, read_cifar
-from .folders import SPLIT_ALIASES, class_folders, files_under, split_folders
+from .folders import SPLIT_ALIASES, class_folders, files_under, split_folders, unread_note
 
 
 @dataclass
@@ -165,7 +165,11 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
     if "train" not in splits:
         raise DataError(f"{path}: no images found", "put .jpg/.png files in the class folders")
     carve_splits(splits, val_fraction, test_fraction if "val" not in split_dirs else 0.0, seed)
-    return Dataset(path.name, classes, 3, splits, in_memory=False, source=str(path))
+    notes = [n for n in [unread_note(path)] if n]
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
+    return Dataset(path.name, classes, 3, splits, in_memory=False, source=str(path),
+                   notes=notes)
 
 
 def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:

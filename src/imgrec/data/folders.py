@@ -27,6 +27,14 @@ def split_folders(root: Path) -> dict[str, Path]:
         if split is not None and not hidden(p.name) and p.is_dir():
             found.setdefault(split, []).append(p)
     if "train" not in found:
+        named = sorted(p.name for folders in found.values() for p in folders)
+        if named:  # test/ beside the class folders would be trained as a class called test
+            raise DataError(
+                f"{root}: {', '.join(n + '/' for n in named)} named like a split, with no "
+                "train/ folder beside it",
+                "lay splits out as DIR/train/<class>/ with validation/ and test/ beside it; "
+                f"to use one split alone, give its folder ({root / named[0]}); if it is a "
+                "class, rename it")
         return {}
     for split, folders in found.items():
         if len(folders) > 1:
@@ -34,6 +42,24 @@ def split_folders(root: Path) -> dict[str, Path]:
             raise DataError(f"{root}: {names} both hold the {split} split; imgrec would read "
                             "only one of them", "merge them into one folder")
     return {split: folders[0] for split, folders in found.items()}
+
+
+def unread_folders(root: Path) -> list[Path]:
+    """The folders beside train/ that name no split (dev/, extra/): a split layout reads only
+    train, validation and test, so these are reported, never silently left out."""
+    if not split_folders(root):
+        return []
+    return sorted(p for p in root.iterdir() if not hidden(p.name) and p.is_dir()
+                  and p.name.lower() not in SPLIT_ALIASES)
+
+
+def unread_note(root: Path) -> str | None:
+    """One line naming the folders a split layout does not read, or None."""
+    unread = unread_folders(root)
+    if not unread:
+        return None
+    return (f"note: {root}: {', '.join(p.name + '/' for p in unread)} not read: the splits "
+            "are train/, validation/ (val/, valid/) and test/; rename a folder to use it")
 
 
 def class_folders(folder: Path) -> list[Path]:
