@@ -373,3 +373,70 @@ def test_folders_beside_train_that_name_no_split_are_reported(tmp_path, capsys):
     report = scan(tmp_path)
     assert [(i.path, i.kind) for i in report.issues if i.kind == "unread"] == [("dev/", "unread")]
     assert "unread" not in report.problems()  # a note: it alone leaves the exit status at 0
+
+
+def _photos(folder: Path) -> str:
+    for cls in ("cat", "dog"):
+        for i in range(4):
+            Image.new("RGB", (20, 20), (60 * i, 0, 0)).save(folder / f"{cls}{i}.png")
+    return "".join(f"{c}{i}.png,{c}\n" for c in ("cat", "dog") for i in range(4))
+
+
+def test_a_path_csv_lists_each_image_once(tmp_path, capsys):
+    """A repeated row was trained twice and could land in train and test at once (a leak);
+    one path with two labels was trained as both."""
+    rows = _photos(tmp_path)
+    (tmp_path / "d.csv").write_text("path,label\n" + rows + "cat0.png,cat\ncat1.png,cat\n")
+    ds = load_dataset(str(tmp_path / "d.csv"), val_fraction=0.0, test_fraction=0.0)
+    assert len(ds.splits["train"]) == 8 and "2 repeated row(s) used once" in \
+        capsys.readouterr().err
+    (tmp_path / "d.csv").write_text("path,label\n" + rows + "cat0.png,dog\n")
+    with pytest.raises(DataError, match=r"lines 2 and 10: cat0.png is listed as 'cat' \(train\) "
+                                        r"and 'dog' \(train\)"):
+        load_dataset(str(tmp_path / "d.csv"))
+
+
+def test_a_path_csv_header_names_its_columns(tmp_path):
+    """`label,path` was read by position (30 classes named after the paths), and a third
+    column `weight` was taken for the split."""
+    rows = _photos(tmp_path)
+    swapped = "".join(f"{lab},{p}\n" for p, lab in (r.split(",") for r in rows.split()))
+    (tmp_path / "a.csv").write_text("label,path\n" + swapped)
+    (tmp_path / "b.csv").write_text("path,label,weight\n" + rows.replace("\n", ",1.0\n"))
+    for name in ("a.csv", "b.csv"):
+        ds = load_dataset(str(tmp_path / name), val_fraction=0.0, test_fraction=0.0)
+        assert ds.classes == ["cat", "dog"] and len(ds.splits["train"]) == 8, name
+
+
+def test_a_path_csv_whose_paths_are_all_missing_is_refused_before_training(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.csv").write_text(_photos(tmp_path))  # paths relative to tmp_path
+    with pytest.raises(DataError, match="none of its image paths is a file .*read from the "
+                                        "CSV's folder"):
+        load_dataset(str(tmp_path / "sub" / "d.csv"))
+
+
+def test_pixel_csv_rows_are_checked_by_line(tmp_path):
+    """A blank last line or a short row was "non-numeric values" (no line); a negative label
+    wrapped round to the last class; values over 255 were clipped; a label found only in the
+    test file became a class no image teaches; a test file of another image size was used."""
+    train = write_pixel_csv(tmp_path / "x_train.csv", [0, 1, 2] * 4, side=4)
+    test = write_pixel_csv(tmp_path / "x_test.csv", [0, 1, 2], side=4)
+    text = train.read_text()
+    train.write_text(text + "\n\n")
+    assert len(load_dataset(str(train)).classes) == 3
+    cases = ((text + "1,2,3\n", "line 14: 3 cells where the first row has 17"),
+             (text + "-1," + ",".join(["0"] * 16) + "\n", "line 14: a negative label"),
+             (text + "1," + ",".join(["300"] * 16) + "\n", "line 14: .*outside 0-255"),
+             (text + "1," + ",".join(["0.5"] * 16) + "\n", "line 14: '0.5' is not a whole"))
+    for content, needle in cases:
+        train.write_text(content)
+        with pytest.raises(DataError, match=needle):
+            load_dataset(str(train))
+    train.write_text(text)
+    write_pixel_csv(test, [0, 1, 7], side=4)
+    with pytest.raises(DataError, match=r"label\(s\) 7 have no training image"):
+        load_dataset(str(train))
+    write_pixel_csv(test, [0, 1, 2], side=5)
+    with pytest.raises(DataError, match="5x5 images, where x_train.csv has 4x4"):
+        load_dataset(str(train))

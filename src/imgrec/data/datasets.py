@@ -184,9 +184,10 @@ def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Da
     header = [h.strip().lower() for h in numbered[0][1]]
     if header and header[0] == "label" and len(header) > 1 and header[1].startswith("pixel"):
         return _pixel_csv(path, rows, val_fraction, test_fraction, seed)
-    if _is_header(header, path.parent):
+    columns = _header_columns(header)
+    if columns is not None or _is_header(header, path.parent):
         numbered = numbered[1:]
-    by_split = _csv_rows(path, numbered)
+    by_split = _csv_rows(path, numbered, columns or (0, 1, 2))
     classes = sorted({label for v in by_split.values() for _, label in v})
     index = {c: i for i, c in enumerate(classes)}
     splits = {
@@ -212,54 +213,129 @@ def _is_header(cells: list[str], root: Path) -> bool:
                                              ).is_file()
 
 
-def _csv_rows(path: Path, numbered: list[tuple[int, list[str]]]
+#: header names of a path CSV's columns, so `label,path` or `path,label,weight` are read by
+#: name (positional otherwise: path, label, split)
+_LABEL_NAMES = {"label", "class", "category", "target", "y"}
+_SPLIT_NAMES = {"split", "subset", "set"}
+
+
+def _header_columns(header: list[str]) -> tuple[int, int, int | None] | None:
+    """(path, label, split) column indices when the first row names a path and a label
+    column, else None. A third column named otherwise (weight) is no split."""
+    find = lambda names: next((i for i, h in enumerate(header) if h in names), None)  # noqa: E731
+    path, label = find(_HEADER_NAMES), find(_LABEL_NAMES)
+    if path is None or label is None:
+        return None
+    split = find(_SPLIT_NAMES)
+    if split is None and len(header) < 3:  # a third column the header leaves unnamed
+        split = 2
+    return path, label, split
+
+
+def _cells(row: list[str], columns: tuple[int, int, int | None]) -> tuple[str, str, str]:
+    """(path, label, split) of a row, "" for a cell it lacks."""
+    cells = [c.strip() for c in row]
+    return tuple(cells[i] if i is not None and i < len(cells) else "" for i in columns)
+
+
+def _csv_rows(path: Path, numbered: list[tuple[int, list[str]]],
+              columns: tuple[int, int, int | None] = (0, 1, 2)
               ) -> dict[str, list[tuple[str, str]]]:
-    """{split: [(image path, label)]} from `path,label[,split]` rows; a row without a path
-    or a label, or with a split that is not train/val/test, is refused by its line number."""
+    """{split: [(image path, label)]} from `path,label[,split]` rows (or the columns a header
+    names); a row without a path or a label, or with a split that is not train/val/test, is
+    refused by its line number. A path listed twice is used once when its rows agree and
+    refused when they give two labels or two splits (a leak into the test score)."""
     by_split: dict[str, list[tuple[str, str]]] = {}
-    for n, r in numbered:
-        cells = [c.strip() for c in r]
-        if len(cells) < 2 or not cells[0] or not cells[1]:
+    seen: dict[str, tuple[int, str, str]] = {}
+    for n, row in numbered:
+        name, label, split_cell = _cells(row, columns)
+        if not name or not label:
             raise DataError(f"{path}, line {n}: every row needs a path and a label",
                             "write `path,label[,split]` rows")
-        split = "train"
-        if len(cells) > 2 and cells[2]:
-            split = SPLIT_ALIASES.get(cells[2].lower(), "")
-            if not split:
-                raise DataError(f"{path}, line {n}: unknown split {cells[2]!r}",
-                                "use train, val (validation) or test")
-        p = Path(cells[0])
-        by_split.setdefault(split, []).append((str(p if p.is_absolute() else path.parent / p),
-                                               cells[1]))
-    if "train" not in by_split and not by_split:
-        raise DataError(f"{path}: no image rows", "write one `path,label` row per image")
+        split = SPLIT_ALIASES.get(split_cell.lower(), "") if split_cell else "train"
+        if not split:
+            raise DataError(f"{path}, line {n}: unknown split {split_cell!r}",
+                            "use train, val (validation) or test")
+        file = str(Path(name) if Path(name).is_absolute() else path.parent / name)
+        if file in seen and seen[file][1:] != (label, split):
+            first, was, where = seen[file]
+            raise DataError(f"{path}, lines {first} and {n}: {name} is listed as {was!r} "
+                            f"({where}) and {label!r} ({split})", "keep one row per image")
+        if file not in seen:
+            seen[file] = (n, label, split)
+            by_split.setdefault(split, []).append((file, label))
+    _check_csv_rows(path, by_split, len(numbered) - len(seen))
     return by_split
 
 
+def _check_csv_rows(path: Path, by_split: dict[str, list[tuple[str, str]]],
+                    repeated: int) -> None:
+    """Refuse a CSV none of whose paths is a file (before a model is built: relative paths
+    are the CSV folder's); note rows repeated."""
+    if not by_split:
+        raise DataError(f"{path}: no image rows", "write one `path,label` row per image")
+    if not any(Path(f).is_file() for v in by_split.values() for f, _ in v):
+        first = next(iter(by_split.values()))[0][0]
+        raise DataError(f"{path}: none of its image paths is a file (the first: {first}); "
+                        f"relative paths are read from the CSV's folder, {path.parent}",
+                        "write paths relative to the CSV's folder, or absolute ones")
+    if repeated:
+        print(f"note: {path}: {repeated} repeated row(s) used once", file=sys.stderr,
+              flush=True)
+
+
 def _read_pixel_csv(path: Path, rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 N x 1 x S x S images and their labels from `label,pixel1..pixelN` rows (the
+    header row, when there is one, and blank rows left out); a bad row is refused by its
+    line number."""
+    numbered = [(n, r) for n, r in enumerate(rows, 1) if any(c.strip() for c in r)]
+    if numbered and not numbered[0][1][0].strip().lstrip("-").isdigit():
+        numbered = numbered[1:]  # the header
+    if not numbered:
+        raise DataError(f"{path}: no image rows", "write one `label,pixel1..pixelN` row per image")
+    width = len(numbered[0][1])
+    for n, r in numbered:
+        if len(r) != width:
+            raise DataError(f"{path}, line {n}: {len(r)} cells where the first row has {width}")
     try:
-        arr = np.array(rows[1:], dtype=np.int64)
+        arr = np.array([r for _, r in numbered], dtype=np.int64)
     except ValueError:
-        raise DataError(f"{path}: pixel CSV has non-numeric values") from None
+        n, cell = next((n, c) for n, r in numbered for c in r if not c.strip().isdigit()
+                       and not (c.strip().startswith("-") and c.strip()[1:].isdigit()))
+        raise DataError(f"{path}, line {n}: {cell.strip()!r} is not a whole number",
+                        "labels and pixels (0-255) are whole numbers") from None
+    bad = np.flatnonzero((arr[:, 0] < 0) | (arr[:, 1:] < 0).any(1) | (arr[:, 1:] > 255).any(1))
+    if len(bad):
+        raise DataError(f"{path}, line {numbered[bad[0]][0]}: a negative label, or a pixel "
+                        "outside 0-255", "labels are 0, 1, 2 ...; pixels are 0-255")
     n_pixels = arr.shape[1] - 1
     side = math.isqrt(n_pixels)
     if side * side != n_pixels:
         raise DataError(f"{path}: {n_pixels} pixel columns is no square image")
-    return arr[:, 1:].clip(0, 255).astype(np.uint8).reshape(-1, 1, side, side), arr[:, 0]
+    return arr[:, 1:].astype(np.uint8).reshape(-1, 1, side, side), arr[:, 0]
 
 
 def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
     """Sign-Language-MNIST / Kaggle digit layout: label,pixel1..pixelN, one image per row.
-    A sibling file with 'test' in place of 'train' in its name is the test split."""
+    A sibling file with 'test' in place of 'train' in its name is the test split: it must
+    hold images of the same size, and no class without training images."""
     x, y = _read_pixel_csv(path, rows)
     splits = {"train": Split(y, images=x)}
     if "train" in path.name:
         test_path = path.with_name(path.name.replace("train", "test"))
         if test_path.is_file():
-            with test_path.open(newline="") as f:
+            with test_path.open(newline="", encoding="utf-8-sig") as f:
                 tx, ty = _read_pixel_csv(test_path, list(csv.reader(f)))
+            if tx.shape[1:] != x.shape[1:]:
+                raise DataError(f"{test_path}: {tx.shape[-1]}x{tx.shape[-1]} images, where "
+                                f"{path.name} has {x.shape[-1]}x{x.shape[-1]}")
+            untaught = sorted(set(ty.tolist()) - set(y.tolist()))
+            if untaught:
+                raise DataError(f"{test_path}: label(s) {', '.join(map(str, untaught))} have "
+                                f"no training image in {path.name}",
+                                "add training rows for them, or remove their test rows")
             splits["test"] = Split(ty, images=tx)
-    labels = sorted(set(np.concatenate([s.labels for s in splits.values()]).tolist()))
+    labels = sorted(set(y.tolist()))
     sign = "sign" in path.name.lower() and max(labels) < 26
     classes = [chr(65 + i) if sign else str(i) for i in labels]
     remap = np.full(max(labels) + 1, -1, np.int64)
