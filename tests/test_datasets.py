@@ -239,8 +239,17 @@ def test_small_classes_keep_a_training_image_and_no_split_is_empty():
     rest, held = stratified_split(labels, 0.89, 0)
     assert set(labels[rest]) == {0, 1} and (labels[rest] == 0).sum() == 1
     splits = {"train": Split(np.array([0] * 4 + [1] * 4))}
-    carve_splits(splits, val_fraction=0.1, test_fraction=0.1, seed=0)
+    assert carve_splits(splits, val_fraction=0.1, test_fraction=0.1, seed=0) == ["test", "val"]
     assert set(splits) == {"train"} and len(splits["train"]) == 8
+
+    from imgrec.data.datasets import Dataset
+
+    ds = Dataset("tiny", ["a", "b"], 3, splits, False, unheld=["test", "val"])
+    assert ds.describe() == ("tiny: 2 classes, train 8 (no test or validation images held "
+                             "out: a share of each class is too small to hold an image out)")
+    with pytest.raises(DataError, match="no 'test' split: a share of each class") as e:
+        ds.split("test")
+    assert "DIR/test/<class>/" in e.value.hint
     splits = {"train": Split(np.array([0] * 10 + [1] * 10))}
     carve_splits(splits, val_fraction=0.1, test_fraction=0.1, seed=0)
     assert {k: len(v) for k, v in splits.items()} == {"train": 16, "test": 2, "val": 2}

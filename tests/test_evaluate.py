@@ -162,10 +162,11 @@ def test_evaluate_skips_bad_files(tmp_path_factory, tmp_path):
     base = trained_shapes(tmp_path_factory)
     csv_path = tmp_path / "list.csv"
     good = sorted((base / "shapes" / "disc").glob("*.png"))[:3]
+    train = [sorted((base / "shapes" / c).glob("*.png"))[5] for c in ("disc", "square")]
     bad = truncated_jpeg(tmp_path / "bad.jpg")
     csv_path.write_text("path,label,split\n" + "".join(f"{p},disc,test\n" for p in good)
-                        + f"{bad},disc,test\n" + f"{good[0]},disc,train\n"
-                        + f"{good[1]},square,train\n")
+                        + f"{bad},disc,test\n" + f"{train[0]},disc,train\n"
+                        + f"{train[1]},square,train\n")
     rep = evaluate_bundle(base / "bundle", str(csv_path), "test")
     assert rep.n == 3 and list(rep.skipped) == [str(bad)]
 

@@ -63,9 +63,9 @@ def dataset_from_arrays(x: Any, y: Any, classes: list[str] | None = None, name: 
         raise DataError(f"images are {images.shape[-2]}x{images.shape[-1]}: in-memory images "
                         "must be square", "resize them, or save them as files in a folder")
     splits = {"train": Split(labels, images=images)}
-    carve_splits(splits, val_fraction, test_fraction, seed)
+    unheld = carve_splits(splits, val_fraction, test_fraction, seed)
     return Dataset(name, names, images.shape[1], splits, in_memory=True,
-                   native_size=images.shape[-1], source=f"python:{name}")
+                   native_size=images.shape[-1], source=f"python:{name}", unheld=unheld)
 
 
 def dataset_from_torch(data: Any, name: str = "dataset", val_fraction: float = 0.1,

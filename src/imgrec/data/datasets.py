@@ -56,6 +56,8 @@ class Dataset:
     native_size: int | None = None  # side of in-memory images
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    #: splits asked for but not held out: each class too small for its share (carve_splits)
+    unheld: list[str] = field(default_factory=list)
 
     def split(self, name: str) -> tuple[str, Split]:
         """A split by name; 'test' falls back to 'val' (and says so) when there is no test."""
@@ -64,9 +66,15 @@ class Dataset:
             return name, self.splits[name]
         if name == "test" and "val" in self.splits:
             return "val", self.splits["val"]
+        if name in self.unheld:
+            raise DataError(f"{self.name} has no {name!r} split: {self.unheld_reason()}",
+                            f"add images, or lay them out as DIR/{_FOLDER_OF[name]}/<class>/")
         raise DataError(
             f"{self.name} has no {name!r} split", f"choose one of {', '.join(self.splits)}"
         )
+
+    def unheld_reason(self) -> str:
+        return "a share of each class is too small to hold an image out"
 
     def fingerprint(self) -> str:
         """A short hash of the classes, split sizes and file names (ties results to data)."""
@@ -84,7 +92,13 @@ class Dataset:
 
     def describe(self) -> str:
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
-        return f"{self.name}: {len(self.classes)} classes, {sizes}"
+        unheld = "" if not self.unheld else (
+            f" (no {' or '.join(_FOLDER_OF[s] for s in self.unheld)} images held out: "
+            f"{self.unheld_reason()})")
+        return f"{self.name}: {len(self.classes)} classes, {sizes}{unheld}"
+
+
+_FOLDER_OF = {"val": "validation", "test": "test", "train": "train"}
 
 
 def stratified_split(
@@ -104,18 +118,24 @@ def stratified_split(
 
 
 def carve_splits(splits: dict[str, Split], val_fraction: float, test_fraction: float,
-                 seed: int) -> None:
+                 seed: int) -> list[str]:
     """Add the missing validation/test splits, stratified, from train (a CSV or folder of
-    test images alone has no train split to carve from, and needs none to be evaluated)."""
+    test images alone has no train split to carve from, and needs none to be evaluated);
+    the splits asked for that a share of each class too small to hold an image out left
+    without any (`Dataset.unheld`: train and evaluate say so)."""
+    unheld: list[str] = []
     if "train" not in splits:
-        return
+        return unheld
     for name, fraction, salt in (("test", test_fraction, 0), ("val", val_fraction, 1)):
         if name in splits or fraction <= 0:
             continue
         rest, held = stratified_split(splits["train"].labels, fraction, seed + salt)
-        if len(held):  # too few images to hold any out: no such split (not an empty one)
+        if len(held):
             splits[name], splits["train"] = (splits["train"].subset(held),
                                              splits["train"].subset(rest))
+        else:  # too few images to hold any out: no such split (not an empty one)
+            unheld.append(name)
+    return unheld
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
@@ -164,12 +184,13 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
             splits[split] = Split(labels, paths=paths)
     if "train" not in splits:
         raise DataError(f"{path}: no images found", "put .jpg/.png files in the class folders")
-    carve_splits(splits, val_fraction, test_fraction if "val" not in split_dirs else 0.0, seed)
+    unheld = carve_splits(splits, val_fraction,
+                          test_fraction if "val" not in split_dirs else 0.0, seed)
     notes = [n for n in [unread_note(path)] if n]
     for note in notes:
         print(note, file=sys.stderr, flush=True)
     return Dataset(path.name, classes, 3, splits, in_memory=False, source=str(path),
-                   notes=notes)
+                   notes=notes, unheld=unheld)
 
 
 def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
@@ -194,8 +215,9 @@ def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Da
         s: Split(np.array([index[y] for _, y in v], np.int64), paths=[p for p, _ in v])
         for s, v in by_split.items()
     }
-    carve_splits(splits, val_fraction, test_fraction, seed)
-    return Dataset(path.stem, classes, 3, splits, in_memory=False, source=str(path))
+    unheld = carve_splits(splits, val_fraction, test_fraction, seed)
+    return Dataset(path.stem, classes, 3, splits, in_memory=False, source=str(path),
+                   unheld=unheld)
 
 
 #: a CSV's first row is a header when its first two cells are such names (or any words
@@ -342,9 +364,9 @@ def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed
     remap[labels] = np.arange(len(labels))
     for s in splits.values():
         s.labels = remap[s.labels]
-    carve_splits(splits, val_fraction, test_fraction, seed)
+    unheld = carve_splits(splits, val_fraction, test_fraction, seed)
     return Dataset(path.stem, classes, 1, splits, in_memory=True, native_size=x.shape[-1],
-                   source=str(path))
+                   source=str(path), unheld=unheld)
 
 
 def _builtin(name: str, data_dir, val_fraction: float, test_fraction: float,
