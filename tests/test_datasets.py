@@ -449,3 +449,10 @@ def test_pixel_csv_rows_are_checked_by_line(tmp_path):
     write_pixel_csv(test, [0, 1, 2], side=5)
     with pytest.raises(DataError, match="5x5 images, where x_train.csv has 4x4"):
         load_dataset(str(train))
+
+
+def test_class_names_that_differ_only_by_case_are_noted(tmp_path, capsys):
+    _folder(tmp_path, {"Cat": 3, "cat": 3, "dog": 3})
+    ds = load_dataset(str(tmp_path))
+    assert ds.classes == ["Cat", "cat", "dog"]
+    assert "classes Cat and cat differ only by case" in capsys.readouterr().err

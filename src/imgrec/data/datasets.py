@@ -143,6 +143,19 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     return {d.name: [p for p in files_under(d) if is_image_path(p)] for d in class_folders(folder)}
 
 
+def case_note(classes: list[str], where: Path) -> str | None:
+    """A note on class names that differ only by case (Cat/ and cat/): two classes here,
+    one folder on macOS and Windows, and labels a reader cannot tell apart."""
+    by_lower: dict[str, list[str]] = {}
+    for c in classes:
+        by_lower.setdefault(c.casefold(), []).append(c)
+    alike = [" and ".join(v) for v in by_lower.values() if len(v) > 1]
+    if not alike:
+        return None
+    return (f"note: {where}: classes {'; '.join(alike)} differ only by case: they are "
+            "separate classes here, one folder on macOS and Windows")
+
+
 def _no_training_images(path: Path, split_dirs: dict[str, Path], empty: list[str]) -> DataError:
     """The refusal of classes no training image teaches, naming the folders that exist:
     an empty class folder, or (split layout) the other splits' folders of a class that has
@@ -186,7 +199,7 @@ def _folder(path: Path, val_fraction: float, test_fraction: float, seed: int) ->
         raise DataError(f"{path}: no images found", "put .jpg/.png files in the class folders")
     unheld = carve_splits(splits, val_fraction,
                           test_fraction if "val" not in split_dirs else 0.0, seed)
-    notes = [n for n in [unread_note(path)] if n]
+    notes = [n for n in [unread_note(path), case_note(classes, path)] if n]
     for note in notes:
         print(note, file=sys.stderr, flush=True)
     return Dataset(path.name, classes, 3, splits, in_memory=False, source=str(path),
@@ -216,8 +229,11 @@ def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Da
         for s, v in by_split.items()
     }
     unheld = carve_splits(splits, val_fraction, test_fraction, seed)
+    notes = [n for n in [case_note(classes, path)] if n]
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
     return Dataset(path.stem, classes, 3, splits, in_memory=False, source=str(path),
-                   unheld=unheld)
+                   notes=notes, unheld=unheld)
 
 
 #: a CSV's first row is a header when its first two cells are such names (or any words
