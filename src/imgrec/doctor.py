@@ -46,7 +46,9 @@ NEAR_DISTANCE = 5
 #: A train-split class imbalance (largest / smallest) at or over this is reported.
 IMBALANCE = 3.0
 #: Kinds `--quarantine` moves out (the others are worth knowing but harmless to train on).
-QUARANTINE_KINDS = ("empty", "not-image", "unreadable", "truncated", "bomb", "duplicate", "leak")
+#: kinds of a file training cannot read (it skips the file)
+UNREADABLE_KINDS = ("empty", "not-image", "unreadable", "truncated", "bomb")
+QUARANTINE_KINDS = (*UNREADABLE_KINDS, "duplicate", "leak")
 #: Kinds that make a dataset wrong to train or evaluate on (files the loader skips, copies
 #: that inflate the test score, classes nothing teaches): `imgrec doctor` exits 1 while any
 #: is left. The other kinds are notes: worth knowing, harmless to train on.
@@ -382,10 +384,11 @@ def _empty_classes(root: Path, classes: dict[str, dict[str, int]]) -> list[Issue
 
 def _class_counts(files: list[FileInfo]) -> dict[str, dict[str, int]]:
     """Images per class and split (what the loader would train on: image-named files in class
-    folders), with each class's total."""
+    folders that can be read), with each class's total."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for f in files:
-        if f.label and is_imageish(f.path):
+        if f.label and is_imageish(f.path) and not any(k in UNREADABLE_KINDS
+                                                        for k, _ in f.issues):
             counts[f.label][f.split or "train"] += 1
             counts[f.label]["total"] += 1
     return {c: dict(sorted(v.items(), key=lambda kv: _SPLIT_ORDER.get(kv[0], 9)))
