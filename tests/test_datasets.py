@@ -378,7 +378,8 @@ def test_folders_beside_train_that_name_no_split_are_reported(tmp_path, capsys):
     for split in ("train", "dev", "test"):
         _folder(tmp_path, {"cat": 3, "dog": 3}, split)
     ds = load_dataset(str(tmp_path))
-    assert "dev/ not read" in capsys.readouterr().err and "dev/ not read" in ds.notes[0]
+    assert "not read: dev/ (the splits are" in capsys.readouterr().err
+    assert "not read: dev/" in ds.notes[0]
     report = scan(tmp_path)
     assert [(i.path, i.kind) for i in report.issues if i.kind == "unread"] == [("dev/", "unread")]
     assert "unread" not in report.problems()  # a note: it alone leaves the exit status at 0
@@ -456,3 +457,18 @@ def test_class_names_that_differ_only_by_case_are_noted(tmp_path, capsys):
     ds = load_dataset(str(tmp_path))
     assert ds.classes == ["Cat", "cat", "dog"]
     assert "classes Cat and cat differ only by case" in capsys.readouterr().err
+
+
+def test_unlabelled_images_in_a_split_folder_are_noted_and_no_leak(tmp_path, capsys):
+    """Kaggle's test/ of unlabelled images beside train/<class>/: train left them out
+    without a word, and doctor called one of them a leak although nothing reads it."""
+    import shutil
+
+    from imgrec.doctor import scan
+
+    _folder(tmp_path, {"cat": 3, "dog": 3}, "train")
+    (tmp_path / "test").mkdir()
+    shutil.copy(tmp_path / "train" / "cat" / "cat0.png", tmp_path / "test" / "1.png")
+    load_dataset(str(tmp_path))
+    assert "test/: 1 image(s) outside any class folder (unlabelled)" in capsys.readouterr().err
+    assert "leak" not in scan(tmp_path).problems()

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import DataError
-from ..images import hidden
+from ..images import hidden, is_image_path
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "val": "val",
                  "valid": "val", "test": "test", "testing": "test"}
@@ -54,12 +54,20 @@ def unread_folders(root: Path) -> list[Path]:
 
 
 def unread_note(root: Path) -> str | None:
-    """One line naming the folders a split layout does not read, or None."""
+    """One line naming what a folder dataset holds but does not read, or None: folders
+    beside train/ that name no split, and images outside any class folder (Kaggle's
+    unlabelled test/)."""
+    parts = []
     unread = unread_folders(root)
-    if not unread:
-        return None
-    return (f"note: {root}: {', '.join(p.name + '/' for p in unread)} not read: the splits "
-            "are train/, validation/ (val/, valid/) and test/; rename a folder to use it")
+    if unread:
+        parts.append(f"{', '.join(p.name + '/' for p in unread)} (the splits are train/, "
+                     "validation/ (val/, valid/) and test/; rename a folder to use it)")
+    for folder in [root, *split_folders(root).values()]:
+        loose = [p for p in loose_files(folder) if is_image_path(p)]
+        if loose:
+            where = "" if folder == root else f"{folder.name}/: "
+            parts.append(f"{where}{len(loose)} image(s) outside any class folder (unlabelled)")
+    return f"note: {root}: not read: {'; '.join(parts)}" if parts else None
 
 
 def class_folders(folder: Path) -> list[Path]:
