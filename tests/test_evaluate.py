@@ -246,3 +246,22 @@ def test_evaluating_the_training_images_says_so(tmp_path_factory, tmp_path, caps
                  str(out)]) == 0  # its own data: the test split it held out
     assert json.loads(out.read_text())["training_overlap"] == 0
     assert "training images" not in capsys.readouterr().err
+
+
+def test_a_held_out_pixel_csv_scores_a_sign_language_model(tmp_path):
+    """A Sign-Language-MNIST model's classes are letters (its training file says "sign");
+    a held-out copy named otherwise read its labels as digits and was refused as classes the
+    model does not know."""
+    from types import SimpleNamespace
+
+    from helpers import write_pixel_csv
+
+    from imgrec.data.datasets import load_dataset
+    from imgrec.evaluation import _label_map
+
+    ds = load_dataset(str(write_pixel_csv(tmp_path / "holdout.csv", [0, 2, 3] * 4, side=4)))
+    assert ds.classes == ["0", "2", "3"]
+    model = SimpleNamespace(classes=["A", "B", "C", "D"])
+    assert _label_map(model, ds).tolist() == [0, 2, 3]
+    with pytest.raises(DataError, match="classes the model does not know"):
+        _label_map(SimpleNamespace(classes=["cat", "dog"]), ds)

@@ -177,6 +177,12 @@ def _label_map(bundle: Bundle, ds: Dataset) -> np.ndarray:
     """Dataset label index -> bundle class index, matched by name."""
     index = {c: i for i, c in enumerate(bundle.classes)}
     unknown = [c for c in ds.classes if c not in index]
+    letters = [chr(65 + int(c)) for c in ds.classes if c.isdigit() and int(c) < 26]
+    if unknown and ds.source.lower().endswith(".csv") and len(letters) == len(ds.classes) \
+            and all(c in index for c in letters):
+        # a pixel CSV's labels as the letters a Sign-Language-MNIST model was trained on
+        # (training names them so when its file says "sign"; a held-out copy may not)
+        return np.array([index[c] for c in letters], np.int64)
     if unknown:
         raise DataError(
             f"{ds.name} has classes the model does not know: {', '.join(unknown[:5])}",
