@@ -49,9 +49,9 @@ def test_gradcam_finds_the_cat(imagenet, sample_photo, tmp_path):
     assert cat.heatmap.shape == (224, 224) and cat.heatmap.max() == pytest.approx(1.0)
     top = [name for name, _ in cat.top(3)]
     assert {"tiger cat", "tabby, tabby cat", "Egyptian cat"} >= set(top)
-    # The crop the model sees is the cat's face; its heat lies on the face (eyes to nose:
-    # x 30..200, y 60..224), not in the fur border at the top.
-    assert _mass(cat.heatmap, slice(60, 224), slice(30, 200)) > 0.75
+    # The crop the model sees is the cat's face; its heat lies on the face (eyes to chin:
+    # x 30..215, y 40..224), not in the fur border at the top.
+    assert _mass(cat.heatmap, slice(40, 224), slice(30, 215)) > 0.8
     # An unrelated class explains the same image differently.
     for other in ("espresso", "space shuttle"):
         exp = imagenet.gradcam(sample_photo("chelsea"), other)
@@ -81,6 +81,28 @@ def test_gradcam_finds_the_cat(imagenet, sample_photo, tmp_path):
     assert peak[0] < 130 and peak[1] < 130  # in (or at the edge of) the cat's quadrant
     peak = np.unravel_index(cup.heatmap.argmax(), cup.heatmap.shape)
     assert peak[0] >= 112 and peak[1] >= 112
+
+
+def test_gradcam_heat_sits_where_the_object_is(imagenet, sample_photo):
+    """The cat's face pasted at 9 places of a grey 224 x 224 input: the heat's centroid
+    follows it. The 7 x 7 map was drawn half a cell (16 px) down and right of where timm's
+    stride-2 convolutions centre each cell: the heat sat 22-27 px (up to 32) off the face,
+    now 13-15 px on average (the network's own lean, the same mirrored), at most 20."""
+    cat = Image.open(sample_photo("chelsea")).convert("RGB")
+    w, h = cat.size
+    face = np.asarray(cat.crop(((w - h) // 2, 0, (w - h) // 2 + h, h)).resize((96, 96)))
+    ys, xs = np.mgrid[:224, :224]
+    offsets = []
+    for oy in (32, 64, 96):
+        for ox in (32, 64, 96):
+            canvas = np.full((224, 224, 3), 128, np.uint8)
+            canvas[oy : oy + 96, ox : ox + 96] = face
+            heat = imagenet.gradcam(canvas.transpose(2, 0, 1).copy(), "tabby cat").heatmap
+            offsets.append(((heat * xs).sum() / heat.sum() - (ox + 47.5),
+                            (heat * ys).sum() / heat.sum() - (oy + 47.5)))
+    offsets = np.asarray(offsets)
+    assert (np.abs(offsets.mean(0)) < 18).all() and (np.abs(offsets).max(0) < 24).all(), \
+        offsets.round(1)
 
 
 def test_feature_maps_and_filters_of_imagenet(imagenet, sample_photo, tmp_path, monkeypatch):

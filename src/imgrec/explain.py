@@ -112,6 +112,7 @@ class Explainer:
             if hasattr(m, "inplace"):
                 m.inplace = False
         self.classes = self.bundle.classes
+        self._centres: dict[tuple, tuple] = {}  # cell_centres, per input and grid size
 
     # -- inputs ----------------------------------------------------------------------------
     def prepare(self, source: Any, invert: str | None = None) -> np.ndarray:
@@ -184,16 +185,39 @@ class Explainer:
             idx = self.class_index(target, probs)
             self.model.zero_grad(set_to_none=True)
             logits[0, idx].backward()
-        cams = [_cam(feats) for feats in kept]
-        cam = cams[0] if len(cams) == 1 else (cams[0] + cams[1].flip(-1)) / 2
-        raw = cam.cpu().numpy().astype(np.float32)
-        up = torch.nn.functional.interpolate(cam[None, None], size=tuple(pixels.shape[1:]),
-                                             mode="bilinear", align_corners=False)[0, 0]
-        up = up.cpu().numpy().astype(np.float32)
+        cams = [_cam(feats).cpu().numpy().astype(np.float32) for feats in kept]
+        raw = cams[0] if len(cams) == 1 else (cams[0] + cams[1][:, ::-1]) / 2
+        centres = self.cell_centres(pixels.shape, cams[0].shape)
+        # each cell drawn where its receptive field is centred, the mirror's mirrored back
+        # in pixels (a grid flip is no pixel mirror when the cells are not centred on it)
+        ups = [upsample(cam, pixels.shape[1:], centres) for cam in cams]
+        up = ups[0] if len(ups) == 1 else (ups[0] + ups[1][:, ::-1]) / 2
         up -= up.min()
         heat = up / up.max() if up.max() > 0 else up
         return Explanation(pixels, heat, raw, probs, idx, self.classes[idx], "forward_features",
                            self.classes)
+
+    def cell_centres(self, shape: tuple[int, ...], grid: tuple[int, int]
+                     ) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Where the feature map's cells sit in the input, ((stride, offset) down, across):
+        cell k is centred on pixel stride * k + offset. Measured once per input size as the
+        centroid of the centre cell's receptive field (input gradients over noise images):
+        timm's stride-2 convolutions centre cell k on pixel 32k, where the usual upsampling
+        puts it at 32k + 15.5, a heat map 16-25 px down and right of the object."""
+        key = (tuple(shape), tuple(grid))
+        if key not in self._centres:
+            torch = self.torch
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(4, *shape, generator=gen).to(self.device).requires_grad_(True)
+            with torch.enable_grad():
+                feats = self.model.forward_features(x)
+                i, j = grid[0] // 2, grid[1] // 2
+                (grad,) = torch.autograd.grad(feats[:, :, i, j].sum(), x)
+            field = grad.abs().sum((0, 1)).float().cpu().numpy().astype(np.float64)
+            self._centres[key] = tuple(
+                _stride_offset(field.sum(axis), n, cells, k)
+                for axis, n, cells, k in ((1, shape[1], grid[0], i), (0, shape[2], grid[1], j)))
+        return self._centres[key]
 
     def _check_conv(self) -> None:
         if not _has_conv(self.model):
@@ -259,6 +283,34 @@ def unfold_kernels(weights: np.ndarray, fold: int) -> np.ndarray:
     c = folded // (fold * fold)
     w = weights.reshape(out, c, fold, fold, k, k).transpose(0, 1, 4, 2, 5, 3)
     return np.ascontiguousarray(w.reshape(out, c, k * fold, k * fold))
+
+
+def _stride_offset(profile: np.ndarray, size: int, cells: int, k: int) -> tuple[float, float]:
+    """(stride, offset) of a feature-map axis from its centre cell k's receptive-field
+    profile along that axis (the field's centroid is cell k's pixel)."""
+    stride = size / cells
+    total = profile.sum()
+    centre = float((profile * np.arange(size)).sum() / total) if total > 0 else \
+        stride * k + (stride - 1) / 2
+    return stride, centre - stride * k
+
+
+def upsample(cam: np.ndarray, size: tuple[int, int],
+             centres: tuple[tuple[float, float], tuple[float, float]]) -> np.ndarray:
+    """A h x w map drawn at `size` pixels, bilinear between the cells' centres (held flat past
+    the outer ones): (stride, offset) per axis puts cell k on pixel stride * k + offset."""
+    out = cam.astype(np.float32)
+    for axis, (n, (stride, offset)) in enumerate(zip(size, centres, strict=True)):
+        cells = out.shape[axis]
+        at = np.clip((np.arange(n) - offset) / stride, 0, cells - 1)
+        lo = np.floor(at).astype(int)
+        hi = np.minimum(lo + 1, cells - 1)
+        frac = (at - lo).astype(np.float32)
+        if axis == 0:
+            out = out[lo] * (1 - frac)[:, None] + out[hi] * frac[:, None]
+        else:
+            out = out[:, lo] * (1 - frac) + out[:, hi] * frac
+    return out
 
 
 def _cam(feats) -> Any:
