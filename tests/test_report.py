@@ -103,6 +103,8 @@ def test_report_renders_offline_in_chromium(trained, tmp_path):
                  "--json", str(tmp_path / "m.json")]) == 0
     meta = json.loads((bundle / "imgrec.json").read_text())
     assert before == 1.0 and meta["temperature"] != 1.0  # stored in the bundle
+    calibration = json.loads((tmp_path / "m.json").read_text())["calibration"]
+    assert calibration["temperature"] == meta["temperature"] and 0 <= calibration["ece"] <= 1
     index = out / "index.html"
     page = index.read_text()
     # self-contained: nothing fetched, no scripts
@@ -195,6 +197,11 @@ def test_evaluate_report_errors(trained, tmp_path, capsys):
         (flat / c).mkdir(parents=True)
     assert main(["evaluate", str(bundle), str(flat), "--report", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err.startswith("imgrec: error:")
+    # --out (the PNG's folder without a report) was left unused without a word
+    assert main(["evaluate", str(bundle), str(data), "--report", str(tmp_path / "r2"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--out is the confusion matrix's folder without --report" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists() and not (tmp_path / "o").exists()
 
 
 EVIL = "<script>alert(1)</script>"

@@ -218,8 +218,8 @@ def evaluate(
     data_dir: Annotated[Path | None, typer.Option()] = None,
     engine: Annotated[str, typer.Option(
         help="auto, onnx, int8 (model.int8.onnx) or torch")] = "auto",
-    mistakes: Annotated[int, typer.Option(min=0, help="how many confident mistakes to list")] =
-    10,
+    mistakes: Annotated[int, typer.Option(min=0, help="how many confident mistakes to list "
+                                          "(the --report page shows at least 12)")] = 10,
     calibrate: Annotated[bool, typer.Option(
         "--calibrate", help="fit a temperature on the validation split and store it in the "
                             "bundle (calibrated probabilities from then on)")] = False,
@@ -248,6 +248,7 @@ def evaluate(
         _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
         _echo(f"report: {built.path}")
         rep = built.evaluation
+        rep.calibration = {"ece": built.ece, "temperature": built.temperature}
     else:
         rep = _evaluate_plain(bundle, data, split, root, engine, calibrate)
         _print_evaluation(rep, mistakes)
@@ -271,6 +272,9 @@ def _evaluation_outputs(json_file: Path | None, report: Path | None, out: Path |
     if json_file:
         check_output_file(json_file, "--json")
     if report is not None:
+        if out is not None:  # it was left unused without a word
+            raise UsageError("--out is the confusion matrix's folder without --report; the "
+                             "report holds it (give one of them)")
         check_output_folder(report, "--report")
         return out
     if flagged is not None:

@@ -58,6 +58,8 @@ class EvalReport:
     from_feature_cache: int = 0  #: images scored from features training had already cached
     #: images whose bytes are a training image's (None: not known: arrays, an older bundle)
     training_overlap: int | None = None
+    #: the report's calibration: its expected calibration error and the temperature applied
+    calibration: dict[str, float] | None = None
 
     @property
     def n(self) -> int:
@@ -116,7 +118,8 @@ class EvalReport:
                 "seconds": self.seconds, "engine": self.engine,
                 "images_per_s": round(self.n / self.seconds, 1) if self.seconds else None,
                 "from_feature_cache": self.from_feature_cache,
-                "training_overlap": self.training_overlap}
+                "training_overlap": self.training_overlap,
+                **({"calibration": self.calibration} if self.calibration else {})}
 
     def table(self) -> str:
         """Per-class metrics and the confusion matrix as plain text."""
