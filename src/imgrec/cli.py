@@ -238,17 +238,8 @@ def evaluate(
     named = out is not None
     out = _evaluation_outputs(json_file, report, out, flagged, data, bundle, split)
     if report is not None:
-        from .report import build_report
-
-        built = build_report(bundle, data, report, split, root, engine, calibrate=calibrate,
-                             mistakes=max(mistakes, 12), flagged=flagged)
-        for note in built.notes:
-            _echo(note)
-        _print_evaluation(built.evaluation, mistakes, in_report=True)
-        _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
-        _echo(f"report: {built.path}")
-        rep = built.evaluation
-        rep.calibration = {"ece": built.ece, "temperature": built.temperature}
+        rep = _evaluate_report(bundle, data, report, split, root, engine, calibrate, mistakes,
+                               flagged)
     else:
         rep = _evaluate_plain(bundle, data, split, root, engine, calibrate)
         _print_evaluation(rep, mistakes)
@@ -261,6 +252,24 @@ def evaluate(
     if json_file:
         rep.write_json(json_file, mistakes)
         _echo(f"metrics: {json_file}")
+
+
+def _evaluate_report(bundle, data: str, report: Path, split: str, root: str | None,
+                     engine: str, calibrate: bool, mistakes: int, flagged: Path | None):
+    """evaluate --report: the page, its notes and headline; the evaluation, with its
+    calibration for --json."""
+    from .report import build_report
+
+    built = build_report(bundle, data, report, split, root, engine, calibrate=calibrate,
+                         mistakes=max(mistakes, 12), flagged=flagged)
+    for note in built.notes:
+        _echo(note)
+    _print_evaluation(built.evaluation, mistakes, in_report=True)
+    _echo(f"\nexpected calibration error {built.ece:.4f} (temperature {built.temperature:g})")
+    _echo(f"report: {built.path}")
+    rep = built.evaluation
+    rep.calibration = {"ece": built.ece, "temperature": built.temperature}
+    return rep
 
 
 def _evaluation_outputs(json_file: Path | None, report: Path | None, out: Path | None,
