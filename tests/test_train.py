@@ -94,6 +94,30 @@ def test_resume_after_interrupt_continues(shapes, tmp_path, monkeypatch):
     assert resumed.history[0] == first.history[0]  # epoch 1 came from the checkpoint
 
 
+def test_a_resumed_run_is_the_uninterrupted_run(tmp_path):
+    """Interrupted in epoch 3 and resumed, a run ends as the uninterrupted one did: the
+    shuffle generator (saved with the checkpoint) draws epoch 3's order, not epoch 1's
+    again, and the early-stopping count goes on."""
+    rng = np.random.default_rng(0)
+    y = np.arange(96) % 3
+    x = (rng.integers(0, 60, (96, 1, 12, 12)) + y[:, None, None, None] * 60).astype(np.uint8)
+    opts = dict(model="fast-cnn", image_size=12, batch_size=16, augment="none", quiet=True,
+                tensorboard=False, onnx=False, epochs=4, patience=3)
+
+    class InterruptInEpoch3(Callback):
+        def on_batch_end(self, state, batch, logs):
+            if state.epoch == 3:
+                raise KeyboardInterrupt
+
+    whole = train((x, y), out=str(tmp_path / "whole"), **opts)
+    first = train((x, y), out=str(tmp_path / "cut"), callbacks=[InterruptInEpoch3()], **opts)
+    assert first.interrupted and len(first.history) == 2
+    resumed = train((x, y), out=str(tmp_path / "cut"), resume=True, **opts)
+    assert _strip(resumed.history) == _strip(whole.history)
+    wa, wb = load_model(whole.bundle).state_dict(), load_model(resumed.bundle).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_with_more_epochs_extends(shapes, tmp_path):
     out = tmp_path / "run"
     one = train(str(shapes), epochs=1, out=str(out), **FAST)
@@ -138,6 +162,15 @@ def test_resume_refuses_other_settings(shapes, tmp_path, capsys):
         capsys.readouterr().err
     with pytest.raises(ImgrecError, match="no checkpoint"):
         train(str(shapes), epochs=1, out=str(tmp_path / "fresh"), resume=True, **FAST)
+    # the recipe's options too: another optimizer failed on the saved state (KeyError:
+    # 'dampening'), another lr or augmentation was recorded for epochs it never ran
+    for change, needle in (({"optimizer": "sgd"}, "--optimizer 'adamw', now 'sgd'"),
+                           ({"lr": 0.5}, ", now 0.5"),
+                           ({"augment": "flip"}, "--augment 'none', now 'flip'"),
+                           ({"seed": 3}, "--seed 0, now 3; so the data's splits")):
+        with pytest.raises(ImgrecError, match="other data, model or settings") as e:
+            train(str(shapes), epochs=3, out=str(out), resume=True, **{**FAST, **change})
+        assert needle in str(e.value), str(e.value)
 
 
 def test_same_seed_same_history(shapes, tmp_path):

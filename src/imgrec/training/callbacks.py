@@ -110,7 +110,9 @@ class EarlyStopping(Callback):
             self.bad_epochs = 0
         else:
             self.bad_epochs += 1
-        if self.has_validation and self.patience and self.bad_epochs >= self.patience:
+        last = epoch >= getattr(getattr(state, "plan", None), "epochs", math.inf)
+        if self.has_validation and self.patience and self.bad_epochs >= self.patience \
+                and not last:  # the run ends anyway: no early stop to report
             state.stop(f"no validation gain for {self.patience} epochs")
 
     def restore(self, model: Any) -> None:

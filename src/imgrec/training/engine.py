@@ -432,7 +432,8 @@ class EpochLoop:
             "scheduler": self.sched.state_dict(), "best_acc": best["acc"],
             "best_loss": best["loss"], "best_epoch": best["epoch"],
             "best_state": best["state"], "skipped": state.skipped,
-            "rng": torch.get_rng_state(),
+            "rng": torch.get_rng_state(), "batches": self.train_batches.state_dict(),
+            "bad_epochs": self.tracker.bad_epochs,
             "lookahead": self.lookahead.state_dict() if self.lookahead else None,
         }
         buf = io.BytesIO()
@@ -453,6 +454,9 @@ class EpochLoop:
             group.update(own)
         _restore_schedule(self.sched, saved["scheduler"])
         torch.set_rng_state(saved["rng"].cpu())
+        if saved.get("batches"):  # (a checkpoint of an earlier imgrec has none)
+            self.train_batches.load_state_dict(saved["batches"])
+        self.tracker.bad_epochs = int(saved.get("bad_epochs", 0))
         if self.lookahead is not None and saved.get("lookahead"):
             self.lookahead.load_state_dict(saved["lookahead"])
         self.tracker.best = {"acc": saved["best_acc"], "loss": saved["best_loss"],
@@ -475,7 +479,7 @@ def _read_checkpoint(path: Path, plan: RunPlan, device: torch.device | None = No
     except Exception as e:
         raise ImgrecError(f"--resume: {path} is unreadable ({e})",
                           "start again without --resume") from None
-    if saved.get("fingerprint") != plan.fingerprint():
+    if not _same_run(saved.get("fingerprint"), plan.fingerprint()):
         raise ImgrecError(
             "--resume: the checkpoint was made with other data, model or settings ("
             + _fingerprint_changes(saved.get("fingerprint"), plan.fingerprint()) + ")",
@@ -485,9 +489,14 @@ def _read_checkpoint(path: Path, plan: RunPlan, device: torch.device | None = No
 
 
 #: how a resume refusal names each part of the fingerprint
-_FINGERPRINT_NAMES = {"data": "the data", "model": "--model", "model_args": "the model's options",
-                      "image_size": "--image-size", "batch_size": "--batch-size",
-                      "world_size": "--nproc"}
+_FINGERPRINT_NAMES = {"seed": "--seed", "data": "the data", "model": "--model",
+                      "model_args": "the model's options", "image_size": "--image-size",
+                      "batch_size": "--batch-size", "world_size": "--nproc",
+                      "optimizer": "--optimizer", "lr": "--lr",
+                      "weight_decay": "--weight-decay", "label_smoothing": "--label-smoothing",
+                      "augment": "--augment"}
+#: parts a checkpoint of an earlier imgrec may lack (not compared when it does)
+_LATER_PARTS = ("seed", "optimizer", "lr", "weight_decay", "label_smoothing", "augment")
 
 
 def check_every_class_taught(classes: list[str], read_labels: Any) -> None:
@@ -506,15 +515,29 @@ def _fingerprint_changes(saved: Any, now: dict) -> str:
     if not isinstance(saved, dict):
         return "the checkpoint records none"
     out, keys = [], set(saved) | set(now)
+    reseeded = "seed" in saved and saved["seed"] != now.get("seed")
     for key in list(_FINGERPRINT_NAMES) + sorted(keys - set(_FINGERPRINT_NAMES)):
-        if saved.get(key) == now.get(key):  # (equal too when neither has it)
+        if saved.get(key) == now.get(key) or (key in _LATER_PARTS and key not in saved):
             continue
         name = _FINGERPRINT_NAMES.get(key, key)
         if key == "data":
-            out.append("the data: its images, labels or splits changed")
+            out.append("so the data's splits" if reseeded else
+                       "the data: its images, labels or splits changed")
+        elif key == "world_size":
+            shown = [f"{n} processes" if n else "one process"
+                     for n in (saved.get(key), now.get(key))]
+            out.append(f"{name}: {shown[0]}, now {shown[1]}")
         else:
             out.append(f"{name} {saved.get(key)!r}, now {now.get(key)!r}")
     return "; ".join(out) or "unknown"
+
+
+def _same_run(saved: Any, now: dict) -> bool:
+    """A checkpoint's fingerprint matches this run's (parts an earlier imgrec did not record
+    are not compared)."""
+    if not isinstance(saved, dict):
+        return False
+    return saved == {k: v for k, v in now.items() if k in saved or k not in _LATER_PARTS}
 
 
 def _shared_checkpoint(path: Path, plan: RunPlan) -> dict:

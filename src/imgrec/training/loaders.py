@@ -91,6 +91,15 @@ class Batches:
                 worker_init_fn=ignore_stop_signals if workers else None,
             )
 
+    def state_dict(self) -> dict:
+        """Where the shuffling stands (a checkpoint's): a resumed run draws the next epoch's
+        order, not the first epoch's again."""
+        return {"generator": self.generator.get_state(), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"].cpu())
+        self.epoch = int(state["epoch"])
+
     def __len__(self) -> int:
         if self.world.active:
             if self.in_memory and self.shuffle:

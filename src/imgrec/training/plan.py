@@ -75,10 +75,18 @@ class RunPlan:
         extends a run)."""
         found = {"data": self.data.fingerprint(), "model": self.model_name,
                  "model_args": self.model_args, "image_size": self.image_size,
-                 "batch_size": self.batch_size}
+                 "batch_size": self.batch_size, **self.recipe_fingerprint()}
         if self.world.active:  # another process count is another run
             found["world_size"] = self.world.size
         return found
+
+
+    def recipe_fingerprint(self) -> dict:
+        """The training options a resumed run must share (another optimizer failed on the
+        saved state; another lr or augmentation was recorded for epochs it never ran)."""
+        return {"seed": self.cfg.seed, "optimizer": self.optimizer, "lr": self.lr,
+                "weight_decay": self.weight_decay, "label_smoothing": self.label_smoothing,
+                "augment": self.augment.describe()}
 
 
 def pick_device(name: str | None = None, world: World = SINGLE) -> torch.device:
