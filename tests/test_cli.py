@@ -59,6 +59,18 @@ def test_builtin_offline(capsys, tmp_path):
     (["--no-such-flag"], "--no-such-flag"),
     (["--device", "tpu"], "--device tpu: not a device"),  # was an internal error, exit 1
     (["--device", "meta"], "--device meta: imgrec trains on cpu, cuda or mps"),
+    # options of another mode were accepted and ignored; a huge seed was an internal error
+    (["--model", "small-cnn", "--head", "mlp"], "a scratch network has no transfer head"),
+    (["--model", "small-cnn", "--dropout", "0.3"], "a scratch network has no transfer head"),
+    (["--model", "efficientnet_lite0", "--mode", "features", "--dropout", "0.3"],
+     "the linear head has none"),
+    (["--model", "efficientnet_lite0", "--mode", "features", "--optimizer", "sgd"],
+     "--optimizer does not apply to --mode features"),
+    (["--model", "efficientnet_lite0", "--mode", "features", "--resume"],
+     "--resume does not apply to --mode features"),
+    (["--model", "efficientnet_lite0", "--pretrained", "--weights", "w.safetensors"],
+     "--pretrained and --weights both give"),
+    (["--seed", "99999999999999999999"], "--seed must be a whole number from 0 to"),
 ])
 def test_invalid_train_flags(capsys, shapes, flags, needle):
     line = _one_error_line(capsys, main(["train", str(shapes), *flags, "--quiet"]))

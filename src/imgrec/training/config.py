@@ -185,6 +185,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.precision not in PRECISIONS, "--precision must be auto, fp32 or bf16"),
         (cfg.augment_views < 0 or cfg.augment_views > 64,
          "--augment-views must be between 0 and 64"),
+        (not 0 <= cfg.seed < 2**32, "--seed must be a whole number from 0 to 4294967295"),
         (cfg.nproc is not None, "nproc launches torchrun from the command line (imgrec train "
                                 "--nproc N); from Python, start your script with torchrun"),
     ]
@@ -199,6 +200,9 @@ def _validate_transfer(cfg: TrainConfig) -> None:
         raise ImgrecError(f"unknown --mode {cfg.mode!r}", f"choose one of {', '.join(MODES)}")
     if cfg.head not in HEADS:
         raise ImgrecError(f"unknown --head {cfg.head!r}", "use --head linear or --head mlp")
+    if cfg.pretrained and cfg.weights:
+        raise ImgrecError("--pretrained and --weights both give the backbone's weights",
+                          "give one of them")
     if cfg.mode == "scratch" and (cfg.pretrained or cfg.weights):
         raise ImgrecError("--mode scratch trains from random weights; --pretrained/--weights "
                           "need a transfer mode", "use --mode features or --mode finetune")
@@ -210,8 +214,10 @@ def _validate_transfer(cfg: TrainConfig) -> None:
 
 
 def refuse_finetune_options(cfg: TrainConfig, mode: str) -> None:
-    """--unfreeze and --layer-decay shape finetuning only: a run in another mode refuses them
-    in one line instead of ignoring them."""
+    """Options that shape another mode than this run's are refused in one line instead of
+    being ignored: --unfreeze and --layer-decay (finetune), --head, --dropout and
+    --augment-views (a transfer head), --optimizer and --resume (not features mode, whose
+    head trains in seconds with AdamW)."""
     given = [f"--{n.replace('_', '-')}" for n in ("unfreeze", "layer_decay")
              if getattr(cfg, n) is not None]
     if given and mode != "finetune":
@@ -219,3 +225,16 @@ def refuse_finetune_options(cfg: TrainConfig, mode: str) -> None:
         verb = "apply" if len(given) > 1 else "applies"
         raise ImgrecError(f"{' and '.join(given)} only {verb} to --mode finetune (this run is "
                           f"{mode}: {why})", "add --mode finetune, or leave them out")
+    head = [flag for flag, given in (("--head mlp", cfg.head != "linear"),
+                                     ("--dropout", cfg.dropout is not None),
+                                     ("--augment-views", cfg.augment_views > 0)) if given]
+    if head and mode == "scratch":
+        raise ImgrecError(f"{' and '.join(head)}: a scratch network has no transfer head",
+                          "use them with --mode features or finetune, or leave them out")
+    if cfg.dropout is not None and cfg.head == "linear" and mode != "scratch":
+        raise ImgrecError("--dropout is the mlp head's; the linear head has none",
+                          "add --head mlp, or leave --dropout out")
+    if mode == "features" and (cfg.optimizer is not None or cfg.resume):
+        flag = "--optimizer" if cfg.optimizer is not None else "--resume"
+        raise ImgrecError(f"{flag} does not apply to --mode features: its head trains in "
+                          "seconds with AdamW on cached features", "leave it out")

@@ -99,6 +99,9 @@ class Runner:
         t0 = time.time()
         seed_everything(self.plan.cfg.seed)
         self.note(f"data    {self.plan.data.describe()}")
+        if self.plan.cfg.patience and not self.plan.has_validation:
+            self.note("note    no validation split: --patience (early stopping) has nothing "
+                      "to watch (give --val-fraction, or a validation/ folder)")
         if self.plan.world.active:
             self.note(distributed.describe(self.plan))
         logs: dict[str, Any] = {"history": self.state.history}

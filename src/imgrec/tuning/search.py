@@ -20,7 +20,14 @@ from typing import Any
 
 from ..errors import ImgrecError
 from . import study as st
-from .space import build_space, check_space, default_space, read_space_file, recipe_point
+from .space import (
+    build_space,
+    check_space,
+    default_space,
+    read_space_file,
+    recipe_point,
+    without_unused,
+)
 
 VALIDATION_FRACTION = 0.1  # held out of train when the data has no validation split
 
@@ -304,7 +311,7 @@ class Search:
 
         params = {name: p.suggest(trial) for name, p in self.space.params.items()}
         folder = self.out / "trials" / str(trial.number)
-        p = self.plan({**self.space.fixed, **params, "onnx": False}, folder)
+        p = self.plan(without_unused({**self.space.fixed, **params, "onnx": False}), folder)
         p = replace(p, data=trial_data(p.data, self.s.subset, self.s.seed, test=False))
         reporter = TrialReporter(trial, self.s.metric)
         try:

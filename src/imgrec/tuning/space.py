@@ -376,7 +376,10 @@ def _check_value(name: str, value: Any, meta: Any, options: dict[str, Any], wher
         allowed = ", ".join(choices) if choices else f"from {low} to {high}"
         raise ImgrecError(f"{where}: {name}={value!r} is out of range", f"allowed: {allowed}")
     try:
-        cfg = TrainConfig(**{"data": "-", **options, name: value})
+        # the mlp head's dropout is checked with that head (a trial drawing the linear
+        # head leaves it out: without_unused)
+        head = {"head": "mlp"} if name == "dropout" else {}
+        cfg = TrainConfig(**without_unused({"data": "-", **options, **head, name: value}))
         validate(cfg)
         if name == "augment":
             from ..augment import Augment
@@ -386,6 +389,14 @@ def _check_value(name: str, value: Any, meta: Any, options: dict[str, Any], wher
         raise ImgrecError(f"{where}: {name}={value!r}: {e}") from None
     except ImgrecError as e:
         raise ImgrecError(f"{where}: {name}={value!r}: {e.message}", e.hint) from None
+
+
+def without_unused(options: dict[str, Any]) -> dict[str, Any]:
+    """A trial's options without those its other choices make moot (the mlp head's dropout
+    in a trial that drew the linear head), which `imgrec train` refuses."""
+    if options.get("head", "linear") == "linear":
+        return {k: v for k, v in options.items() if k != "dropout"}
+    return options
 
 
 def _first_line(e: Exception) -> str:
