@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_shapes_dataset
 from helpers import truncated_jpeg, write_pixel_csv
+from PIL import Image
 
 from imgrec.bundle import read_bundle
 from imgrec.errors import ImgrecError
@@ -116,6 +117,16 @@ def test_a_resumed_run_is_the_uninterrupted_run(tmp_path):
     assert _strip(resumed.history) == _strip(whole.history)
     wa, wb = load_model(whole.bundle).state_dict(), load_model(resumed.bundle).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # image files, read by DataLoader workers that live through the epochs, alike
+    folder = tmp_path / "files"
+    for i, (img, label) in enumerate(zip(x, y, strict=True)):
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(folder / str(label) / f"{i}.png")
+    files = {**opts, "workers": 2}
+    whole = train(str(folder), out=str(tmp_path / "fw"), **files)
+    train(str(folder), out=str(tmp_path / "fc"), callbacks=[InterruptInEpoch3()], **files)
+    resumed = train(str(folder), out=str(tmp_path / "fc"), resume=True, **files)
+    assert _strip(resumed.history) == _strip(whole.history)
 
 
 def test_resume_with_more_epochs_extends(shapes, tmp_path):

@@ -97,6 +97,10 @@ class Batches:
         return {"generator": self.generator.get_state(), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        if not self.in_memory and self.loader.persistent_workers:
+            # the workers' iterator draws its seed from the generator when it is made: made
+            # now, as the first epoch made it, so the next epochs draw the saved orders
+            iter(self.loader)  # (kept by the loader, as persistent workers are)
         self.generator.set_state(state["generator"].cpu())
         self.epoch = int(state["epoch"])
 
