@@ -396,3 +396,16 @@ def test_a_class_none_of_whose_training_images_reads_is_refused_in_scratch_mode(
     with pytest.raises(ImgrecError, match="class\\(es\\) 'ghost': none of their training"):
         train(str(data), epochs=2, out=str(tmp_path / "run"), **FAST)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_record_holds_the_options_that_shaped_the_run(shapes, tmp_path, capsys):
+    """imgrec.json lacked the weight decay, patience and class weighting (only config.json
+    had what was asked); --class-weights balanced on balanced classes said "imbalanced"."""
+    from imgrec.training.engine import weights_note
+
+    run = train(str(shapes), epochs=1, out=str(tmp_path / "run"), weight_decay=0.01,
+                patience=3, class_weights="balanced", **FAST)
+    t = run.bundle.training
+    assert (t["weight_decay"], t["patience"], t["class_weights"]) == (0.01, 3, "balanced")
+    assert weights_note("balanced").startswith("--class-weights balanced: the loss weighs")
+    assert weights_note("auto").startswith("classes are imbalanced")

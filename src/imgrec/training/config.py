@@ -175,6 +175,8 @@ def validate(cfg: TrainConfig) -> None:
          f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
         (cfg.val_fraction is not None and not 0 <= cfg.val_fraction < 0.9,
          "--val-fraction must be in [0, 0.9)"),
+        (cfg.weight_decay is not None and not 0 <= cfg.weight_decay <= 10,
+         "--weight-decay must be a number from 0 to 10"),
         (cfg.label_smoothing is not None and not 0 <= cfg.label_smoothing < 1,
          "--label-smoothing must be in [0, 1)"),
         (cfg.class_weights not in CLASS_WEIGHTS,

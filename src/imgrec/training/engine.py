@@ -70,8 +70,11 @@ def class_weights(labels: np.ndarray, n: int, mode: str, device) -> torch.Tensor
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
-WEIGHTS_NOTE = "classes are imbalanced: the loss weighs them inversely to their counts " \
-               "(--class-weights none: plain)"
+def weights_note(mode: str) -> str:
+    """What a run weighing its classes says: why (auto: the classes are imbalanced; asked
+    for: --class-weights balanced, whatever the counts)."""
+    why = "--class-weights balanced" if mode == "balanced" else "classes are imbalanced"
+    return f"{why}: the loss weighs them inversely to their counts (--class-weights none: plain)"
 
 
 def balanced_cross_entropy(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None,
@@ -211,7 +214,7 @@ class EpochLoop:
         plan = self.plan
         state.optimizer, state.scheduler, state.epochs = self.opt, self.sched, plan.epochs
         if self.weights is not None:
-            self.callbacks.on_note(state, WEIGHTS_NOTE)
+            self.callbacks.on_note(state, weights_note(plan.cfg.class_weights))
         self._notes(state)
         start = self._resume(state) if plan.cfg.resume else self._init_from_data(state)
         interrupted = False

@@ -29,7 +29,12 @@ from ..errors import ImgrecError
 from ..models.pretrained import Backbone, make_head
 from . import distributed, optimizers
 from .callbacks import CallbackList, EarlyStopping, RunState
-from .engine import WEIGHTS_NOTE, balanced_cross_entropy, check_every_class_taught, class_weights
+from .engine import (
+    balanced_cross_entropy,
+    check_every_class_taught,
+    class_weights,
+    weights_note,
+)
 from .features import Extractor
 from .plan import RunPlan
 from .recipes import HEAD_DROPOUT, LAYER_DECAY, TRANSFER_DEFAULTS
@@ -180,7 +185,7 @@ def train_head(fs: FeatureSet, plan: RunPlan, settings: HeadSettings, callbacks:
     try:
         trainer = _HeadTrainer(fs, plan, settings)
         if trainer.weights is not None and plan.mode == "features":  # finetune says it later
-            callbacks.on_note(state, WEIGHTS_NOTE)
+            callbacks.on_note(state, weights_note(plan.cfg.class_weights))
         return trainer.run(callbacks, state)
     finally:
         torch.set_num_threads(threads)
