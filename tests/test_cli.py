@@ -72,6 +72,8 @@ def test_builtin_offline(capsys, tmp_path):
      "--pretrained and --weights both give"),
     (["--seed", "99999999999999999999"], "--seed must be a whole number from 0 to"),
     (["--weight-decay", "inf"], "--weight-decay must be a number from 0 to 10"),
+    (["--model", "efficientnet_lite0", "--mode", "features", "--augment", "standard"],
+     "without them it does nothing"),
 ])
 def test_invalid_train_flags(capsys, shapes, flags, needle):
     line = _one_error_line(capsys, main(["train", str(shapes), *flags, "--quiet"]))

@@ -306,4 +306,9 @@ def _transfer_defaults(cfg: TrainConfig, mode: str, hyper: dict[str, Any], augme
     if cfg.augment_views and not augment.active:
         raise ImgrecError("--augment-views needs an augmentation to draw the views from",
                           "drop --augment none, or give e.g. --augment standard")
+    if mode == "features" and cfg.augment is not None and augment.active \
+            and not cfg.augment_views:  # it was recorded as none, and nothing said so
+        raise ImgrecError("--augment in features mode draws --augment-views K views of each "
+                          "training image (their features are cached); without them it does "
+                          "nothing", "add --augment-views 4, or leave --augment out")
     return hyper, augment
