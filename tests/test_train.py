@@ -409,3 +409,16 @@ def test_the_record_holds_the_options_that_shaped_the_run(shapes, tmp_path, caps
     assert (t["weight_decay"], t["patience"], t["class_weights"]) == (0.01, 3, "balanced")
     assert weights_note("balanced").startswith("--class-weights balanced: the loss weighs")
     assert weights_note("auto").startswith("classes are imbalanced")
+
+
+def test_history_shows_the_rate_of_the_runs_lr():
+    """Finetuning gives the backbone's layers lower rates: history's lr column showed the
+    lowest layer's (0.00014 for --lr 0.001), not the head's."""
+    from types import SimpleNamespace
+
+    groups = [{"lr": 1.4e-4, "max_lr": 1.4e-4}, {"lr": 5e-4, "max_lr": 5e-4},
+              {"lr": 1e-3, "max_lr": 1e-3}]
+    loop = SimpleNamespace(opt=SimpleNamespace(param_groups=groups), plan=SimpleNamespace(lr=1e-3))
+    assert EpochLoop.reported_lr(loop) == 1e-3
+    loop.plan.lr = 0.05  # no group at the run's lr: the first
+    assert EpochLoop.reported_lr(loop) == 1.4e-4

@@ -9,6 +9,7 @@ every epoch and --resume, Ctrl-C / SIGTERM saving the best so far. Everything el
 from __future__ import annotations
 
 import io
+import math
 import signal
 import time
 import warnings
@@ -209,6 +210,13 @@ class EpochLoop:
                           if plan.lookahead else None)
         self.governor = ThreadGovernor(plan.device, available_cores())
 
+    def reported_lr(self) -> float:
+        """The rate history and TensorBoard show: the group scheduled at the run's --lr (the
+        head's, when finetuning gives the backbone's layers lower rates), else the first."""
+        groups = self.opt.param_groups
+        return next((g["lr"] for g in groups if math.isclose(g.get("max_lr", -1.0), self.plan.lr)),
+                    groups[0]["lr"])
+
     # -- the run ---------------------------------------------------------------------------
     def run(self, state: RunState) -> LoopResult:
         plan = self.plan
@@ -303,8 +311,7 @@ class EpochLoop:
             self._check_every_class_taught(state)
         if self.lookahead is not None and epoch == self.plan.epochs:
             self.lookahead.finish(self.model)  # the run's end: the averaged weights
-        row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": loss,
-               "train_acc": acc}
+        row = {"epoch": epoch, "lr": self.reported_lr(), "train_loss": loss, "train_acc": acc}
         if self.val_batches is not None:
             row["val_loss"], row["val_acc"] = self.validate(state)
         row["seconds"] = round(time.time() - t0, 2)
