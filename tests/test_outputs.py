@@ -116,3 +116,17 @@ def test_sigterm_saves_and_exits_143(shapes, tmp_path):
         proc.kill()
     assert proc.returncode == 143, rest
     assert (out / "model.safetensors").is_file() and (out / "checkpoint.pt").is_file()
+
+
+def test_curves_mark_whole_epochs_only(tmp_path, monkeypatch):
+    """Two epochs were drawn on ticks 1.0, 1.2, 1.4 ... 2.0: an epoch 1.5 never ran."""
+    from imgrec import history
+
+    drawn = []
+    monkeypatch.setattr(history, "save_figure", lambda fig, path, **kw: drawn.append(fig))
+    rows = [{"epoch": e, "train_loss": 1 / e, "train_acc": e / 3, "val_loss": 1.1 / e,
+             "val_acc": e / 4} for e in (1, 2)]
+    history.plot_curves(tmp_path / "c.png", rows)
+    for ax in drawn[0].axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
+        assert ticks == [1.0, 2.0], ticks

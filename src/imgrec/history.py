@@ -47,6 +47,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
     if not history:
         return
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     staged = any(h.get("stage") for h in history)  # finetune: the warm-up's epochs first
     epochs = list(range(1, len(history) + 1)) if staged else [int(h["epoch"]) for h in history]
@@ -59,6 +60,7 @@ def plot_curves(path: Path, history: list[dict], title: str = "") -> None:
         if any(v is not None for v in val):
             ax.plot(epochs, val, "s-", label="validation")
         ax.set_xlabel("epoch (head warm-up, then finetuning)" if staged else "epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         if warmup and warmup < len(history):
             ax.axvline(warmup + 0.5, color="grey", linestyle="--", linewidth=1)
         ax.set_ylabel(label.lower())
