@@ -298,3 +298,20 @@ def test_a_split_class_without_training_images_is_empty_not_imbalanced(tmp_path,
     shutil.rmtree(tmp_path / "validation" / "owls")
     (tmp_path / "train" / "bats").rmdir()
     assert main(["doctor", str(tmp_path)]) == 0
+
+
+def test_a_multi_frame_image_is_noted(tmp_path):
+    """An animated GIF or a multi-page TIFF trains on its first frame: doctor says so."""
+    from imgrec.doctor import scan
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 40), (80 * i, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    frames = [Image.new("RGB", (40, 40), (0, 60 * i, 0)) for i in range(3)]
+    frames[0].save(tmp_path / "a" / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "b" / "pages.tif", save_all=True, append_images=frames[1:])
+    found = {(i.path, i.kind): i.detail for i in scan(tmp_path).issues if i.kind == "frames"}
+    assert set(found) == {("a/anim.gif", "frames"), ("b/pages.tif", "frames")}
+    assert "3 frames (animated or multi-page): imgrec reads the first" in found[("a/anim.gif",
+                                                                                   "frames")]

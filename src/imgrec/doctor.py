@@ -226,6 +226,7 @@ def _check_header(info: FileInfo, data: bytes, fmt: str) -> bool:
             w, h = header.size
             mode = header.mode
             orientation = header.getexif().get(0x0112, 1)
+            frames = getattr(header, "n_frames", 1)  # an animated GIF, a multi-page TIFF
     except Exception as e:
         info.issues.append(("unreadable", f"{fmt} header is broken ({type(e).__name__}: {e})"))
         return False
@@ -245,6 +246,9 @@ def _check_header(info: FileInfo, data: bytes, fmt: str) -> bool:
         info.issues.append(("mode", f"{desc}: converted to RGB when loaded"))
     if min(w, h) < TINY:
         info.issues.append(("tiny", f"{w}x{h} pixels (under {TINY} on a side)"))
+    if isinstance(frames, int) and frames > 1:
+        info.issues.append(("frames", f"{frames} frames (animated or multi-page): imgrec reads "
+                                      "the first"))
     return True
 
 
