@@ -221,6 +221,7 @@ def test_walk_follows_symlinked_folders_but_not_loops(tmp_path):
     (top / "cats").symlink_to(elsewhere / "cats")
     (top / "dogs" / "up").symlink_to(top)  # a loop
     (elsewhere / "cats" / "deeper" / "back").symlink_to(elsewhere / "cats")  # a loop too
+    (top / "dogs" / "parent").symlink_to(tmp_path)  # above the folder asked for: not walked
     got = [p.relative_to(top).as_posix() for p in walk_images(top)]
     assert got == ["cats/a.jpg", "cats/deeper/b.png", "dogs/c.jpg"]
 

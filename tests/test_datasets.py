@@ -416,6 +416,12 @@ def test_a_path_csv_header_names_its_columns(tmp_path):
     for name in ("a.csv", "b.csv"):
         ds = load_dataset(str(tmp_path / name), val_fraction=0.0, test_fraction=0.0)
         assert ds.classes == ["cat", "dog"] and len(ds.splits["train"]) == 8, name
+    # a third column named otherwise whose values are splits is the split column
+    split = [("test" if i % 4 == 0 else "train") for i in range(8)]
+    (tmp_path / "c.csv").write_text("path,label,partition\n" + "".join(
+        f"{row},{s}\n" for row, s in zip(rows.split(), split, strict=True)))
+    ds = load_dataset(str(tmp_path / "c.csv"), val_fraction=0.0)
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 6, "test": 2}
 
 
 def test_a_path_csv_whose_paths_are_all_missing_is_refused_before_training(tmp_path):
@@ -472,3 +478,13 @@ def test_unlabelled_images_in_a_split_folder_are_noted_and_no_leak(tmp_path, cap
     load_dataset(str(tmp_path))
     assert "test/: 1 image(s) outside any class folder (unlabelled)" in capsys.readouterr().err
     assert "leak" not in scan(tmp_path).problems()
+
+
+def test_a_class_named_like_a_split_still_trains(tmp_path):
+    """valid/ and invalid/ are classes (their images are directly inside): refusing every
+    split-named folder without train/ broke them, in the studio too."""
+    from imgrec.doctor import scan
+
+    _folder(tmp_path, {"valid": 3, "invalid": 3})
+    assert load_dataset(str(tmp_path)).classes == ["invalid", "valid"]
+    assert set(scan(tmp_path).classes) == {"invalid", "valid"}

@@ -156,6 +156,10 @@ def test_another_folder_of_the_training_folders_name_is_held_out(tmp_path_factor
     assert rep.split == "all" and rep.n == 10
     monkeypatch.chdir(base)  # the training folder itself, by the same relative name
     assert evaluate_bundle(bundle_dir, "shapes", "test").split == "test"
+    # a moved checkout: the recorded folder is gone, the name as given decides again
+    bundle.training["data_path"] = str(tmp_path / "gone" / "shapes")
+    bundle.write_meta()
+    assert evaluate_bundle(bundle_dir, "shapes", "test").split == "test"
 
 
 def test_evaluate_skips_bad_files(tmp_path_factory, tmp_path):

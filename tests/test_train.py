@@ -422,3 +422,29 @@ def test_history_shows_the_rate_of_the_runs_lr():
     assert EpochLoop.reported_lr(loop) == 1e-3
     loop.plan.lr = 0.05  # no group at the run's lr: the first
     assert EpochLoop.reported_lr(loop) == 1.4e-4
+
+
+def test_a_figure_that_fails_to_draw_never_costs_the_run(capsys):
+    """Ctrl-C while the main thread imported matplotlib left the thread drawing curves.png a
+    half-imported module; its AttributeError became an internal error that lost the
+    checkpoint. The drawing is tried again, and a second failure is one warning line."""
+    from types import SimpleNamespace
+
+    from imgrec.training.record import Background, RecordWriter
+
+    calls = []
+
+    def draw_fails_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise AttributeError("module 'matplotlib' has no attribute 'get_data_path'")
+
+    holder = SimpleNamespace(curves=Background(draw_fails_once))
+    RecordWriter.finish(holder)
+    assert len(calls) == 2 and holder.curves is None
+
+    def never():
+        raise AttributeError("broken")
+
+    RecordWriter.finish(SimpleNamespace(curves=Background(never)))
+    assert "warning: curves.png was not drawn (AttributeError: broken)" in capsys.readouterr().err

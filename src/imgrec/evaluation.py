@@ -269,17 +269,19 @@ def evaluation_data(bundle: Bundle, data: str, split: str, data_dir: str | None 
 
 def is_training_data(bundle: Bundle, data: str) -> bool:
     """Whether `data` names what the bundle trained on: the same folder or CSV (recorded as
-    an absolute path, `data_path`), or for a built-in dataset the same name. The path as it
-    was given is never compared: "photos" named another folder from another working folder,
-    and evaluate scored that folder's "test" split (or refused it) instead of all of it."""
+    an absolute path, `data_path`), or for a built-in dataset the same name. While the
+    recorded folder exists the path as it was given is not compared ("photos" named another
+    folder from another working folder, and evaluate scored that folder's "test" split, or
+    refused it, instead of all of it); once it is gone (the checkout moved) the name is."""
     t = bundle.training
     recorded = t.get("data_path")
-    if isinstance(recorded, str) and recorded:
+    if isinstance(recorded, str) and recorded and Path(recorded).exists():
         try:
             here = Path(data).expanduser()
             return here.exists() and Path(recorded).resolve() == here.resolve()
         except OSError:
             return False
+    # no recorded path, or it is gone (a moved checkout): the name as it was given
     name = t.get("data")  # a built-in dataset's name (or, in an older bundle, a path)
     if not isinstance(name, str) or not name:
         return False

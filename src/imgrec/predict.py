@@ -380,8 +380,9 @@ def walk_images(folder: Path, _chain: frozenset[str] = frozenset()) -> Iterator[
     """Image files under `folder` in sorted path order (what sorted(folder.rglob("*")) gives:
     each directory's names sorted, depth first), holding one directory's names at a time.
     A symlinked folder is followed, as train and doctor follow a symlinked class folder,
-    unless it leads back into a folder being walked (a loop); unreadable subfolders are
-    skipped and hidden names (.git/, ._photo.jpg, __MACOSX/) left out, as every listing does."""
+    unless it leads back to a folder being walked or one above it (a loop, `..`, `/`);
+    unreadable subfolders are skipped and hidden names (.git/, ._photo.jpg, __MACOSX/) left
+    out, as every listing does."""
     chain = _chain | {os.path.realpath(folder)}
     names, dirs = [], set()
     try:
@@ -390,7 +391,7 @@ def walk_images(folder: Path, _chain: frozenset[str] = frozenset()) -> Iterator[
                 if hidden(entry.name):
                     continue
                 names.append(entry.name)
-                if entry.is_dir() and os.path.realpath(entry.path) not in chain:
+                if entry.is_dir() and not _leads_back(os.path.realpath(entry.path), chain):
                     dirs.add(entry.name)
     except OSError:
         return
@@ -400,6 +401,12 @@ def walk_images(folder: Path, _chain: frozenset[str] = frozenset()) -> Iterator[
             yield from walk_images(path, chain)
         elif is_image_path(path) and path.is_file():
             yield path
+
+
+def _leads_back(target: str, chain: frozenset[str]) -> bool:
+    """A folder that is one being walked or holds one (a link to `..` or `/`): following it
+    would walk the folders above the one asked for, or loop."""
+    return any(c == target or c.startswith(target.rstrip(os.sep) + os.sep) for c in chain)
 
 
 def sample_photos() -> list[str]:

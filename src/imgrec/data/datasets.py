@@ -221,6 +221,8 @@ def _csv(path: Path, val_fraction: float, test_fraction: float, seed: int) -> Da
     columns = _header_columns(header)
     if columns is not None or _is_header(header, path.parent):
         numbered = numbered[1:]
+    if columns is not None and columns[2] is None:
+        columns = (*columns[:2], _split_column(numbered, columns[:2]))
     by_split = _csv_rows(path, numbered, columns or (0, 1, 2))
     classes = sorted({label for v in by_split.values() for _, label in v})
     index = {c: i for i, c in enumerate(classes)}
@@ -268,6 +270,20 @@ def _header_columns(header: list[str]) -> tuple[int, int, int | None] | None:
     if split is None and len(header) < 3:  # a third column the header leaves unnamed
         split = 2
     return path, label, split
+
+
+def _split_column(numbered: list[tuple[int, list[str]]], taken: tuple[int, int]) -> int | None:
+    """The column a header names otherwise (`partition`, `fold`) whose every value names a
+    split (train, val, test...), as the positional `path,label,split` would be read; None when
+    there is none (`weight`)."""
+    width = max((len(r) for _, r in numbered), default=0)
+    for i in range(width):
+        if i in taken:
+            continue
+        values = {r[i].strip().lower() for _, r in numbered if i < len(r) and r[i].strip()}
+        if values and values <= set(SPLIT_ALIASES):
+            return i
+    return None
 
 
 def _cells(row: list[str], columns: tuple[int, int, int | None]) -> tuple[str, str, str]:

@@ -27,8 +27,11 @@ def split_folders(root: Path) -> dict[str, Path]:
         if split is not None and not hidden(p.name) and p.is_dir():
             found.setdefault(split, []).append(p)
     if "train" not in found:
-        named = sorted(p.name for folders in found.values() for p in folders)
-        if named:  # test/ beside the class folders would be trained as a class called test
+        # a split-named folder that holds class folders beside the classes (test/cat/...)
+        # would be trained as a class called test; one holding images is a class (valid/)
+        named = sorted(p.name for folders in found.values() for p in folders
+                       if any(c.is_dir() and not hidden(c.name) for c in p.iterdir()))
+        if named:
             raise DataError(
                 f"{root}: {', '.join(n + '/' for n in named)} named like a split, with no "
                 "train/ folder beside it",

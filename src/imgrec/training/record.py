@@ -139,11 +139,21 @@ class RecordWriter:
         return bundle
 
     def finish(self) -> None:
-        """Wait for the record's background work (curves.png); its error, if any, is
-        raised here."""
+        """Wait for the record's background work (curves.png). A drawing that failed is
+        drawn again here, and if that fails too the run says so in one line: a figure is
+        never worth the run (Ctrl-C during the main thread's import of matplotlib left the
+        drawing thread a half-imported module, and the internal error lost the checkpoint)."""
         curves, self.curves = self.curves, None
-        if curves is not None:
+        if curves is None:
+            return
+        try:
             curves.join()
+        except Exception:  # noqa: BLE001 (a figure)
+            try:
+                curves.again()
+            except Exception as e:  # noqa: BLE001
+                print(f"warning: curves.png was not drawn ({type(e).__name__}: {e})",
+                      file=sys.stderr, flush=True)
 
     @staticmethod
     def write_onnx(bundle: Bundle, model: Any, composed: Callable[[], Path] | None = None
@@ -193,6 +203,7 @@ class Background:
 
     def __init__(self, fn: Callable[..., Any], *args: Any):
         self.error: BaseException | None = None
+        self.fn, self.args = fn, args
         self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
                                        name=f"imgrec-{getattr(fn, '__name__', 'task')}")
         self.thread.start()
@@ -207,6 +218,10 @@ class Background:
         self.thread.join()
         if self.error is not None:
             raise self.error
+
+    def again(self) -> None:
+        """The work once more, in the calling thread."""
+        self.fn(*self.args)
 
 
 def _drop_onnx(bundle: Bundle) -> None:

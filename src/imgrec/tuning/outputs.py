@@ -179,9 +179,11 @@ def _final_bundle(search: Search, best: Any, summary: TuneSummary) -> None:
 
 def _retrain(search: Search, best: Any, target: Path) -> tuple[Any, TrialReporter]:
     from ..training.runners import run_plan
+    from .space import without_unused
 
     shutil.rmtree(target, ignore_errors=True)  # a new best replaces the old bundle whole
-    p = search.plan({**search.space.fixed, **best.params, "tensorboard": True}, target)
+    p = search.plan(without_unused({**search.space.fixed, **best.params, "tensorboard": True}),
+                    target)
     p = replace(p, data=trial_data(p.data, search.s.subset, search.s.seed, test=True))
     reporter = TrialReporter(None, search.s.metric)
     result = run_plan(p, [reporter])
