@@ -440,8 +440,8 @@ def torchrun(argv: list[str]) -> int:
         except SignalException as e:  # Ctrl-C / SIGTERM: torchrun has stopped every rank
             # a new line: a rank's progress bar may have been mid-line
             print(f"\nimgrec: interrupted ({e.sigval.name}): every process stopped; rerun the "
-                  "same command with --resume to continue after the last finished epoch",
-                  file=sys.stderr, flush=True)
+                  "same command (a scratch or finetune run: with --resume, to continue after "
+                  "the last finished epoch)", file=sys.stderr, flush=True)
             return 128 + int(e.sigval)
 
 
@@ -452,8 +452,8 @@ def report_failure(failures: dict) -> int:
     -15) or that lost it as a peer (75); then a rank killed by another signal is named (the
     survivor may notice the lost peer before torchrun notices the death); else a rank that
     only lost its peers gets the line it did not print."""
-    again = ("rerun the same command with --resume (it continues from the last finished "
-             "epoch's checkpoint)")
+    again = ("rerun the same command (a scratch or finetune run: with --resume, to continue "
+             "from the last finished epoch's checkpoint)")
     stopped = (DistributedFailure.exit_code, 128 + signal.SIGTERM, -signal.SIGTERM)
     own = [r for r, f in failures.items() if f.exitcode > 0 and f.exitcode not in stopped]
     if own:
