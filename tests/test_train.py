@@ -115,6 +115,9 @@ def test_a_resumed_run_is_the_uninterrupted_run(tmp_path):
     assert first.interrupted and len(first.history) == 2
     resumed = train((x, y), out=str(tmp_path / "cut"), resume=True, **opts)
     assert _strip(resumed.history) == _strip(whole.history)
+    # its seconds count the interrupted session's epochs too (they counted the last only)
+    assert resumed.bundle.training["seconds"] >= round(sum(r["seconds"] for r in
+                                                           resumed.history), 1) - 0.05
     wa, wb = load_model(whole.bundle).state_dict(), load_model(resumed.bundle).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # image files, read by DataLoader workers that live through the epochs, alike

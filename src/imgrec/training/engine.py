@@ -179,6 +179,7 @@ class EpochLoop:
                  tracker: EarlyStopping, param_groups: list[dict] | None = None,
                  train_mode: Any = None):
         self.plan, self.model, self.callbacks, self.tracker = plan, model, callbacks, tracker
+        self.resumed_seconds = 0.0  # the training seconds of the epochs a checkpoint brought
         self.train_mode = train_mode or (lambda m: m.train())
         self.channels_last = plan.device.type != "mps"
         if self.channels_last:
@@ -472,6 +473,7 @@ class EpochLoop:
         self.tracker.best = {"acc": saved["best_acc"], "loss": saved["best_loss"],
                              "epoch": saved["best_epoch"], "state": saved["best_state"]}
         state.history[:] = saved["history"]
+        self.resumed_seconds = float(sum(r.get("seconds") or 0.0 for r in saved["history"]))
         state.skipped.update(saved.get("skipped", {}))
         done, epochs = saved["epoch"], self.plan.epochs
         self.callbacks.on_note(state, f"resume  from epoch {done} of {epochs}" if done < epochs

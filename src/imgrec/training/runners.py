@@ -221,10 +221,13 @@ class ScratchRunner(Runner):
             **loop_options: Any) -> tuple[Bundle, LoopResult]:
         """The epoch loop, then the bundle (restore-best already applied)."""
         self.state.model, self.state.tracker = model, tracker
-        loop = EpochLoop(self.plan, model, self.callbacks, tracker, **loop_options).run(self.state)
+        epochs = EpochLoop(self.plan, model, self.callbacks, tracker, **loop_options)
+        loop = epochs.run(self.state)
         if not self.plan.world.main:
             return None, loop
-        training = self.record.summary(loop.history, loop.best_epoch, time.time() - t0,
+        # a resumed run's seconds count the interrupted session's epochs too
+        seconds = time.time() - t0 + epochs.resumed_seconds
+        training = self.record.summary(loop.history, loop.best_epoch, seconds,
                                        loop.stopped_early, loop.interrupted, loop.skipped,
                                        **(extra or {}))
         bundle = self.record.save(model, arch, loop.history, training,
