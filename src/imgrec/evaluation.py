@@ -21,7 +21,7 @@ from .bundle import (
     training_overlap,
 )
 from .contract import Preprocess, fit_arrays, load_input
-from .data.datasets import Dataset, load_dataset
+from .data.datasets import Dataset, load_dataset, sign_letter
 from .errors import DataError, InputError
 from .feature_cache import FeatureCache, cache_root, digest_all, extractor_key
 from .figures import pyplot, save_figure
@@ -180,7 +180,7 @@ def _label_map(bundle: Bundle, ds: Dataset) -> np.ndarray:
     """Dataset label index -> bundle class index, matched by name."""
     index = {c: i for i, c in enumerate(bundle.classes)}
     unknown = [c for c in ds.classes if c not in index]
-    letters = [chr(65 + int(c)) for c in ds.classes if c.isdigit() and int(c) < 26]
+    letters = [sign_letter(int(c)) for c in ds.classes if c.isdigit() and int(c) < 26]
     if unknown and ds.source.lower().endswith(".csv") and len(letters) == len(ds.classes) \
             and all(c in index for c in letters):
         # a pixel CSV's labels as the letters a Sign-Language-MNIST model was trained on

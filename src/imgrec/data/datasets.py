@@ -369,6 +369,12 @@ def _read_pixel_csv(path: Path, rows: list[list[str]]) -> tuple[np.ndarray, np.n
     return arr[:, 1:].astype(np.uint8).reshape(-1, 1, side, side), arr[:, 0]
 
 
+def sign_letter(label: int) -> str:
+    """A Sign-Language-MNIST label's class name: 0 -> A, 1 -> B ... (training names a pixel
+    CSV's classes so when its file says "sign"; evaluate maps a held-out copy's digits so)."""
+    return chr(65 + label)
+
+
 def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed: int) -> Dataset:
     """Sign-Language-MNIST / Kaggle digit layout: label,pixel1..pixelN, one image per row.
     A sibling file with 'test' in place of 'train' in its name is the test split: it must
@@ -391,7 +397,7 @@ def _pixel_csv(path: Path, rows, val_fraction: float, test_fraction: float, seed
             splits["test"] = Split(ty, images=tx)
     labels = sorted(set(y.tolist()))
     sign = "sign" in path.name.lower() and max(labels) < 26
-    classes = [chr(65 + i) if sign else str(i) for i in labels]
+    classes = [sign_letter(i) if sign else str(i) for i in labels]
     remap = np.full(max(labels) + 1, -1, np.int64)
     remap[labels] = np.arange(len(labels))
     for s in splits.values():
