@@ -410,6 +410,13 @@ def test_the_record_holds_the_options_that_shaped_the_run(shapes, tmp_path, caps
                 patience=3, class_weights="balanced", **FAST)
     t = run.bundle.training
     assert (t["weight_decay"], t["patience"], t["class_weights"]) == (0.01, 3, "balanced")
+    # the arithmetic --precision auto resolved to on this machine, not the option's "auto"
+    from imgrec.training.engine import autocast_dtype
+
+    expected = autocast_dtype("auto", torch.device("cpu"))
+    assert t["precision"] == ("bfloat16" if expected == torch.bfloat16 else "float32")
+    forced = train(str(shapes), epochs=1, out=str(tmp_path / "fp32"), precision="fp32", **FAST)
+    assert forced.bundle.training["precision"] == "float32"
     assert weights_note("balanced").startswith("--class-weights balanced: the loss weighs")
     assert weights_note("auto").startswith("classes are imbalanced")
 

@@ -305,6 +305,7 @@ def test_features_trials_share_the_feature_cache(shapes, tmp_path, monkeypatch):
         quiet=True,
     )
     trials = _study(out, summary.study).trials
+    assert not any("dropout" in t.params for t in trials)  # moot with the linear head: not drawn
     n_train_val = trials[0].user_attrs["features_computed"]
     assert n_train_val == 72  # 80 images less the 8 of the test split
     assert [t.user_attrs["features_computed"] for t in trials[1:]] == [0, 0]
@@ -443,3 +444,27 @@ def test_a_fixed_number_in_either_yaml_form_is_a_number():
     assert build_space({}, raw, {}).fixed["lr"] == 1e-4
     with pytest.raises(ImgrecError, match="batch_size takes whole numbers"):
         fixed_values({"batch_size": "6.5"}, "space file s.yaml")
+
+
+def test_a_trial_draws_the_heads_dropout_only_with_the_mlp_head():
+    """The mlp head's dropout was drawn (and recorded) in trials that drew the linear head,
+    which leave it out: the sampler modelled an option that did nothing there."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from imgrec.tuning.search import Search
+    from imgrec.tuning.space import Param, Space
+
+    params = {"dropout": Param("dropout", "float", 0.0, 0.7),
+              "head": Param("head", "categorical", choices=("linear", "mlp")),
+              "lr": Param("lr", "float", 1e-4, 1e-2, log=True)}
+    search = SimpleNamespace(space=Space(params, {}))
+    linear = optuna.trial.FixedTrial({"head": "linear", "lr": 1e-3})  # asking for dropout fails
+    assert Search.suggest(search, linear) == {"head": "linear", "lr": 1e-3}
+    mlp = optuna.trial.FixedTrial({"head": "mlp", "lr": 1e-3, "dropout": 0.3})
+    assert Search.suggest(search, mlp) == {"head": "mlp", "lr": 1e-3, "dropout": 0.3}
+    fixed_mlp = SimpleNamespace(space=Space({k: params[k] for k in ("dropout", "lr")},
+                                            {"head": "mlp"}))
+    both = optuna.trial.FixedTrial({"lr": 1e-3, "dropout": 0.2})
+    assert Search.suggest(fixed_mlp, both) == {"lr": 1e-3, "dropout": 0.2}

@@ -227,9 +227,11 @@ class ScratchRunner(Runner):
             return None, loop
         # a resumed run's seconds count the interrupted session's epochs too
         seconds = time.time() - t0 + epochs.resumed_seconds
+        # the arithmetic the epochs ran in: --precision auto resolves per machine
+        precision = str(epochs.amp_dtype or "float32").removeprefix("torch.")
         training = self.record.summary(loop.history, loop.best_epoch, seconds,
                                        loop.stopped_early, loop.interrupted, loop.skipped,
-                                       **(extra or {}))
+                                       precision=precision, **(extra or {}))
         bundle = self.record.save(model, arch, loop.history, training,
                                   f"{self.plan.model_name} on {self.plan.data.name}",
                                   warmup=getattr(self, "warmup_history", None))

@@ -21,6 +21,7 @@ from typing import Any
 from ..errors import ImgrecError
 from . import study as st
 from .space import (
+    CONDITIONAL,
     build_space,
     check_space,
     default_space,
@@ -303,13 +304,24 @@ class Search:
             )
         st.fail_stale(self.study)
 
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """The trial's point, define-by-run: an option its other choices make moot (the mlp
+        head's dropout when the trial drew the linear head) is not drawn at all, so the
+        sampler models it only where it acts and trials.csv leaves it blank there."""
+        names = self.space.params
+        params = {k: names[k].suggest(trial) for k in names if k not in CONDITIONAL}
+        for k in (k for k in names if k in CONDITIONAL):
+            if k in without_unused({**self.space.fixed, **params, k: None}):
+                params[k] = names[k].suggest(trial)
+        return params
+
     def objective(self, trial: Any) -> float:
         import optuna
 
         from ..errors import Terminated
         from ..training.runners import run_plan
 
-        params = {name: p.suggest(trial) for name, p in self.space.params.items()}
+        params = self.suggest(trial)
         folder = self.out / "trials" / str(trial.number)
         p = self.plan(without_unused({**self.space.fixed, **params, "onnx": False}), folder)
         p = replace(p, data=trial_data(p.data, self.s.subset, self.s.seed, test=False))

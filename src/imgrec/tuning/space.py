@@ -391,6 +391,11 @@ def _check_value(name: str, value: Any, meta: Any, options: dict[str, Any], wher
         raise ImgrecError(f"{where}: {name}={value!r}: {e.message}", e.hint) from None
 
 
+#: options that act only under another option's value (`without_unused` says when): a trial
+#: draws them after the others
+CONDITIONAL = ("dropout",)
+
+
 def without_unused(options: dict[str, Any]) -> dict[str, Any]:
     """A trial's options without those its other choices make moot (the mlp head's dropout
     in a trial that drew the linear head), which `imgrec train` refuses."""

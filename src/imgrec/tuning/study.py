@@ -170,9 +170,13 @@ def make_sampler(seed: int | None, trials: int) -> Any:
     import optuna
 
     startup = min(10, max(3, trials // 4))
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True
-    )
+    # group: the space is conditional (the mlp head's dropout is drawn only with that head),
+    # and multivariate TPE models each group of options drawn together
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+            constant_liar=True)
 
 
 def make_pruner(name: str, warmup: int) -> Any:
