@@ -101,10 +101,34 @@ def test_one_source_arrays_and_pil_images_are_predicted(tmp_path_factory):
     assert predictor.predict(pixels, top_k=1)[0][0] == one[0]
     assert predictor.predict([Image.open(img)], top_k=1)[0][0] == one[0]
     assert predictor.predict(np.array([str(img), str(img)]), top_k=1)[1][0] == one[0]
-    (bad,) = predictor.predict([pixels.astype(np.float32)])
-    assert isinstance(bad, InputError) and "uint8" in str(bad)
     with pytest.raises(InputError, match="top_k"):
         predictor.predict([str(img)], top_k=0)
+
+
+def test_arrays_are_read_as_train_reads_them_and_bad_items_are_their_own_errors(
+        tmp_path_factory):
+    """A batch array (N x H x W x C, N x C x H x W) was one item's error for N images, so
+    zipping results with labels misaligned; C x H x W and 0..1 floats, which train takes,
+    were refused; predict([5]) raised TypeError; a generator had no len(); invert=True and
+    top_k=np.int64(2) were ignored and refused."""
+    base = trained_shapes(tmp_path_factory)
+    predictor = Predictor.load(base / "bundle")
+    paths = sorted((base / "shapes" / "disc").glob("*.png"))[:2] + \
+        sorted((base / "shapes" / "square").glob("*.png"))[:1]
+    hwc = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    expected = [r[0] for r in predictor.predict([str(p) for p in paths], top_k=2)]
+    for batch in (hwc, hwc.transpose(0, 3, 1, 2), hwc / 255.0, list(hwc.transpose(0, 3, 1, 2))):
+        got = predictor.predict(batch, top_k=np.int64(2))
+        assert len(got) == 3 and [r[0].label for r in got] == [e.label for e in expected]
+        assert [r[0].probability for r in got] == pytest.approx(
+            [e.probability for e in expected], abs=1e-4)
+    assert len(predictor.predict(str(p) for p in paths)) == 3  # a generator
+    bad = predictor.predict([5, None, hwc[0] * 3.0 - 100, str(paths[0])])
+    assert [type(r) for r in bad[:3]] == [InputError] * 3 and isinstance(bad[3], list)
+    assert "int" in str(bad[0]) and "0..1 or 0..255" in str(bad[2])
+    for wrong in ({"invert": True}, {"invert": "YES"}, {"top_k": True}):
+        with pytest.raises(InputError, match="invert|top_k"):
+            predictor.predict([str(paths[0])], **wrong)
 
 
 def test_a_pil_image_opened_from_a_big_jpeg_is_predicted_as_its_file(tmp_path_factory,

@@ -223,9 +223,9 @@ def write_outputs(result: BenchmarkResult, out: Path) -> tuple[Path, Path | None
     atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
     if importlib.util.find_spec("matplotlib") is None:
         return json_path, None
-    from .figures import pyplot, save_figure
+    from .figures import drawing, save_figure
 
-    plt = pyplot()
+    plt = drawing()
     engines = list(dict.fromkeys(m.engine for m in result.measurements))
     sizes = list(dict.fromkeys(m.batch_size for m in result.measurements))
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -24,7 +24,7 @@ from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import Dataset, load_dataset, sign_letter
 from .errors import DataError, InputError
 from .feature_cache import FeatureCache, cache_root, digest_all, extractor_key
-from .figures import pyplot, save_figure
+from .figures import drawing, save_figure
 from .predict import OnnxEngine, Predictor, in_lanes, lane_count, softmax
 from .zoo import open_bundle
 
@@ -60,6 +60,11 @@ class EvalReport:
     training_overlap: int | None = None
     #: the report's calibration: its expected calibration error and the temperature applied
     calibration: dict[str, float] | None = None
+
+    def __repr__(self) -> str:  # the dataclass's dumped every probability (1 MB for MNIST)
+        return (f"EvalReport({self.dataset} {self.split}: {self.n} images, accuracy "
+                f"{self.accuracy:.4f}, {len(self.labels)} classes, engine {self.engine}"
+                f"{f', {len(self.skipped)} skipped' if self.skipped else ''})")
 
     @property
     def n(self) -> int:
@@ -141,7 +146,7 @@ class EvalReport:
         """The confusion matrix as a PNG. The title sits over the whole figure, wrapped to its
         width, and the layout makes room for it and for long class names: nothing is clipped
         (a long title over the matrix used to run off the figure's left edge)."""
-        plt = pyplot()
+        plt = drawing()
 
         cm = self.confusion()
         n = len(self.labels)
@@ -221,11 +226,13 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
                     device: Any = None, data_dir: str | None = None, engine: str = "auto",
                     batch_size: int = 256, seed: int | None = None) -> EvalReport:
     """The bundle's scores on a split of `data` (a name or path: see `evaluation_data`)."""
-    bundle = model if isinstance(model, Bundle) else open_bundle(model)
-    if isinstance(data, str):
-        ds, split = evaluation_data(bundle, data, split, data_dir, seed)
-    else:
+    bundle = open_bundle(model)
+    if isinstance(data, str | Path):
+        ds, split = evaluation_data(bundle, str(data), split, data_dir, seed)
+    elif isinstance(data, Dataset):
         ds = data
+    else:  # (x, y) arrays or a torch Dataset held in Python: every image is held out
+        ds, split = held_data(data), "all"
     split_name, s = ds.split(split)
     mapping = _label_map(bundle, ds)
     predictor = Predictor(bundle, engine=engine, device=device, threads=lane_count())
@@ -249,6 +256,22 @@ def evaluate_bundle(model: Bundle | str | Path, data: Dataset | str, split: str 
     seconds = time.perf_counter() - t0
     return EvalReport(list(bundle.classes), y_true, probs, inputs, split_name, ds.name, skipped,
                       seconds, getattr(predictor.engine, "name", None), from_cache, overlap)
+
+
+def held_data(data: Any) -> Dataset:
+    """`evaluate`'s data held in Python, read as `imgrec.train` reads it, all in one split."""
+    from .data.arrays import dataset_from_arrays, dataset_from_torch
+
+    if isinstance(data, tuple) and len(data) == 2:
+        ds = dataset_from_arrays(*data, name="arrays", val_fraction=0.0, test_fraction=0.0)
+    elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and \
+            not isinstance(data, list | dict):
+        ds = dataset_from_torch(data, val_fraction=0.0, test_fraction=0.0)
+    else:
+        raise DataError(f"cannot evaluate on a {type(data).__name__}",
+                        "give a dataset name, a folder, a CSV, arrays (x, y) or a torch Dataset")
+    ds.splits = {"all": ds.splits["train"]}
+    return ds
 
 
 def evaluation_data(bundle: Bundle, data: str, split: str, data_dir: str | None = None,

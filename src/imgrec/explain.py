@@ -20,7 +20,7 @@ import numpy as np
 from .bundle import Bundle
 from .contract import load_input
 from .errors import InputError, ModelError
-from .figures import pyplot, save_figure
+from .figures import drawing, save_figure
 from .network import load_model
 from .zoo import open_bundle
 
@@ -322,7 +322,7 @@ def _cam(feats) -> Any:
 
 # -- figures -------------------------------------------------------------------------------
 def _plt():
-    return pyplot()
+    return drawing()
 
 
 def _rgb(pixels: np.ndarray) -> np.ndarray:

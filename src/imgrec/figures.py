@@ -10,13 +10,47 @@ from typing import Any
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed; imported only when drawing)."""
+    """matplotlib.pyplot, for code that needs it (Optuna's figures): on the Agg backend when
+    this process has not imported pyplot yet (no display needed), else on the backend it
+    has, which a notebook's inline plots need (switching it to Agg stopped them)."""
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+#: Figure's own options; subplots' other options go to Figure.subplots
+_FIGURE_OPTIONS = ("figsize", "dpi", "facecolor", "layout")
+
+
+class Drawing:
+    """What imgrec draws with: bare matplotlib Figures, as pyplot.subplots would give, with no
+    global backend or figure registry, so any thread may draw and a notebook's pyplot (its
+    backend, its open figures) is left alone."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, **options: Any) -> tuple[Any, Any]:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(**{k: options.pop(k) for k in _FIGURE_OPTIONS if k in options})
+        FigureCanvasAgg(fig)  # the canvas that renders it (and measures text) in memory
+        return fig, fig.subplots(nrows, ncols, **options)
+
+    @staticmethod
+    def get_cmap(name: str) -> Any:
+        import matplotlib
+
+        return matplotlib.colormaps[name]
+
+
+def drawing() -> Drawing:
+    return Drawing()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .figures import pyplot, save_figure
+from .figures import drawing, save_figure
 from .images import decode_image
 
 KERNELS: dict[str, np.ndarray] = {
@@ -68,7 +68,7 @@ def run(image: str | Path, max_side: int = 256) -> Demo:
 
 
 def plot(demo: Demo, path: Path, title: str = "") -> Path:
-    plt = pyplot()
+    plt = drawing()
 
     names = list(demo.outputs)
     kernel_names = list(KERNELS)

@@ -6,6 +6,7 @@ CPU, and torch-free, which the serve path needs), else PyTorch.
 
 from __future__ import annotations
 
+import numbers
 import os
 import queue
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from .bundle import ONNX_INT8_FILE, Bundle
 from .contract import load_input
-from .errors import InputError, UnreadableImage
+from .errors import ImgrecError, InputError, UnreadableImage
 from .images import hidden, is_image_path
 from .zoo import open_bundle
 
@@ -31,6 +32,10 @@ URL_MAX_BYTES = 20 * 1024 * 1024
 
 @dataclass
 class Prediction:
+    """One label of an image's top k. `index` is the class's position in the bundle's
+    classes (sorted, for labels given as numbers), not the label's own value: labels 1..10
+    predict label "10" as index 9. `label` is the class's name."""
+
     label: str
     index: int
     probability: float
@@ -106,7 +111,7 @@ def make_engine(bundle: Bundle, engine: Any = "auto", device: Any = None,
 
 
 class Predictor:
-    """Load once, predict many: `Predictor.load("runs/mnist").predict_paths(["7.png"])`."""
+    """Load once, predict many: `Predictor.load("runs/mnist").predict(["7.png", "8.png"])`."""
 
     def __init__(self, bundle: Bundle, engine: str = "auto", device: Any = None,
                  threads: int | None = None):
@@ -145,10 +150,13 @@ class Predictor:
             return load_input(fetch_url(source), self.contract, invert, name=source)
         if _unread_file(source):  # Image.open(path), not decoded yet: as the file itself
             return load_input(source.filename, self.contract, invert)
-        if isinstance(source, np.ndarray) or hasattr(source, "getpixel"):  # in memory
+        if hasattr(source, "__array__") or hasattr(source, "getpixel"):  # in memory
             return load_input(_as_png(source), self.contract, invert, name="array")
         if isinstance(source, bytearray | memoryview):
             source = bytes(source)
+        if not isinstance(source, str | Path | bytes):
+            raise InputError(f"cannot read an image from {type(source).__name__} "
+                             f"{source!r:.60}", "give a path, bytes, a PIL image or an array")
         return load_input(source, self.contract, invert)
 
     def predict(self, sources: list, top_k: int = 5, invert: str | None = None,
@@ -156,13 +164,13 @@ class Predictor:
         """Predictions for each source (a path, URL, bytes, PIL image or H x W (x C) uint8
         array; one source alone is a list of one), or the UnreadableImage/InputError
         explaining why not."""
-        if isinstance(sources, np.ndarray) and sources.dtype.kind in "USO":
-            sources = sources.tolist()  # an array of paths
-        elif isinstance(sources, str | Path | bytes | bytearray | memoryview | np.ndarray) or \
-                hasattr(sources, "getpixel"):
-            sources = [sources]  # "cat.jpg" is one image, not seven one-letter paths
-        if not isinstance(top_k, int) or top_k < 1:
+        sources = _as_sources(sources)
+        if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
             raise InputError(f"top_k must be a whole number of at least 1, not {top_k!r}")
+        top_k = int(top_k)
+        if invert not in INVERT_CHOICES:  # True, "Yes": the bundle's default, silently
+            raise InputError(f"invert must be one of {', '.join(map(str, INVERT_CHOICES[1:]))} "
+                             f"or None (the bundle's), not {invert!r}")
         results: list[Any] = [None] * len(sources)
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
@@ -176,6 +184,64 @@ class Predictor:
                 for (i, _), preds in zip(good, self.top_k(probs, top_k), strict=True):
                     results[start + i] = preds
         return results
+
+
+#: predict's `invert`: None keeps the bundle's own setting
+INVERT_CHOICES = (None, "auto", "yes", "no")
+
+
+def _as_sources(sources: Any) -> list:
+    """predict's inputs as a list of images: one path, bytes, PIL image or array image is a
+    list of one; an N x H x W x C or N x C x H x W array (and N x H x W, greyscale) is N
+    images, as `imgrec.train` reads one; any other iterable (a generator) is listed."""
+    if isinstance(sources, str | Path | bytes | bytearray | memoryview) or \
+            hasattr(sources, "getpixel"):
+        return [sources]  # "cat.jpg" is one image, not seven one-letter paths
+    if hasattr(sources, "__array__") and not isinstance(sources, list | tuple):
+        array = np.asarray(sources)
+        if array.dtype.kind in "USO":
+            return array.tolist()  # an array of paths
+        if array.ndim == 4 or (array.ndim == 3 and _channels_axis(array.shape) is None):
+            return list(array)
+        return [array]
+    if isinstance(sources, list):
+        return sources
+    try:
+        return list(sources)
+    except TypeError:
+        raise InputError(f"cannot predict {type(sources).__name__} {sources!r:.60}",
+                         "give a path, bytes, a PIL image or an array, or a list of them") \
+            from None
+
+
+def _channels_axis(shape: tuple) -> int | None:
+    """Where a 3-D image array keeps its channels: -1 (H x W x C), 0 (C x H x W), or None
+    (neither: N greyscale images)."""
+    if shape[-1] in (1, 3, 4):
+        return -1
+    if shape[0] in (1, 3):
+        return 0
+    return None
+
+
+def _array_image(source: Any) -> np.ndarray:
+    """An in-memory image (array, tensor) as H x W (x C) uint8: C x H x W is turned, and
+    floats are scaled by the rule `imgrec.train` reads arrays with (0..1 or 0..255)."""
+    from .data.arrays import pixel_scale
+
+    image = np.asarray(source)
+    if image.ndim == 3 and _channels_axis(image.shape) == 0:
+        image = image.transpose(1, 2, 0)
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise InputError(f"an array image must be H x W, H x W x C or C x H x W (C 1, 3 or 4), "
+                         f"not shape {image.shape}")
+    if image.dtype != np.uint8:
+        try:
+            scale = 255.0 / pixel_scale(image.astype(np.float32))
+        except ImgrecError as e:
+            raise InputError(e.message, e.hint) from None
+        image = np.clip(np.rint(image.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+    return image
 
 
 #: PIL modes PNG keeps as they are; the others (CMYK, LAB, YCbCr, F, I, RGBX ...) go as TIFF
@@ -199,12 +265,8 @@ def _as_png(image) -> bytes:
 
     from PIL import Image, ImageOps
 
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
-                image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise InputError(f"an array image must be H x W or H x W x 1/3/4 uint8, not "
-                             f"{image.dtype} of shape {image.shape}",
-                             "convert it, e.g. (x * 255).round().astype('uint8')")
+    if not hasattr(image, "getpixel"):
+        image = _array_image(image)
         image = Image.fromarray(image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1
                                 else image)
     image = ImageOps.exif_transpose(image)

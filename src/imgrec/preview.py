@@ -13,7 +13,7 @@ import numpy as np
 from .contract import Preprocess, fit_arrays, load_input
 from .data.datasets import load_dataset
 from .errors import DataError, ImgrecError
-from .figures import pyplot, save_figure
+from .figures import drawing, save_figure
 
 
 def sample(data: str, per_class: int = 6, image_size: int | None = None, seed: int = 0,
@@ -60,7 +60,7 @@ def preview(data: str, out: Path, augment: str = "standard", per_class: int = 6,
 
     from .augment import Augment
 
-    plt = pyplot()
+    plt = drawing()
 
     aug = Augment.parse(augment)
     classes, imgs, counts, ds = sample(data, per_class, image_size, seed, data_dir)

@@ -27,7 +27,7 @@ from .evaluation import (
     evaluation_data,
     overlap_note,
 )
-from .figures import pyplot, save_figure
+from .figures import drawing, save_figure
 from .history import plot_curves, read_history
 from .zoo import open_bundle
 
@@ -93,7 +93,7 @@ def rescale(probs: np.ndarray, old: float, new: float) -> np.ndarray:
 
 # -- figures -------------------------------------------------------------------------------
 def _plt():
-    plt = pyplot()
+    plt = drawing()
 
     return plt
 

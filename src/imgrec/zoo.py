@@ -53,6 +53,13 @@ def open_bundle(model: str | Path | None, need_weights: bool = False,
                 exports: bool = True) -> Bundle:
     """A bundle folder, or a pretrained model name; a clear error otherwise. `exports`:
     see read_bundle."""
+    held = getattr(model, "bundle", model)  # imgrec.train's result holds its bundle
+    if isinstance(held, Bundle):  # already open
+        return held
+    if model is not None and not isinstance(model, str | Path):
+        raise BundleError(f"cannot open a model from a {type(model).__name__}",
+                          "give a bundle folder, a pretrained name (imagenet), a Bundle or "
+                          "the result of imgrec.train")
     model = str(model or DEFAULT_MODEL)
     path = Path(model).expanduser()
     if path.exists():

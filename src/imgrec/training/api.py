@@ -11,6 +11,7 @@ TrainConfig's fields (the same as `imgrec train`'s flags).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,63 @@ CALLBACK_HOOKS = ("on_train_begin", "on_extract", "on_epoch_begin", "on_batch_en
                   "on_epoch_end", "on_train_end", "on_note")
 
 
-def train(data: Any, model: Any = None, callbacks: list[Any] = (), **options: Any) -> TrainResult:
+def train(data: Any, model: Any = None, callbacks: Any = (), **options: Any) -> TrainResult:
     """Train a classifier and write its bundle; returns TrainResult (.bundle, .history,
     .test_metrics). `callbacks`: objects with any of the hooks of
-    imgrec.training.callbacks.Callback (on_epoch_end, on_batch_end, on_train_end...)."""
-    for cb in callbacks:  # a typo'd list ([EarlyStop] for [EarlyStop()], [1]) fails now
+    imgrec.training.callbacks.Callback (on_epoch_end, on_batch_end, on_train_end...), a list
+    of them or one alone."""
+    callbacks = checked_callbacks(callbacks)
+    with kept_random_state():
+        return run_plan(plan(data, model, **options), callbacks)
+
+
+@contextlib.contextmanager
+def kept_random_state():
+    """The caller's random generators (Python's, NumPy's, torch's) as they were: a run seeds
+    them all for its own reproducibility, and a notebook's next np.random.rand() went on
+    from seed 0."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def checked_callbacks(callbacks: Any) -> list[Any]:
+    """The callbacks as a list, each checked now, not epochs later: a typo'd list
+    ([EarlyStop] for [EarlyStop()], [1]) or a misspelled hook (`on_epoch_ends`, never called)."""
+    import difflib
+
+    if callbacks is None:
+        return []
+    if any(callable(getattr(callbacks, h, None)) for h in CALLBACK_HOOKS) or \
+            isinstance(callbacks, type):
+        callbacks = [callbacks]  # one callback alone
+    for cb in callbacks:
         if isinstance(cb, type) or not any(callable(getattr(cb, h, None))
                                            for h in CALLBACK_HOOKS):
-            raise ImgrecError(f"callbacks: {cb!r} is no callback object (one with any of "
+            raise ImgrecError(f"callbacks: {cb!r:.80} is no callback object (one with any of "
                               f"{', '.join(CALLBACK_HOOKS)})",
                               "pass instances, e.g. callbacks=[MyCallback()]")
-    return run_plan(plan(data, model, **options), callbacks)
+        for name in dir(cb):
+            if name.startswith("on_") and name not in CALLBACK_HOOKS and \
+                    callable(getattr(cb, name, None)):
+                near = difflib.get_close_matches(name, CALLBACK_HOOKS, n=1)
+                raise ImgrecError(f"callbacks: {type(cb).__name__}.{name} is no hook, so it "
+                                  "would never be called" + (f" (did you mean {near[0]}?)"
+                                                             if near else ""),
+                                  f"the hooks: {', '.join(CALLBACK_HOOKS)}")
+    return list(callbacks)
 
 
 def _is_module(model: Any) -> bool:

@@ -159,6 +159,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
             flag = "--" + name.replace("_", "-")
             raise ImgrecError(f"{flag} must be {'a whole number' if whole else 'a number'}, not "
                               f"{value!r}")
+        if type(value) not in (int, float):  # np.int64(5): JSON cannot write it (bundle, record)
+            setattr(cfg, name, int(value) if whole else float(value))
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -204,7 +204,10 @@ def _load(cfg: TrainConfig, source: Any, val_fraction: float, test_fraction: flo
     if source is None:
         return load_dataset(cfg.data, cfg.data_dir, val_fraction=val_fraction,
                             test_fraction=test_fraction, seed=cfg.seed)
-    if isinstance(source, tuple) and len(source) == 2:
+    if isinstance(source, tuple) and len(source) != 2:
+        raise ImgrecError(f"a tuple of data holds the images and the labels, (x, y): this one "
+                          f"has {len(source)} items")
+    if isinstance(source, tuple):
         return dataset_from_arrays(source[0], source[1], name=cfg.data,
                                    val_fraction=val_fraction, test_fraction=test_fraction,
                                    seed=cfg.seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..bundle import Bundle, atomic_write_text, write_training_digests
-from ..figures import missing_glyphs_quiet, pyplot
+from ..figures import drawing, missing_glyphs_quiet
 from ..history import plot_curves, write_history
 
 
@@ -45,7 +45,7 @@ class TensorBoard:
         """The validation confusion matrix as an image (rows true, columns predicted)."""
         if cm is None or len(classes) > self.MAX_CONFUSION_CLASSES:
             return
-        plt = pyplot()
+        plt = drawing()
 
         n = len(classes)
         size = min(12, max(4, 0.45 * n + 2))
@@ -62,7 +62,8 @@ class TensorBoard:
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
         with missing_glyphs_quiet():  # a class named in emoji: boxes, not a warning each epoch
             fig.tight_layout()
-            self.writer.add_figure("val/confusion_matrix", fig, step, close=True)
+            # a bare Figure: nothing to close (close=True imports pyplot to do it)
+            self.writer.add_figure("val/confusion_matrix", fig, step, close=False)
 
     def epoch(self, row: dict, prefix: str = "") -> None:
         """A history row's figures as scalars (val_acc -> acc/val), their tags behind

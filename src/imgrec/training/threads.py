@@ -51,7 +51,7 @@ class ThreadGovernor:
 
     def __init__(self, device: torch.device, cores: int):
         self.cores = cores
-        self.threads = torch.get_num_threads()
+        self.initial = self.threads = torch.get_num_threads()  # before any pin: restore()
         pinned = os.environ.get("OMP_NUM_THREADS") or os.environ.get("IMGREC_THREADS")
         if os.environ.get("IMGREC_THREADS"):
             self.threads = max(1, int(os.environ["IMGREC_THREADS"]))
@@ -63,7 +63,6 @@ class ThreadGovernor:
             and _machine_busy_seconds() is not None
         )
         self.notes: list[str] = []
-        self.initial = self.threads
         self._mark()
 
     def take_notes(self) -> list[str]:
@@ -72,9 +71,9 @@ class ThreadGovernor:
 
     def restore(self) -> None:
         """The thread count the run started with (a Python caller's process goes on)."""
-        if self.threads != self.initial:
+        if torch.get_num_threads() != self.initial:
             torch.set_num_threads(self.initial)
-            self.threads = self.initial
+        self.threads = self.initial
 
     def _mark(self) -> None:
         self.t = time.monotonic()
