@@ -385,3 +385,23 @@ def test_a_process_that_dies_with_its_parent_does(tmp_path):
     else:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the child outlived its parent")
+
+
+def test_a_rank_stopped_by_a_signal_removes_the_new_out_it_had_no_work_in(tmp_path):
+    """Ctrl-C under --nproc before the first checkpoint left the new --out behind with its
+    lock and events file (the rank leaves by os._exit, which skips the folder's cleanup);
+    one run alone removed it. A folder with a checkpoint, or one that existed, stays."""
+    from imgrec.files import output_folder, remove_unfinished
+
+    fresh, worked, existing = tmp_path / "fresh", tmp_path / "worked", tmp_path / "existing"
+    existing.mkdir()
+    with output_folder(fresh), output_folder(worked), output_folder(existing):
+        for folder in (fresh, worked, existing):
+            (folder / "events.out.tfevents.1").write_text("x")
+        (worked / "checkpoint.pt").write_text("x")
+        remove_unfinished()  # what the signal handler runs before os._exit
+        assert not fresh.exists() and worked.is_dir() and existing.is_dir()
+    with output_folder(tmp_path / "done"):
+        (tmp_path / "done" / "events.out.tfevents.2").write_text("x")
+    remove_unfinished()  # a finished run's folder is no longer this process's to remove
+    assert (tmp_path / "done").is_dir()

@@ -350,7 +350,8 @@ def test_a_training_project_keeps_its_classes_and_images(tmp_path, cats_dogs):
     for method, url in (("delete", f"{API}/p/classes/dog"),
                         ("post", f"{API}/p/classes/dog/rename"),
                         ("delete", f"{API}/p/classes/cat/images/{name}"),
-                        ("post", f"{API}/p/rename"), ("delete", f"{API}/p")):
+                        ("post", f"{API}/p/rename"), ("delete", f"{API}/p"),
+                        ("post", f"{API}/p/classes")):  # a new class failed the run
         kwargs = {"json": {"name": "q"}} if method == "post" else {}
         r = getattr(client, method)(url, **kwargs)
         assert r.status_code == 409 and "is training" in r.json()["error"]["message"], (url, r.text)
@@ -438,3 +439,25 @@ def test_a_zip_with_nothing_to_keep_is_refused_by_name(tmp_path):
         r = client.post(f"{API}/p/classes/a/images",
                         files=[("files", (name, body, "application/zip"))])
         assert 400 <= r.status_code < 500 and says in r.json()["error"]["message"], r.text
+
+
+def test_split_names_bools_and_non_latin_names_get_answers_not_failures(tmp_path):
+    """A class called "train" made the project a split layout (the run then found no class
+    folders); {"epochs": true} trained 1 epoch; bundle.zip of a project named in CJK was a
+    500 (its Content-Disposition could not be encoded)."""
+    from imgrec.studio.routes import attachment
+
+    client = TestClient(create_app(tmp_path))
+    client.post(API, json={"name": "p"})
+    client.post(f"{API}/p/classes", json={"name": "cat"})
+    for name in ("train", "Validation", "test"):
+        r = client.post(f"{API}/p/classes", json={"name": name})
+        assert r.status_code == 400 and "dataset split" in r.json()["error"]["message"]
+        r = client.post(f"{API}/p/classes/cat/rename", json={"name": name})
+        assert r.status_code == 400
+    r = client.post(f"{API}/p/train", json={"epochs": True})
+    assert r.status_code == 422
+    header = attachment("ünï 猫-model.zip")
+    header.encode("latin-1")  # what the server must send
+    assert header.startswith('attachment; filename="_n_ _-model.zip"; ')
+    assert "filename*=UTF-8''%C3%BCn%C3%AF%20%E7%8C%AB-model.zip" in header

@@ -135,6 +135,7 @@ BAD_SPACES = {
     "label_smoothing: 1.5": "label_smoothing=1.5 is out of range",  # a fixed value
     'lr: "abc"': "lr: 'abc' is not a number",
     'epochs: "ten"': "epochs: 'ten' is not a number",
+    "epochs: 0": "Allowed: at least 1",  # was "from 1 to None"
 }
 BAD_STORAGES = {
     "sqlite:////nonexistent/folder/study.db": "cannot open it (unable to open database file)",
@@ -468,3 +469,31 @@ def test_a_trial_draws_the_heads_dropout_only_with_the_mlp_head():
                                             {"head": "mlp"}))
     both = optuna.trial.FixedTrial({"lr": 1e-3, "dropout": 0.2})
     assert Search.suggest(fixed_mlp, both) == {"lr": 1e-3, "dropout": 0.2}
+
+
+def test_a_study_is_continued_only_with_the_same_subset_and_seed():
+    """A resumed search with another --subset or --seed ran its trials into the same study,
+    and a trial on 10 images (or another seed) could become the best; a study made before
+    the subset and seed were recorded is still continued."""
+    import optuna
+
+    from imgrec.tuning import study as st
+
+    storage = optuna.storages.InMemoryStorage()
+    made = {"dataset": "d", "mode": "scratch", "model": "m", "metric": "val_accuracy",
+            "subset": None, "seed": 0}
+
+    def opened(**changed):
+        return st.open_study("s", storage, "val_accuracy", optuna.samplers.RandomSampler(),
+                             optuna.pruners.NopPruner(), {**made, **changed})
+
+    opened()
+    opened()  # the same search: continued
+    for changed in ({"subset": 10}, {"seed": 7}):
+        with pytest.raises(ImgrecError, match=f"made for another search \\({next(iter(changed))}"):
+            opened(**changed)
+    older = {k: made[k] for k in ("dataset", "mode", "model", "metric")}
+    st.open_study("old", storage, "val_accuracy", optuna.samplers.RandomSampler(),
+                  optuna.pruners.NopPruner(), older)
+    st.open_study("old", storage, "val_accuracy", optuna.samplers.RandomSampler(),
+                  optuna.pruners.NopPruner(), {**made, "seed": 3})

@@ -156,6 +156,19 @@ class FolderLock:
         self.fd = None
 
 
+#: the output folders this process created for runs still writing them (output_folder)
+_CREATED: set[Path] = set()
+
+
+def remove_unfinished() -> None:
+    """Remove the output folders this process created whose run holds no work yet: for an
+    exit that skips output_folder's own cleanup (a distributed rank stopped by a signal leaves
+    with os._exit, and left its lock and events file in a new --out)."""
+    for path in list(_CREATED):
+        if not holds_work(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def holds_work(path: Path) -> bool:
     """Whether a run's folder holds a model or a checkpoint (RUN_MARKERS): work to keep."""
     return any((path / name).is_file() for name in RUN_MARKERS)
@@ -175,9 +188,12 @@ def output_folder(path: str | Path, option: str = "--out") -> Iterator[Path]:
         raise ImgrecError(f"{option} {path}: cannot create the folder ({e.strerror or e})",
                           "choose a folder you can write to") from None
     lock = FolderLock(path, option).acquire()
+    if created:
+        _CREATED.add(path)
     try:
         yield path
     except BaseException:
+        _CREATED.discard(path)
         lock.release()
         if created and not holds_work(path):
             shutil.rmtree(path, ignore_errors=True)
@@ -185,4 +201,5 @@ def output_folder(path: str | Path, option: str = "--out") -> Iterator[Path]:
             print(f"imgrec: kept {path}: it holds the model or checkpoint written before the "
                   "run stopped (--resume continues a checkpoint)", file=sys.stderr)
         raise
+    _CREATED.discard(path)
     lock.release()

@@ -254,8 +254,17 @@ def bundle_zip(project: str, store: StoreDep, trainer: TrainerDep,
             if f.is_file() and (int8 or f.name != ONNX_INT8_FILE):
                 z.write(f, f.relative_to(model).as_posix())
     name = f"{project}-model{'-int8' if int8 else ''}.zip"
-    return Response(buffer.getvalue(), media_type="application/zip", headers={
-        "Content-Disposition": f'attachment; filename="{name}"'})
+    return Response(buffer.getvalue(), media_type="application/zip",
+                    headers={"Content-Disposition": attachment(name)})
+
+
+def attachment(name: str) -> str:
+    """A Content-Disposition for `name`: an ASCII fallback, and the name itself in RFC 5987's
+    UTF-8 form (headers are Latin-1: a project called "猫" answered 500)."""
+    from urllib.parse import quote
+
+    plain = name.encode("ascii", "replace").decode().replace("?", "_").replace('"', "_")
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _fresh_int8(model: Path) -> bool:

@@ -49,8 +49,9 @@ class AddedImages(_Body):
 class TrainRequest(_Body):
     backbone: Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"] = \
         "efficientnet_lite0"
-    epochs: int | None = Field(None, ge=1, le=1000)
-    augment_views: int = Field(0, ge=0, le=16)
+    # strict: `true` is no number of epochs (lax mode read it as 1)
+    epochs: int | None = Field(None, ge=1, le=1000, strict=True)
+    augment_views: int = Field(0, ge=0, le=16, strict=True)
     val_fraction: float = Field(0.34, ge=0.05, le=0.5)
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..bundle import atomic_write_bytes
+from ..data.folders import SPLIT_ALIASES
 from ..errors import Conflict, ImgrecError, InputError, NotFound
 from ..images import decode_image, sniff_format
 
@@ -161,6 +162,11 @@ class Store:
         path = self.project(project) / "data" / check_name(name, "class name")
         if must_exist and not path.is_dir():
             raise NotFound(f"no class {name!r} in project {project!r}")
+        if not must_exist and name.lower() in SPLIT_ALIASES:
+            # a folder of that name makes the project's data a split layout (train/, test/...):
+            # the run found no class folders, and said so about a project with three
+            raise InputError(f"a class cannot be called {name!r}: imgrec reads a folder of that "
+                             "name as a dataset split", "choose another name")
         return path
 
     def classes(self, project: str) -> dict[str, list[str]]:
@@ -170,6 +176,7 @@ class Store:
                 for c in sorted(data.iterdir()) if c.is_dir() and not c.name.startswith(".")}
 
     def create_class(self, project: str, name: str) -> None:
+        self.idle(project)  # a new, empty class folder failed the run reading the project
         path = self.class_dir(project, name, must_exist=False)
         if path.exists():
             raise Conflict(f"class {name!r} exists in project {project!r}")

@@ -220,6 +220,10 @@ def _stopped(signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         print(f"imgrec: error: rank 0 stopped by {name} (torchrun stops every rank when one "
               f"fails); {resume_hint()}", file=sys.stderr, flush=True)
+    if is_main_process():  # os._exit skips output_folder's cleanup: a new --out goes here
+        from ..files import remove_unfinished
+
+        remove_unfinished()
     os._exit(128 + signum)
 
 

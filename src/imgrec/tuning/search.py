@@ -246,6 +246,10 @@ class Search:
             "mode": self.mode,
             "model": self.model,
             "metric": self.s.metric,
+            # trials on another subset or seed are not comparable: a resumed search with
+            # either changed mixed them in one study and crowned the odd one best
+            "subset": self.s.subset,
+            "seed": self.s.seed,
         }
         self.study = st.open_study(
             self.s.study_name(self.mode, self.model),

@@ -373,7 +373,9 @@ def _check_value(name: str, value: Any, meta: Any, options: dict[str, Any], wher
         and ((low is not None and value < low) or (high is not None and value > high))
     )
     if bad:
-        allowed = ", ".join(choices) if choices else f"from {low} to {high}"
+        allowed = ", ".join(choices) if choices else (
+            f"from {low} to {high}" if low is not None and high is not None
+            else f"at least {low}" if low is not None else f"at most {high}")
         raise ImgrecError(f"{where}: {name}={value!r} is out of range", f"allowed: {allowed}")
     try:
         # the mlp head's dropout is checked with that head (a trial drawing the linear

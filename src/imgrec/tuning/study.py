@@ -209,8 +209,8 @@ def open_study(
         made_for = study.user_attrs.get("imgrec")
         if made_for is None:
             study.set_user_attr("imgrec", identity)
-        elif {k: made_for.get(k) for k in identity} != identity:
-            differs = [k for k in identity if made_for.get(k) != identity[k]]
+        elif differs := [k for k in identity  # (a key an older study lacks: not compared)
+                         if k in made_for and made_for[k] != identity[k]]:
             raise ImgrecError(
                 f"study {name!r} was made for another search ({', '.join(differs)}: "
                 f"{', '.join(str(made_for.get(k)) for k in differs)})",
