@@ -35,9 +35,11 @@ def train(data, **options):
 def tune(data, **options):
     """Search training options with Optuna: `imgrec.tune("mnist", trials=12, subset=10000)`;
     see imgrec.tuning.api.tune."""
+    from .training.api import kept_random_state
     from .tuning.api import tune as _tune
 
-    return _tune(data, **options)
+    with kept_random_state():  # its trials seed the global generators, as train's runs do
+        return _tune(data, **options)
 
 
 def evaluate(model, data, split: str = "test", **options):
