@@ -59,11 +59,19 @@ def test_numpy_numbers_as_options_train_and_write_the_bundle(tmp_path):
     assert (t["epochs"], t["batch_size"]) == (1, 16) and type(t["lr"]) is float
 
 
-def test_a_run_leaves_the_callers_process_as_it_found_it(tmp_path, monkeypatch):
+@pytest.fixture
+def svg_backend():
+    """matplotlib on the svg backend for the test, the suite's own backend back after it."""
+    previous = matplotlib.get_backend()
+    matplotlib.use("svg")
+    yield
+    matplotlib.use(previous)
+
+
+def test_a_run_leaves_the_callers_process_as_it_found_it(tmp_path, monkeypatch, svg_backend):
     """train reseeded the global generators (the notebook's next np.random.rand() was seed
     0's), switched matplotlib to Agg (inline plots stopped) and, with IMGREC_THREADS, left
     torch on that many threads."""
-    matplotlib.use("svg")
     threads = torch.get_num_threads()
     monkeypatch.setenv("IMGREC_THREADS", "1")
     random.seed(5)
@@ -140,3 +148,25 @@ def test_evaluate_takes_what_train_takes_and_a_train_result(tmp_path):
     with pytest.raises(DataError, match="cannot evaluate on a list"):
         imgrec.evaluate(run, [1, 2])
     assert len(repr(report)) < 400
+
+
+def test_the_search_figures_are_drawn_on_any_backend_and_leave_it(tmp_path, svg_backend):
+    """Optuna's importance figure measures text with the canvas's renderer, which the svg
+    backend lacks: with a caller's svg backend it was left out (AssertionError)."""
+    import optuna
+
+    from imgrec.tuning.plots import PLOTS, draw_plots
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        x, y = trial.suggest_float("lr", 1e-4, 1e-1, log=True), trial.suggest_int("n", 1, 5)
+        for epoch in range(3):
+            trial.report(x * epoch + y, epoch)
+        return x + y
+
+    study.optimize(objective, n_trials=8)
+    written, notes = draw_plots(study, tmp_path, "val_loss")
+    assert notes == [] and sorted(p.name for p in written) == sorted(PLOTS)
+    assert matplotlib.get_backend() == "svg"

@@ -24,6 +24,23 @@ def pyplot():
     return plt
 
 
+@contextlib.contextmanager
+def agg_pyplot() -> Iterator[Any]:
+    """pyplot on an Agg-based backend for the block (Optuna's importance figure measures its
+    labels with the canvas's renderer, which the svg and pdf backends lack: with a caller's
+    svg backend it failed), the caller's backend back afterwards."""
+    plt = pyplot()
+    backend = plt.get_backend()
+    renders = "agg" in backend.lower() or "inline" in backend.lower()
+    if not renders:
+        plt.switch_backend("Agg")
+    try:
+        yield plt
+    finally:
+        if not renders:
+            plt.switch_backend(backend)
+
+
 #: Figure's own options; subplots' other options go to Figure.subplots
 _FIGURE_OPTIONS = ("figsize", "dpi", "facecolor", "layout")
 

@@ -1,6 +1,6 @@
 """The study's figures: optimisation history, parameter importances, parallel coordinates
 and each trial's validation metric per epoch (where the pruned ones stopped), drawn by
-optuna.visualization.matplotlib (headless, on imgrec's Agg backend) and written through
+optuna.visualization.matplotlib (headless, on an Agg backend) and written through
 figures.save_figure like every other imgrec figure."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..figures import pyplot, save_figure
+from ..figures import agg_pyplot, save_figure
 
 PLOTS = {
     "optimization_history.png": ("plot_optimization_history", (9, 5)),
@@ -24,9 +24,9 @@ def draw_plots(study: Any, out: Path, metric: str) -> tuple[list[Path], list[str
     different values, for instance): (written paths, one note per figure left out)."""
     from .study import quiet_optuna
 
-    plt = pyplot()  # the Agg backend before Optuna touches matplotlib
     written, notes = [], []
-    with quiet_optuna(), plt.rc_context(), warnings.catch_warnings():  # Optuna sets ggplot
+    with agg_pyplot() as plt, quiet_optuna(), plt.rc_context(), \
+            warnings.catch_warnings():  # Optuna sets ggplot
         # Optuna's and matplotlib's notes while drawing (an importance evaluator's caveat,
         # "identical low and high ylims" for a parameter all trials shared): not the user's
         warnings.simplefilter("ignore", UserWarning)
