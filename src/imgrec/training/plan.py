@@ -23,7 +23,14 @@ from ..files import check_run_folder
 from ..models.registry import MODELS, resolve_model_name
 from .config import TrainConfig, refuse_finetune_options, validate
 from .distributed import SINGLE, World, world_from_env
-from .recipes import BUILTIN_RECIPES, LONG_WHERE_FAST, RECIPES, TRANSFER_DEFAULTS, recipe_for
+from .recipes import (
+    BUILTIN_RECIPES,
+    LONG_WHERE_FAST,
+    RECIPES,
+    TRANSFER_DEFAULTS,
+    other_network_recipe,
+    recipe_for,
+)
 from .threads import cpu_flags
 
 HYPER = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing",
@@ -135,6 +142,8 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     device = pick_device(cfg.device, world)
     variant = recipe_variant(cfg, key, device)
     recipe = _recipe(cfg, key, variant)
+    if key in BUILTIN_RECIPES and _another_network(cfg, module, recipe):
+        recipe, variant = other_network_recipe(recipe), "network"
     pick = _picker(cfg, recipe)
     ds = _load(cfg, source, pick("val_fraction"), pick("test_fraction"))
     if cfg.exclude:
@@ -180,6 +189,15 @@ def recipe_variant(cfg: TrainConfig, key: str | None, device: torch.device,
     if device.type != "cpu" or cfg.precision == "fp32":
         return "short"
     return "long" if "amx_bf16" in (cpu_flags() if flags is None else flags) else "short"
+
+
+def _another_network(cfg: TrainConfig, module: Any, recipe: dict[str, Any]) -> bool:
+    """Whether the run trains a network other than the one the dataset's recipe was tuned
+    for (then it keeps the recipe's data settings and trains as OTHER_NETWORK says)."""
+    if module is not None:
+        return True
+    return bool(cfg.model) and resolve_model_name(cfg.model) != \
+        resolve_model_name(recipe["model"])
 
 
 def _recipe(cfg: TrainConfig, key: str | None, variant: str) -> dict[str, Any]:

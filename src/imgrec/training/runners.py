@@ -186,6 +186,9 @@ class ScratchRunner(Runner):
         self.note(f"model   {plan.model_name} ({n_params / 1e6:.2f}M parameters), input "
                   f"{plan.image_size}px x{plan.data.channels}, device {plan.device}")
         variant = ""
+        if plan.recipe == "network":  # the dataset's recipe is tuned for another network
+            variant = (f"{plan.data.name}'s data settings with training for a network other "
+                       "than its tuned recipe's, ")
         if plan.recipe == "long":
             variant = "long" + ("" if plan.cfg.recipe else f" (the default on {_fast_kind(plan)})")
             variant += ", "
