@@ -269,3 +269,18 @@ def test_a_held_out_pixel_csv_scores_a_sign_language_model(tmp_path):
     assert _label_map(model, ds).tolist() == [0, 2, 3]
     with pytest.raises(DataError, match="classes the model does not know"):
         _label_map(SimpleNamespace(classes=["cat", "dog"]), ds)
+
+
+def test_scoring_the_validation_split_that_chose_the_best_epoch_is_called_optimistic():
+    """A folder with no test/ had its validation split scored in place of test, the split
+    that picked the best epoch, and nothing said the figure was optimistic."""
+    from types import SimpleNamespace
+
+    from imgrec.evaluation import selection_note
+
+    bundle = SimpleNamespace(training={"best_epoch": 4, "dataset": "cd"})
+    val = SimpleNamespace(split="val", dataset="cd")
+    assert "optimistic" in selection_note(val, "test", bundle)
+    assert selection_note(val, "val", bundle) is None  # asked for by name
+    assert selection_note(SimpleNamespace(split="test", dataset="cd"), "test", bundle) is None
+    assert selection_note(SimpleNamespace(split="val", dataset="other"), "test", bundle) is None

@@ -295,3 +295,26 @@ def test_a_grid_as_large_as_the_map_flattens_it_without_pooling():
     x = torch.randn(2, 1, 24, 24)
     assert net.forward_features(x).shape == (2, 64, 6, 6)
     assert torch.allclose(net(x), net.forward_head(net.forward_features(x)))
+
+
+def test_workshop_names_resolve_are_listed_and_say_when_they_start_from_random_weights():
+    """`--model dense` suggested densenet201; `imgrec models` did not list the workshop
+    names; vgg16/mobilenet/xception trained from random weights without a word."""
+    from types import SimpleNamespace
+
+    from imgrec.models.registry import describe_models, resolve_model_name
+    from imgrec.training.runners import _random_backbone
+
+    assert resolve_model_name("dense") == "mlp"
+    rows = dict(describe_models())
+    assert "vgg = vgg16" in rows["<workshop name>"] and "dense = mlp" in rows["<workshop name>"]
+
+    def plan(model, **cfg):
+        options = {"mode": None, "pretrained": False, "weights": None, "model": model, **cfg}
+        return SimpleNamespace(module=None, model_name=resolve_model_name(model),
+                               cfg=SimpleNamespace(**options))
+
+    assert _random_backbone(plan("vgg16")) and _random_backbone(plan("mobilenet"))
+    assert not _random_backbone(plan("vgg16", mode="scratch"))  # asked for it
+    assert not _random_backbone(plan("vgg16", weights="vgg16.safetensors"))
+    assert not _random_backbone(plan("mlp")) and not _random_backbone(plan("efficientnet_lite0"))

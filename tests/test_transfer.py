@@ -319,6 +319,22 @@ def test_finetune_run_on_real_photos(mini_photos, tmp_path):
     assert {p.label for p in preds[0]} == {"cat", "dog"}
 
 
+@pytest.mark.slow
+def test_finetuning_that_never_beats_the_warm_up_says_the_warm_up_is_kept(mini_photos,
+                                                                          tmp_path, capsys):
+    """Restore-best kept the warm-up head when no finetuning epoch beat it, and the run
+    said nothing (imgrec.json's best_epoch 0 alone); the confusion matrix in TensorBoard
+    showed the discarded weights."""
+    from imgrec.bundle import read_bundle
+
+    out = tmp_path / "ft"  # an lr that wrecks the network: the warm-up stays best
+    assert main(["train", str(mini_photos), "--model", "efficientnet_lite0", "--mode",
+                 "finetune", "--epochs", "1", "--lr", "5", "--out", str(out)]) == 0
+    assert read_bundle(out).training["best_epoch"] == 0
+    assert "kept    the warm-up head: no finetuning epoch beat its validation" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("decay", [1.0, 0.85, 0.5])
 def test_layer_decay_scales_the_lr_down_the_backbone(decay):
     """--layer-decay: the head and the top block at the full lr, each block below at `decay`

@@ -243,6 +243,10 @@ def evaluate(
     else:
         rep = _evaluate_plain(bundle, data, split, root, engine, calibrate)
         _print_evaluation(rep, mistakes)
+        from .evaluation import selection_note
+
+        if (chosen := selection_note(rep, split, bundle)) is not None:
+            print(f"note: {chosen}", file=sys.stderr)
         if rep.split != split and not named:  # the default folder names the split scored
             out = _evaluation_folder(data, bundle, rep.split)
         png = rep.plot_confusion(out / "confusion_matrix.png")

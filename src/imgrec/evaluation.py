@@ -175,6 +175,18 @@ class EvalReport:
         atomic_write_text(Path(path), json.dumps(self.summary(mistakes), indent=2) + "\n")
 
 
+def selection_note(rep: EvalReport, asked: str, bundle: Bundle) -> str | None:
+    """What to say when the test split was asked for and the data had none, so the
+    validation split was scored: for the bundle that picked its best epoch on it, an
+    optimistic figure."""
+    t = bundle.training
+    if asked != "test" or rep.split != "val" or not t.get("best_epoch") or \
+            rep.dataset != t.get("dataset"):  # another dataset's validation split: held out
+        return None
+    return ("no test split, so this scored the validation split, which chose this model's "
+            "best epoch: an optimistic figure (hold out a test/ folder for an honest one)")
+
+
 def overlap_note(rep: EvalReport) -> str:
     """What to say when the scored images include the model's own training images."""
     return (f"{rep.training_overlap} of these {rep.n} images are this model's own training "

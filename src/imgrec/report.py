@@ -26,6 +26,7 @@ from .evaluation import (
     evaluated_pixels,
     evaluation_data,
     overlap_note,
+    selection_note,
 )
 from .figures import drawing, save_figure
 from .history import plot_curves, read_history
@@ -211,6 +212,8 @@ def _evaluate(bundle: Bundle, ds: Dataset, split: str, engine: str, calibrate: b
     rep = evaluate_bundle(bundle, ds, split, engine=engine)
     if rep.training_overlap:
         notes.append(overlap_note(rep))
+    if (chosen := selection_note(rep, split, bundle)) is not None:
+        notes.append(chosen)
     cal_before = None
     if calibrate:
         if rep.split == "val":

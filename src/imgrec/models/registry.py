@@ -68,6 +68,7 @@ WORKSHOP_ALIASES = {
     "mobilenet_v3": "mobilenetv3_large_100", "mobilenetv3_large": "mobilenetv3_large_100",
     "mobilenetv3_small": "mobilenetv3_small_100", "mobilenet_v1": "mobilenetv1_100",
     "xception": "legacy_xception", "vgg": "vgg16",
+    "dense": "mlp",  # Keras's Dense network (`--model dense` suggested densenet201)
 }
 ALIASES.update(WORKSHOP_ALIASES)
 
@@ -148,6 +149,10 @@ def describe_models() -> list[tuple[str, str]]:
     """(name, summary) rows for `imgrec models`."""
     rows = [(info.name, info.summary) for info in MODELS.values()]
     rows.append(("<timm name>", "any timm architecture, e.g. resnet18, mobilenetv3_small_100"))
+    names = ", ".join(f"{a} = {t}" for a, t in WORKSHOP_ALIASES.items()
+                      if a in ("dense", "mobilenet", "mobilenet_v3", "vgg", "xception"))
+    rows.append(("<workshop name>", f"{names} (the rest: docs/transfer.md); from scratch "
+                 "unless --pretrained/--weights (ImageNet weights offline: efficientnet_lite*)"))
     return rows
 
 

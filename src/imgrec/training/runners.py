@@ -185,6 +185,10 @@ class ScratchRunner(Runner):
         n_params = sum(p.numel() for p in model.parameters())
         self.note(f"model   {plan.model_name} ({n_params / 1e6:.2f}M parameters), input "
                   f"{plan.image_size}px x{plan.data.channels}, device {plan.device}")
+        if _random_backbone(plan):
+            self.note(f"weights random: {plan.cfg.model} trains from scratch (no pretrained "
+                      "weights were asked for); for transfer learning give --pretrained or "
+                      "--weights FILE, or --model efficientnet_lite0 (ImageNet weights offline)")
         variant = ""
         if plan.recipe == "network":  # the dataset's recipe is tuned for another network
             variant = (f"{plan.data.name}'s data settings with training for a network other "
@@ -241,6 +245,17 @@ class ScratchRunner(Runner):
         return bundle, loop
 
 
+def _random_backbone(plan: RunPlan) -> bool:
+    """A timm architecture (the workshops' vgg16, mobilenet, xception) trained from random
+    weights because nothing asked for others: a learner typing the Keras name expects
+    ImageNet weights, and got 124 s of a network at chance without a word."""
+    from ..models.registry import model_config
+
+    return plan.module is None and plan.cfg.mode in (None, "auto") and \
+        not (plan.cfg.pretrained or plan.cfg.weights) and \
+        model_config(plan.model_name).weights == "timm"
+
+
 class FinetuneRunner(ScratchRunner):
     """The head warm-up on cached features, then the whole network in the epoch loop with
     layer-wise learning-rate decay and, for small batches, frozen BatchNorm statistics."""
@@ -269,11 +284,17 @@ class FinetuneRunner(ScratchRunner):
                  "unfreeze": trained, "layer_groups": groups, "bn_frozen": freeze}
         self.state.epochs, self.state.history = plan.epochs, []  # the warm-up's was the head's
         self.warmup_history = head.history  # history.csv and curves.png show both stages
-        return self.fit(model, arch, t0, tracker, extra,
-                        param_groups=layer_decay_groups(model, plan.lr, plan.weight_decay,
-                                                        decay),
-                        train_mode=frozen_bn_train_mode if freeze else
-                        frozen_layers_train_mode if trained < groups else None)
+        bundle, loop = self.fit(model, arch, t0, tracker, extra,
+                                param_groups=layer_decay_groups(model, plan.lr,
+                                                                plan.weight_decay, decay),
+                                train_mode=frozen_bn_train_mode if freeze else
+                                frozen_layers_train_mode if trained < groups else None)
+        if loop.history and loop.best_epoch == 0 and head.val_acc is not None:
+            # restore-best kept the warm-up: said, not left to imgrec.json's best_epoch 0
+            self.note(f"kept    the warm-up head: no finetuning epoch beat its validation "
+                      f"(val_acc {head.val_acc:.4f}, val_loss {head.val_loss:.4f}); more "
+                      "--epochs or a lower --lr may let finetuning pay")
+        return bundle, loop
 
 
 class FeaturesRunner(Runner):
