@@ -469,6 +469,10 @@ def models() -> None:
         _echo(f"{name:<20} {summary}")
 
 
+#: below this top-1 agreement with float32, `export --int8` warns
+INT8_WARN_AGREEMENT = 0.95
+
+
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="bundle folder or pretrained name (imagenet)")],
@@ -510,6 +514,11 @@ def export(
               f"{r.int8_agreement_images} {where} images, max probability difference "
               f"{r.int8_max_abs_diff:.3f})")
         _echo(f"        calibrated on {r.int8_calibration}")
+        if r.int8_top1_agreement < INT8_WARN_AGREEMENT:  # (a 1-epoch CIFAR net: 78.5%)
+            print(f"imgrec: warning: the int8 model agrees with float32 on only "
+                  f"{r.int8_top1_agreement:.1%} of its images; serve and predict with the "
+                  "float32 model.onnx (without --int8), or train longer first: a model with "
+                  "close calls quantizes poorly", file=sys.stderr)
     elif r.int8_note:
         _echo(f"int8    model.int8.onnx {r.int8_note}"
               + ("" if r.int8_note.startswith("kept") else

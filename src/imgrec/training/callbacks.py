@@ -163,7 +163,9 @@ class ProgressPrinter(Callback):
             self.bar.close()
             self.bar = None
         head = state.stage == "head"
-        if head and not (epoch % self.head_every == 0 or epoch == 1):
+        # the head's epochs are many and cheap: every head_every-th, the first and the last
+        # (a 3-epoch head printed epoch 1 alone)
+        if head and not (epoch % self.head_every == 0 or epoch in (1, state.epochs)):
             return
         msg = f"{'head epoch' if head else 'epoch'} {epoch}/{state.epochs}  " \
               f"loss {logs['train_loss']:.4f}  acc {logs['train_acc']:.4f}"
