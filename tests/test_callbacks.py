@@ -172,3 +172,39 @@ def test_tensorboard_skips_a_resumed_finetunes_warm_up_and_a_refused_runs_file(t
     (tmp_path / "events.out.tfevents.2.mine").write_text("")
     logger.on_train_end(state, {"history": []})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.out.tfevents.1.old"]
+
+
+def test_the_heads_last_epoch_is_printed():
+    """A features head trained 3 epochs printed `head epoch 1/3` alone (every 10th, and the
+    first): the run's last figures were never shown."""
+    import io
+    from types import SimpleNamespace
+
+    from imgrec.training.callbacks import ProgressPrinter
+
+    out = io.StringIO()
+    printer = ProgressPrinter(out)
+    state = SimpleNamespace(stage="head", epochs=3)
+    for epoch in (1, 2, 3):
+        printer.on_epoch_end(state, epoch, {"train_loss": 0.5, "train_acc": 0.8})
+    assert [line.split("  ")[0] for line in out.getvalue().splitlines()] == [
+        "head epoch 1/3", "head epoch 3/3"]
+
+
+def test_a_short_epochs_progress_bar_shows_more_than_its_first_batch():
+    """The bar's loss and accuracy were set every 20th batch: an 18-batch epoch showed
+    batch 0's figures throughout."""
+    import io
+    from types import SimpleNamespace
+
+    from imgrec.training.callbacks import ProgressPrinter
+
+    printer = ProgressPrinter(io.StringIO())
+    state = SimpleNamespace(stage="train", epochs=1, plan=SimpleNamespace(steps_per_epoch=18))
+    printer.on_epoch_begin(state, 1)
+    shown = []
+    for batch in range(18):
+        logs = {"seen": 10 * (batch + 1), "loss_sum": 1.0, "correct": 5 * (batch + 1)}
+        printer.on_batch_end(state, batch, logs)
+        shown.append(printer.bar.postfix)
+    assert len(set(shown)) > 1 and shown[-1] is not None

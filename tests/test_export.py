@@ -361,19 +361,3 @@ def test_an_int8_model_that_agrees_poorly_is_warned_about(tmp_path, monkeypatch,
         err = capsys.readouterr().err
         assert ("agrees with float32 on only 78.5%" in err) is warned
 
-
-def test_the_heads_last_epoch_is_printed():
-    """A features head trained 3 epochs printed `head epoch 1/3` alone (every 10th, and the
-    first): the run's last figures were never shown."""
-    import io
-    from types import SimpleNamespace
-
-    from imgrec.training.callbacks import ProgressPrinter
-
-    out = io.StringIO()
-    printer = ProgressPrinter(out)
-    state = SimpleNamespace(stage="head", epochs=3)
-    for epoch in (1, 2, 3):
-        printer.on_epoch_end(state, epoch, {"train_loss": 0.5, "train_acc": 0.8})
-    assert [line.split("  ")[0] for line in out.getvalue().splitlines()] == [
-        "head epoch 1/3", "head epoch 3/3"]

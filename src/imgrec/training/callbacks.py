@@ -153,7 +153,10 @@ class ProgressPrinter(Callback):
         if self.bar is None:
             return
         self.bar.update(1)
-        if batch % 20 == 0 and int(logs["seen"]):
+        # every 20th batch (reading the sums waits for the device), or a tenth of a short
+        # epoch's (an 18-batch epoch showed its first batch's figures throughout)
+        every = max(1, min(20, int(self.bar.total or 0) // 10))
+        if batch % every == 0 and int(logs["seen"]):
             seen = int(logs["seen"])
             self.bar.set_postfix(loss=f"{float(logs['loss_sum']) / seen:.4f}",
                                  acc=f"{int(logs['correct']) / seen:.4f}")
