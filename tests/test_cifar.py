@@ -325,3 +325,13 @@ def test_default_recipe_is_long_only_where_bfloat16_is_fast():
         cfg = TrainConfig(data="cifar10", recipe=asked)
         assert recipe_variant(cfg, "cifar10", cpu, {"amx_bf16"}) == asked
         assert recipe_variant(cfg, "cifar10", cpu, set()) == asked
+
+
+def test_recipe_long_with_another_network_is_refused_not_dropped(tmp_path, capsys):
+    """--recipe long with --model resnet18 planned the generic training without a word:
+    the long recipe is airnet's."""
+    write_cifar(tmp_path, batches=(1,), test=False)
+    assert main(["train", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet18",
+                 "--recipe", "long", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe long is cifar10's recipe for airnet" in err and "Traceback" not in err

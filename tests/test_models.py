@@ -129,7 +129,8 @@ def test_registry_is_filled_whatever_is_imported_first(first):
 def test_models_listing_and_names():
     rows = describe_models()
     assert [r[0] for r in rows] == [*SCRATCH, "efficientnet_lite0", "efficientnet_lite1",
-                                    "efficientnet_lite2", "transfer", "<timm name>"]
+                                    "efficientnet_lite2", "transfer", "<timm name>",
+                                    "<workshop name>"]
     assert dict(rows)["cnn"] == "workshop MNIST CNN: Conv32-Pool-Conv64-Pool-Conv64-Dense64"
     cases = {"imagenet": "efficientnet_lite0", "efficientnet-lite1": "efficientnet_lite1",
              "mobilenet": "mobilenetv2_100", "xception": "legacy_xception", "vgg": "vgg16",

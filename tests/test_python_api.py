@@ -170,3 +170,40 @@ def test_the_search_figures_are_drawn_on_any_backend_and_leave_it(tmp_path, svg_
     written, notes = draw_plots(study, tmp_path, "val_loss")
     assert notes == [] and sorted(p.name for p in written) == sorted(PLOTS)
     assert matplotlib.get_backend() == "svg"
+
+
+def test_predict_reads_three_greyscale_images_and_numpy_string_paths(tmp_path):
+    """A batch of exactly 3 greyscale images (3 x H x W) was taken for one colour image;
+    np.str_ paths (from an array of names) were taken for arrays; a Dataset was read twice
+    per item; callbacks given as a generator were used up by the checks."""
+    from PIL import Image
+
+    from imgrec.data.arrays import dataset_from_torch
+    from imgrec.training.api import checked_callbacks
+
+    x, y = _arrays(64)
+    run = imgrec.train((x, y), out=str(tmp_path / "run"), **{**TINY, "epochs": 2})
+    p = imgrec.Predictor.load(run)
+    assert len(p.predict(x[:3])) == 3 and len(p.predict(x[:4])) == 4
+    Image.fromarray(x[0]).save(tmp_path / "a.png")
+    (got,) = p.predict(np.array([str(tmp_path / "a.png")])[0])
+    assert isinstance(got, list)
+
+    class Counting:
+        calls = 0
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            Counting.calls += 1
+            return x[i], int(y[i])
+
+    dataset_from_torch(Counting(), val_fraction=0, test_fraction=0)
+    assert Counting.calls == 4
+
+    class Hook(Callback):
+        def on_epoch_end(self, state, epoch, logs):
+            pass
+
+    assert len(checked_callbacks(cb for cb in [Hook(), Hook()])) == 2

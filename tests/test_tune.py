@@ -497,3 +497,26 @@ def test_a_study_is_continued_only_with_the_same_subset_and_seed():
                   optuna.pruners.NopPruner(), older)
     st.open_study("old", storage, "val_accuracy", optuna.samplers.RandomSampler(),
                   optuna.pruners.NopPruner(), {**made, "seed": 3})
+
+
+def test_importances_are_scored_on_every_trial_not_those_that_drew_dropout():
+    """With dropout drawn only in mlp-head trials, Optuna scored importance on those trials
+    alone (the ones holding every parameter), and dropout could rank first doing nothing."""
+    import optuna
+
+    from imgrec.tuning.plots import shared_params
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        if trial.suggest_categorical("head", ["linear", "mlp"]) == "mlp":
+            trial.suggest_float("dropout", 0.0, 0.7)
+        return lr
+
+    study.optimize(objective, n_trials=12)
+    assert shared_params(study) == ["head", "lr"]
+    plain = optuna.create_study()
+    plain.optimize(lambda t: t.suggest_float("lr", 0, 1), n_trials=3)
+    assert shared_params(plain) is None  # every trial drew every option: Optuna's default

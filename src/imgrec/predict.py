@@ -150,7 +150,8 @@ class Predictor:
             return load_input(fetch_url(source), self.contract, invert, name=source)
         if _unread_file(source):  # Image.open(path), not decoded yet: as the file itself
             return load_input(source.filename, self.contract, invert)
-        if hasattr(source, "__array__") or hasattr(source, "getpixel"):  # in memory
+        if not isinstance(source, str | bytes) and (  # (np.str_ has __array__: a path)
+                hasattr(source, "__array__") or hasattr(source, "getpixel")):  # in memory
             return load_input(_as_png(source), self.contract, invert, name="array")
         if isinstance(source, bytearray | memoryview):
             source = bytes(source)
@@ -191,9 +192,10 @@ INVERT_CHOICES = (None, "auto", "yes", "no")
 
 
 def _as_sources(sources: Any) -> list:
-    """predict's inputs as a list of images: one path, bytes, PIL image or array image is a
-    list of one; an N x H x W x C or N x C x H x W array (and N x H x W, greyscale) is N
-    images, as `imgrec.train` reads one; any other iterable (a generator) is listed."""
+    """predict's inputs as a list of images: one path, bytes, PIL image or H x W (x C) array
+    is a list of one; an N x H x W x C or N x C x H x W array, and a 3-D one without a
+    channel axis last (N x H x W, greyscale), is N images, as `imgrec.train` reads them (one
+    C x H x W image goes in a list); any other iterable (a generator) is listed."""
     if isinstance(sources, str | Path | bytes | bytearray | memoryview) or \
             hasattr(sources, "getpixel"):
         return [sources]  # "cat.jpg" is one image, not seven one-letter paths
@@ -201,8 +203,8 @@ def _as_sources(sources: Any) -> list:
         array = np.asarray(sources)
         if array.dtype.kind in "USO":
             return array.tolist()  # an array of paths
-        if array.ndim == 4 or (array.ndim == 3 and _channels_axis(array.shape) is None):
-            return list(array)
+        if array.ndim == 4 or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+            return list(array)  # as train reads a 3-D array: N greyscale images
         return [array]
     if isinstance(sources, list):
         return sources
@@ -233,8 +235,8 @@ def _array_image(source: Any) -> np.ndarray:
     if image.ndim == 3 and _channels_axis(image.shape) == 0:
         image = image.transpose(1, 2, 0)
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-        raise InputError(f"an array image must be H x W, H x W x C or C x H x W (C 1, 3 or 4), "
-                         f"not shape {image.shape}")
+        raise InputError(f"an array image must be H x W, H x W x C (C 1, 3 or 4) or C x H x W "
+                         f"(C 1 or 3), not shape {image.shape}")
     if image.dtype != np.uint8:
         try:
             scale = 255.0 / pixel_scale(image.astype(np.float32))

@@ -134,7 +134,8 @@ def dataset_from_torch(data: Any, name: str = "dataset", val_fraction: float = 0
 def _item(data: Any, i: int) -> tuple[Any, Any]:
     """Item i of a torch-style Dataset as (image, label), the label a plain value."""
     try:
-        image, label = data[i][0], data[i][1]
+        item = data[i]  # once: a Dataset decodes and transforms on every call
+        image, label = item[0], item[1]
     except (TypeError, IndexError, KeyError):
         raise DataError(f"cannot read item {i} of a {type(data).__name__} as (image, label)",
                         "give a tuple (x, y) of arrays, or a Dataset whose items are "

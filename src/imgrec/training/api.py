@@ -79,6 +79,9 @@ def checked_callbacks(callbacks: Any) -> list[Any]:
 
     if callbacks is None:
         return []
+    if not any(callable(getattr(callbacks, h, None)) for h in CALLBACK_HOOKS) and \
+            not isinstance(callbacks, type):
+        callbacks = list(callbacks)  # a generator would be used up by the checks
     if any(callable(getattr(callbacks, h, None)) for h in CALLBACK_HOOKS) or \
             isinstance(callbacks, type):
         callbacks = [callbacks]  # one callback alone

@@ -143,6 +143,10 @@ def make_plan(cfg: TrainConfig, source: Any = None, module: Any = None) -> RunPl
     variant = recipe_variant(cfg, key, device)
     recipe = _recipe(cfg, key, variant)
     if key in BUILTIN_RECIPES and _another_network(cfg, module, recipe):
+        if cfg.recipe == "long":
+            raise ImgrecError(f"--recipe long is {cfg.data}'s recipe for {recipe['model']}; "
+                              "another network trains with generic settings",
+                              f"drop --recipe, or train --model {recipe['model']}")
         recipe, variant = other_network_recipe(recipe), "network"
     pick = _picker(cfg, recipe)
     ds = _load(cfg, source, pick("val_fraction"), pick("test_fraction"))

@@ -35,7 +35,10 @@ def draw_plots(study: Any, out: Path, metric: str) -> tuple[list[Path], list[str
         for name, (function, size) in PLOTS.items():
             per_epoch = function == "plot_intermediate_values"  # takes no target name
             try:
-                ax = getattr(vis, function)(study, **({} if per_epoch else {"target_name": metric}))
+                options = {} if per_epoch else {"target_name": metric}
+                if function == "plot_param_importances":
+                    options["params"] = shared_params(study)
+                ax = getattr(vis, function)(study, **options)
                 if per_epoch:
                     ax.set(xlabel="epoch", ylabel=f"{metric} (each epoch)")
             except Exception as e:  # noqa: BLE001 (too few trials for this figure)
@@ -50,3 +53,15 @@ def draw_plots(study: Any, out: Path, metric: str) -> tuple[list[Path], list[str
             fig.set_size_inches(*size)
             written.append(save_figure(fig, out / name))
     return written, notes
+
+
+def shared_params(study: Any) -> list[str] | None:
+    """The options every finished trial drew (None: all of them). Optuna scores importance
+    on the trials that hold every option asked about: with the conditional dropout (drawn
+    only with the mlp head) that was the mlp trials alone, and dropout could rank first
+    while it did nothing."""
+    drawn = [set(t.params) for t in study.trials if t.state.name == "COMPLETE"]
+    if not drawn:
+        return None
+    shared = set.intersection(*drawn)
+    return None if shared == set.union(*drawn) else sorted(shared)
