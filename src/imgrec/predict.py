@@ -229,7 +229,7 @@ def _channels_axis(shape: tuple) -> int | None:
 def _array_image(source: Any) -> np.ndarray:
     """An in-memory image (array, tensor) as H x W (x C) uint8: C x H x W is turned, and
     floats are scaled by the rule `imgrec.train` reads arrays with (0..1 or 0..255)."""
-    from .data.arrays import pixel_scale
+    from .data.arrays import as_uint8
 
     image = np.asarray(source)
     if image.ndim == 3 and _channels_axis(image.shape) == 0:
@@ -237,13 +237,10 @@ def _array_image(source: Any) -> np.ndarray:
     if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
         raise InputError(f"an array image must be H x W, H x W x C (C 1, 3 or 4) or C x H x W "
                          f"(C 1 or 3), not shape {image.shape}")
-    if image.dtype != np.uint8:
-        try:
-            scale = 255.0 / pixel_scale(image.astype(np.float32))
-        except ImgrecError as e:
-            raise InputError(e.message, e.hint) from None
-        image = np.clip(np.rint(image.astype(np.float32) * scale), 0, 255).astype(np.uint8)
-    return image
+    try:
+        return as_uint8(image)
+    except ImgrecError as e:  # a predict input: the item's own error, not the batch's
+        raise InputError(e.message, e.hint) from None
 
 
 #: PIL modes PNG keeps as they are; the others (CMYK, LAB, YCbCr, F, I, RGBX ...) go as TIFF

@@ -26,11 +26,16 @@ def as_uint8_images(x: Any) -> np.ndarray:
         x = x.transpose(0, 3, 1, 2)
     if x.shape[1] not in (1, 3):
         raise DataError(f"images of shape {x.shape}: need 1 or 3 channels")
-    if x.dtype != np.uint8:
-        x = x.astype(np.float32)
-        scale = 255.0 / pixel_scale(x)
-        x = np.clip(np.rint(x * scale), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(x)
+    return np.ascontiguousarray(as_uint8(x))
+
+
+def as_uint8(x: np.ndarray) -> np.ndarray:
+    """Pixels of any dtype as uint8, scaled by what the whole array holds (`pixel_scale`):
+    the one rule for arrays, in training and in predict."""
+    if x.dtype == np.uint8:
+        return x
+    x = x.astype(np.float32)
+    return np.clip(np.rint(x * (255.0 / pixel_scale(x))), 0, 255).astype(np.uint8)
 
 
 #: the largest value that still reads as 0..1 (rounding), and the least a 0..255 set reaches

@@ -79,15 +79,11 @@ def checked_callbacks(callbacks: Any) -> list[Any]:
 
     if callbacks is None:
         return []
-    if not any(callable(getattr(callbacks, h, None)) for h in CALLBACK_HOOKS) and \
-            not isinstance(callbacks, type):
-        callbacks = list(callbacks)  # a generator would be used up by the checks
-    if any(callable(getattr(callbacks, h, None)) for h in CALLBACK_HOOKS) or \
-            isinstance(callbacks, type):
+    if _hooked(callbacks) or isinstance(callbacks, type):
         callbacks = [callbacks]  # one callback alone
+    callbacks = list(callbacks)  # (a generator would be used up by the checks)
     for cb in callbacks:
-        if isinstance(cb, type) or not any(callable(getattr(cb, h, None))
-                                           for h in CALLBACK_HOOKS):
+        if isinstance(cb, type) or not _hooked(cb):
             raise ImgrecError(f"callbacks: {cb!r:.80} is no callback object (one with any of "
                               f"{', '.join(CALLBACK_HOOKS)})",
                               "pass instances, e.g. callbacks=[MyCallback()]")
@@ -99,7 +95,12 @@ def checked_callbacks(callbacks: Any) -> list[Any]:
                                   "would never be called" + (f" (did you mean {near[0]}?)"
                                                              if near else ""),
                                   f"the hooks: {', '.join(CALLBACK_HOOKS)}")
-    return list(callbacks)
+    return callbacks
+
+
+def _hooked(obj: Any) -> bool:
+    """Whether `obj` has any of the callback hooks."""
+    return any(callable(getattr(obj, h, None)) for h in CALLBACK_HOOKS)
 
 
 def _is_module(model: Any) -> bool:
